@@ -1,0 +1,280 @@
+"""Hugging Face BLOOM checkpoints: the one name-and-layout mapping, and readers for every file layout.
+
+Mapping: each PyTorch tensor name (`h.3.self_attention.query_key_value.weight`, with or without the
+`transformer.` prefix) corresponds to one parameter path of `bloom_jax.model` (for block tensors, one layer of a
+stacked array). PyTorch linear weights are [out, in]; our kernels are [*in, *out], reshaped to name the heads.
+
+Layouts (see `../shared/bloom-facts.md`): `model.safetensors`; `model-0000k-of-0000n.safetensors` with
+`model.safetensors.index.json`; `pytorch_model.bin`; `pytorch_model-0000k-of-0000n.bin` with
+`pytorch_model.bin.index.json`; BigScience's `pytorch_model_0000k-of-0000n.bin`, with or without an index.
+`.bin` files are read with `torch.load(weights_only=True)`, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from bloom_jax.config import BloomConfig
+from bloom_jax.errors import BloomJaxError
+
+PREFIX = "transformer."
+TIED_HEAD = "lm_head.weight"  # equal to the embedding when present; not a separate parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One PyTorch tensor <-> one parameter (one layer of it when `per_layer`).
+
+    `kind` says how to convert: "copy" (same layout), "linear_weight" ([out, in] -> [*in, *out]) or
+    "linear_bias" ([out] -> [*out]). `in_ndim` is how many leading kernel axes are inputs.
+    """
+
+    hf_suffix: str
+    path: tuple[str, ...]
+    kind: str
+    per_layer: bool
+    in_ndim: int = 1
+
+
+_BLOCK = (
+    TensorMap("input_layernorm.weight", ("input_layernorm", "scale"), "copy", True),
+    TensorMap("input_layernorm.bias", ("input_layernorm", "bias"), "copy", True),
+    TensorMap("self_attention.query_key_value.weight", ("self_attention", "query_key_value", "kernel"),
+              "linear_weight", True),
+    TensorMap("self_attention.query_key_value.bias", ("self_attention", "query_key_value", "bias"),
+              "linear_bias", True),
+    TensorMap("self_attention.dense.weight", ("self_attention", "dense", "kernel"), "linear_weight", True, 2),
+    TensorMap("self_attention.dense.bias", ("self_attention", "dense", "bias"), "linear_bias", True),
+    TensorMap("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), "copy", True),
+    TensorMap("post_attention_layernorm.bias", ("post_attention_layernorm", "bias"), "copy", True),
+    TensorMap("mlp.dense_h_to_4h.weight", ("mlp", "dense_h_to_4h", "kernel"), "linear_weight", True),
+    TensorMap("mlp.dense_h_to_4h.bias", ("mlp", "dense_h_to_4h", "bias"), "linear_bias", True),
+    TensorMap("mlp.dense_4h_to_h.weight", ("mlp", "dense_4h_to_h", "kernel"), "linear_weight", True),
+    TensorMap("mlp.dense_4h_to_h.bias", ("mlp", "dense_4h_to_h", "bias"), "linear_bias", True),
+)
+_GLOBAL = (
+    TensorMap("word_embeddings.weight", ("word_embeddings", "embedding"), "copy", False),
+    TensorMap("word_embeddings_layernorm.weight", ("word_embeddings_layernorm", "scale"), "copy", False),
+    TensorMap("word_embeddings_layernorm.bias", ("word_embeddings_layernorm", "bias"), "copy", False),
+    TensorMap("ln_f.weight", ("ln_f", "scale"), "copy", False),
+    TensorMap("ln_f.bias", ("ln_f", "bias"), "copy", False),
+)
+_BY_SUFFIX = {m.hf_suffix: m for m in _BLOCK + _GLOBAL}
+_LAYER_RE = re.compile(r"^h\.(\d+)\.(.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorTarget:
+    """Where one PyTorch tensor goes: the parameter path (block tensors under `h`), the layer, the mapping."""
+
+    path: tuple[str, ...]
+    layer: int | None
+    mapping: TensorMap
+
+
+def hf_names(config: BloomConfig) -> list[str]:
+    """Every tensor name (without prefix) a BLOOM checkpoint of `config` must hold, in model order."""
+    names = [m.hf_suffix for m in _GLOBAL[:3]]
+    names += [f"h.{i}.{m.hf_suffix}" for i in range(config.n_layer) for m in _BLOCK]
+    return names + [m.hf_suffix for m in _GLOBAL[3:]]
+
+
+def strip_prefix(name: str) -> str:
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def target_of(name: str, config: BloomConfig) -> TensorTarget | None:
+    """The parameter a (prefix-stripped) tensor name maps to, or None if it is not a BLOOM tensor."""
+    match = _LAYER_RE.match(name)
+    if match:
+        layer, suffix = int(match.group(1)), match.group(2)
+        mapping = _BY_SUFFIX.get(suffix)
+        if mapping is None or not mapping.per_layer or layer >= config.n_layer:
+            return None
+        return TensorTarget(("h",) + mapping.path, layer, mapping)
+    mapping = _BY_SUFFIX.get(name)
+    if mapping is None or mapping.per_layer:
+        return None
+    return TensorTarget(mapping.path, None, mapping)
+
+
+def to_param(array: np.ndarray, mapping: TensorMap, param_shape: tuple[int, ...]) -> np.ndarray:
+    """A PyTorch tensor as our parameter (one layer's slice for block tensors); `param_shape` without layers."""
+    if mapping.kind == "linear_weight":
+        return np.ascontiguousarray(array.T).reshape(param_shape)
+    return array.reshape(param_shape)
+
+
+def from_param(param: np.ndarray, mapping: TensorMap) -> np.ndarray:
+    """Inverse of `to_param`: our parameter (one layer) as the PyTorch tensor."""
+    if mapping.kind == "linear_weight":
+        size_in = math.prod(param.shape[: mapping.in_ndim])
+        return np.ascontiguousarray(param.reshape(size_in, -1).T)
+    if mapping.kind == "linear_bias":
+        return param.reshape(-1)
+    return param
+
+
+def hf_shape(mapping: TensorMap, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of a tensor whose (per-layer) parameter shape is `param_shape`."""
+    if mapping.kind == "linear_weight":
+        return (math.prod(param_shape[mapping.in_ndim:]), math.prod(param_shape[: mapping.in_ndim]))
+    if mapping.kind == "linear_bias":
+        return (math.prod(param_shape),)
+    return tuple(param_shape)
+
+
+# -- file layouts -------------------------------------------------------------------------------------------------
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+_SAFETENSORS_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+_BIN_SHARD = re.compile(r"^pytorch_model[-_]\d+-of-\d+\.bin$")
+
+
+class WeightFiles:
+    """The tensors of a Hugging Face checkpoint directory: which file holds each, and a reader.
+
+    Reads one tensor at a time (safetensors and `.bin` are memory-mapped), so a caller that converts and drops
+    each tensor holds about one tensor in memory. Names are kept as stored (with any `transformer.` prefix).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise BloomJaxError(f"not a directory: {self.directory}")
+        self._open_path: Path | None = None
+        self._open: object | None = None
+        self.file_of: dict[str, Path] = self._discover()
+
+    # The layout is decided once, preferring safetensors: a directory may hold both formats.
+    def _discover(self) -> dict[str, Path]:
+        d = self.directory
+        for index_name in (_SAFETENSORS_INDEX, _BIN_INDEX):
+            if (d / index_name).is_file():
+                return self._from_index(d / index_name)
+        if (d / "model.safetensors").is_file():
+            return self._scan([d / "model.safetensors"])
+        shards = sorted(p for p in d.iterdir() if _SAFETENSORS_SHARD.match(p.name))
+        if shards:
+            return self._scan(shards)
+        if (d / "pytorch_model.bin").is_file():
+            return self._scan([d / "pytorch_model.bin"])
+        shards = sorted(p for p in d.iterdir() if _BIN_SHARD.match(p.name))
+        if shards:
+            return self._scan(shards)
+        raise BloomJaxError(f"no checkpoint in {d} (expected model*.safetensors or pytorch_model*.bin)")
+
+    def _from_index(self, index_path: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise BloomJaxError(f"{index_path} is not a checkpoint index (no 'weight_map' object)") from None
+        file_of = {name: self.directory / file for name, file in weight_map.items()}
+        for path in sorted(set(file_of.values())):
+            if not path.is_file():
+                raise BloomJaxError(f"missing shard {path.name}, listed in {index_path.name}")
+        return file_of
+
+    def _scan(self, paths: list[Path]) -> dict[str, Path]:
+        file_of: dict[str, Path] = {}
+        for path in paths:
+            for name in self._names_in(path):
+                if name in file_of:
+                    raise BloomJaxError(f"tensor {name} appears in both {file_of[name].name} and {path.name}")
+                file_of[name] = path
+        return file_of
+
+    def _names_in(self, path: Path) -> list[str]:
+        return list(self._handle(path).keys())
+
+    def _handle(self, path: Path):
+        """The open file (one at a time: the previous one is closed, so memory stays bounded)."""
+        if self._open_path != path:
+            self._open, self._open_path = None, None
+            self._open = _open_safetensors(path) if path.suffix == ".safetensors" else _open_bin(path)
+            self._open_path = path
+        return self._open
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a numpy array (bfloat16 as `ml_dtypes.bfloat16`)."""
+        path = self.file_of[name]
+        handle = self._handle(path)
+        try:
+            if path.suffix == ".safetensors":
+                return handle.get_tensor(name)
+            return _torch_to_numpy(handle[name])
+        except KeyError:
+            raise BloomJaxError(f"tensor {name} is listed for {path.name} but is not in it") from None
+        except Exception as e:  # a truncated or corrupt file fails here, on first access
+            raise BloomJaxError(f"cannot read tensor {name} from {path.name}: {_one_line(e)}") from None
+
+    def ordered_names(self) -> list[str]:
+        """Names grouped by file, so a reader opens each file once."""
+        return sorted(self.file_of, key=lambda n: (str(self.file_of[n]), n))
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:
+        raise BloomJaxError(f"cannot read {path.name}: {_one_line(e)}") from None
+
+
+def _open_bin(path: Path):
+    try:
+        import torch
+    except ImportError:
+        raise BloomJaxError(
+            f"{path.name} is a PyTorch .bin checkpoint: install torch to read it (pip install 'bloom-jax[torch]')"
+        ) from None
+    import pickle
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Files in the legacy (pre-zip) format cannot be memory-mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BloomJaxError(
+            f"refusing to load {path.name}: it is not a plain tensor pickle ({_one_line(e)})"
+        ) from None
+    except Exception as e:
+        raise BloomJaxError(f"cannot read {path.name}: {_one_line(e)}") from None
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def iter_hf_tensors(files: WeightFiles) -> Iterator[tuple[str, np.ndarray]]:
+    """(stored name, array) for every tensor, file by file."""
+    for name in files.ordered_names():
+        yield name, files.read(name)

@@ -1,0 +1,333 @@
+"""BLOOM in Flax Linen, computing what transformers' PyTorch `BloomForCausalLM` computes.
+
+Shape letters in names: b batch, s query length, t key length, d hidden size, n heads, h head size,
+f MLP size (4d), v vocabulary, l layers. So `x_bsd` is [batch, seq, hidden] and `kernel_dnh` is [d, n, h].
+
+Every parameter carries logical axis names (see `PARAM_AXES`) and the activations between blocks are constrained
+to logical names (`ACT_BSD`); the mesh rules that turn them into shardings live in `configs/`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bloom_jax.config import BloomConfig
+from bloom_jax.errors import BloomJaxError
+
+Dtype = Any
+# Logical axis names of the activations at block boundaries.
+ACT_BSD = ("activation_batch", "activation_length", "activation_embed")
+
+# jax.checkpoint policies by name; "none" means no rematerialisation at all.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def alibi_slopes(n_head: int) -> np.ndarray:
+    """ALiBi slope of each head, float32 [n], for any head count (BLOOM-176B has 112).
+
+    With c the largest power of two <= n: base**1..base**c, then, if n > c, the first n - c odd powers of
+    extra_base, where base = 2**(-(2**-(log2(c) - 3))) and extra_base is the same for 2c.
+    """
+    c = 2 ** math.floor(math.log2(n_head))
+    base = np.float32(2 ** (-(2 ** -(math.log2(c) - 3))))
+    slopes = base ** np.arange(1, c + 1, dtype=np.float32)
+    if c != n_head:
+        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * c) - 3))))
+        odd_powers = np.arange(1, 2 * (n_head - c), 2, dtype=np.float32)
+        slopes = np.concatenate([slopes, extra_base**odd_powers])
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(attention_mask_bt: jax.Array, n_head: int) -> jax.Array:
+    """ALiBi bias per key, float32 [b, n, 1, t]: slope * position, the first real token at position 0.
+
+    Positions count only unmasked tokens (`cumsum(mask) - 1`), so left padding does not shift them. The bias
+    does not depend on the query: softmax is invariant to a per-row constant.
+    """
+    mask_bt = attention_mask_bt.astype(jnp.int32)
+    positions_bt = (jnp.cumsum(mask_bt, axis=-1) - 1) * mask_bt
+    slopes_n = jnp.asarray(alibi_slopes(n_head))
+    return slopes_n[None, :, None, None] * positions_bt[:, None, None, :].astype(jnp.float32)
+
+
+def causal_padding_mask(attention_mask_bt: jax.Array) -> jax.Array:
+    """Which keys each query may see, bool [b, 1, s, t] (s == t): earlier-or-same and not padding."""
+    t = attention_mask_bt.shape[-1]
+    causal_st = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+    return causal_st[None, None] & (attention_mask_bt[:, None, None, :] > 0)
+
+
+def bloom_gelu(x: jax.Array) -> jax.Array:
+    """GELU in BLOOM's tanh form, with Megatron's literal constants."""
+    return x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with statistics in float32 whatever the activation dtype."""
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bsd: jax.Array) -> jax.Array:
+        d = x_bsd.shape[-1]
+        scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,),
+                             self.param_dtype)
+        bias_d = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,),
+                            self.param_dtype)
+        x = x_bsd.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * lax.rsqrt(var + self.epsilon)
+        return (y * scale_d.astype(jnp.float32) + bias_d.astype(jnp.float32)).astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """y = x . kernel + bias, contracting the trailing `len(in_features)` axes of x.
+
+    The kernel is [*in_features, *out_features] (a PyTorch weight transposed, then reshaped), the bias
+    [*out_features]. `tp_slices > 1` reproduces transformers' `slow_but_exact` path: the flattened input is cut
+    into `tp_slices` column blocks whose partial products are added one by one, and no bias is added.
+    """
+
+    in_features: tuple[int, ...]
+    out_features: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of the kernel axes, inputs then outputs
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    tp_slices: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_features)
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            self.in_features + self.out_features, self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
+                          self.out_features, self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        if self.tp_slices > 1:
+            return self._tp_partial_sums(x, kernel)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = lax.dot_general(x, kernel, (contract, ((), ())))
+        return y + bias.astype(self.dtype)
+
+    def _tp_partial_sums(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        n_in, size_in = len(self.in_features), math.prod(self.in_features)
+        x_flat = x.reshape(*x.shape[: x.ndim - n_in], size_in)
+        kernel_io = kernel.reshape(size_in, -1)
+        # Same (possibly uneven) boundaries as PyTorch's int(i * size / tp).
+        bounds = [int(i * size_in / self.tp_slices) for i in range(self.tp_slices + 1)]
+        y = jnp.zeros((*x_flat.shape[:-1], kernel_io.shape[1]), self.dtype)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            y = y + x_flat[..., lo:hi] @ kernel_io[lo:hi]
+        return y.reshape(*y.shape[:-1], *self.out_features)
+
+
+class Embed(nn.Module):
+    """The word embedding [v, d], also the tied LM head (`attend`)."""
+
+    vocab_size: int
+    features: int
+    embedding_init: Callable = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+                                    (self.vocab_size, self.features), self.param_dtype)
+
+    def __call__(self, ids_bs: jax.Array) -> jax.Array:
+        """Embeddings [b, s, d] in the compute dtype."""
+        return jnp.take(self.embedding, ids_bs, axis=0).astype(self.dtype)
+
+    def attend(self, x_bsd: jax.Array) -> jax.Array:
+        """Logits float32 [b, s, v] = x . embedding^T, accumulated in float32."""
+        return jnp.einsum("bsd,vd->bsv", x_bsd, self.embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with ALiBi and BLOOM's fused [n, 3, h] query-key-value projection."""
+
+    config: BloomConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array,
+                 deterministic: bool) -> jax.Array:
+        cfg = self.config
+        d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
+        init = nn.initializers.normal(cfg.initializer_range)
+        qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name="query_key_value")(x_bsd)
+        q_bsnh, k_btnh, v_btnh = qkv_bsn3h[..., 0, :], qkv_bsn3h[..., 1, :], qkv_bsn3h[..., 2, :]
+
+        scores_bnst = jnp.einsum("bsnh,btnh->bnst", q_bsnh, k_btnh, preferred_element_type=jnp.float32)
+        scores_bnst = scores_bnst * (1.0 / math.sqrt(h)) + alibi_bn1t
+        scores_bnst = jnp.where(mask_b1st, scores_bnst, jnp.finfo(jnp.float32).min)
+        probs_bnst = jax.nn.softmax(scores_bnst, axis=-1).astype(self.dtype)
+        probs_bnst = nn.Dropout(cfg.attention_dropout)(probs_bnst, deterministic=deterministic)
+        context_bsnh = jnp.einsum("bnst,btnh->bsnh", probs_bnst, v_btnh)
+
+        tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
+        return Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(context_bsnh)
+
+
+class Mlp(nn.Module):
+    """dense_h_to_4h, GELU, dense_4h_to_h."""
+
+    config: BloomConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bsd: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, f = cfg.hidden_size, cfg.mlp_dim
+        init = nn.initializers.normal(cfg.initializer_range)
+        x_bsf = Linear((d,), (f,), ("embed", "mlp"), init, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="dense_h_to_4h")(x_bsd)
+        x_bsf = bloom_gelu(x_bsf)
+        tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
+        return Linear((f,), (d,), ("mlp", "embed"), init, tp_slices=tp, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="dense_4h_to_h")(x_bsf)
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block; a scan body, so it returns `(carry, None)`."""
+
+    config: BloomConfig
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x_bsd = nn.with_logical_constraint(x_bsd, ACT_BSD)
+
+        ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="input_layernorm", **kw)(x_bsd)
+        residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
+        attn_bsd = Attention(cfg, name="self_attention", **kw)(ln_bsd, alibi_bn1t, mask_b1st, self.deterministic)
+        x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(attn_bsd, deterministic=self.deterministic)
+
+        ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="post_attention_layernorm", **kw)(x_bsd)
+        residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
+        mlp_bsd = Mlp(cfg, name="mlp", **kw)(ln_bsd)
+        x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(mlp_bsd, deterministic=self.deterministic)
+        return nn.with_logical_constraint(x_bsd, ACT_BSD), None
+
+
+class BloomForCausalLM(nn.Module):
+    """BLOOM with its tied LM head: `apply({"params": p}, input_ids_bs, attention_mask_bs)` -> logits_bsv (f32).
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype of activations and matmuls (LayerNorm statistics, softmax and logits stay float32).
+      param_dtype: storage dtype of the parameters.
+      unroll: unroll the layer loop (one compiled block either way; the parameter layout is the same:
+        every block parameter has a leading `layers` axis of size n_layer).
+      remat_policy: a key of `REMAT_POLICIES`, the activation checkpointing of each block in training.
+    """
+
+    config: BloomConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    unroll: bool = False
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
+        """Logits float32 [b, s, v]. `attention_mask_bs` is 1 for tokens and 0 for padding (left or right)."""
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if attention_mask_bs is None:
+            attention_mask_bs = jnp.ones(input_ids_bs.shape, jnp.int32)
+
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
+                      name="word_embeddings", **kw)
+        x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(input_ids_bs))
+
+        x_bsd, _ = self._blocks(deterministic)(x_bsd, alibi_bias(attention_mask_bs, cfg.n_head),
+                                               causal_padding_mask(attention_mask_bs))
+
+        x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(x_bsd)
+        logits_bsv = embed.attend(x_bsd)
+        return nn.with_logical_constraint(logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def _blocks(self, deterministic: bool) -> nn.Module:
+        """All n_layer blocks as one `nn.scan` over stacked parameters (leading axis `layers`)."""
+        if self.remat_policy not in REMAT_POLICIES:
+            raise BloomJaxError(
+                f"unknown remat policy {self.remat_policy!r} (choose from {', '.join(REMAT_POLICIES)})"
+            )
+        block_cls = Block
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            block_cls = nn.remat(Block, policy=policy, prevent_cse=False)
+        scanned = nn.scan(
+            block_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=self.config.n_layer,
+            unroll=self.config.n_layer if self.unroll else 1,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return scanned(self.config, deterministic, dtype=self.dtype, param_dtype=self.param_dtype, name="h")
+
+
+def abstract_params(model: BloomForCausalLM, batch: int = 1, seq: int = 1) -> Any:
+    """Parameter shapes and dtypes (`jax.ShapeDtypeStruct` leaves, logical-axis boxes kept), no memory used."""
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+def param_logical_axes(model: BloomForCausalLM) -> Any:
+    """The logical axis names of every parameter, a pytree of `PartitionSpec`s."""
+    return nn.get_partition_spec(abstract_params(model))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (arrays or abstract shapes, boxed or not)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def init_params(model: BloomForCausalLM, rng: jax.Array) -> Any:
+    """Random parameters (transformers' init: normal(initializer_range), zero biases, unit LayerNorm scales)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(jax.jit(model.init)(rng, ids)["params"])
+
+
+def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None,
+               **kwargs) -> BloomForCausalLM:
+    """The model for `config`; `param_dtype` defaults to `dtype`."""
+    return BloomForCausalLM(config, dtype=jnp.dtype(dtype),
+                            param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype), **kwargs)
+
+
+__all__: Sequence[str] = (
+    "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "alibi_slopes", "alibi_bias",
+    "causal_padding_mask", "bloom_gelu", "abstract_params", "param_logical_axes", "count_params", "init_params",
+    "make_model", "REMAT_POLICIES", "ACT_BSD",
+)
