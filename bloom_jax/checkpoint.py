@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
             raise BloomJaxError(f"not a model directory: {local}")
         return local
     if not _HUB_ID.match(str(path)):
-        raise BloomJaxError(f"no such directory: {local}")
+        raise BloomJaxError(f"no such directory, and not a hub id (org/name): {local}")
     from huggingface_hub import snapshot_download
 
     try:
@@ -56,20 +58,32 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_hf_params(directory: str | os.PathLike, model: BloomForCausalLM) -> dict:
-    """The parameters of a Hugging Face checkpoint as `model.param_dtype` numpy arrays in our layout.
+    """The parameters of a Hugging Face checkpoint directory, as `model.param_dtype` numpy arrays."""
+    files = hf.WeightFiles(directory)
+    tensors = ((name, files.file_of[name].name, functools.partial(files.read, name))
+               for name in files.ordered_names())
+    return params_from_hf_tensors(tensors, model, str(files.directory))
+
+
+def params_from_hf_tensors(tensors: Iterable[tuple[str, str, Callable[[], np.ndarray]]],
+                           model: BloomForCausalLM, source: str = "the checkpoint") -> dict:
+    """Our parameter pytree (numpy, `model.param_dtype`) from PyTorch-named tensors.
+
+    Args:
+      tensors: `(name, file name, read)` triples; `read()` returns the array, so one tensor at a time is held.
+      model: gives the config and the parameter dtype.
+      source: names the checkpoint in errors.
 
     Every tensor is accounted for: a missing, unexpected or wrongly shaped tensor is an error naming it and its
     file. `lm_head.weight`, when present, is the tied embedding and is not read.
     """
     config = model.config
-    files = hf.WeightFiles(directory)
     shapes = nn.unbox(abstract_params(model))
     np_dtype = np.dtype(model.param_dtype)
     params = jax.tree.map(lambda s: np.empty(s.shape, np_dtype), shapes)
     seen: dict[str, str] = {}
-    for name in files.ordered_names():
+    for name, file_name, read in tensors:
         stripped = hf.strip_prefix(name)
-        file_name = files.file_of[name].name
         if stripped == hf.TIED_HEAD:
             continue
         target = hf.target_of(stripped, config)
@@ -80,7 +94,7 @@ def load_hf_params(directory: str | os.PathLike, model: BloomForCausalLM) -> dic
         seen[stripped] = name
         dest = _get(params, target.path)
         param_shape = dest.shape[1:] if target.layer is not None else dest.shape
-        array = files.read(name)
+        array = read()
         expected = hf.hf_shape(target.mapping, param_shape)
         if tuple(array.shape) != expected:
             raise BloomJaxError(
@@ -94,7 +108,7 @@ def load_hf_params(directory: str | os.PathLike, model: BloomForCausalLM) -> dic
     missing = [n for n in hf.hf_names(config) if n not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise BloomJaxError(f"missing tensor {missing[0]}{more} in {files.directory}")
+        raise BloomJaxError(f"missing tensor {missing[0]}{more} in {source}")
     return params
 
 

@@ -177,14 +177,17 @@ class Attention(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init,
                            dtype=self.dtype, param_dtype=self.param_dtype, name="query_key_value")(x_bsd)
-        q_bsnh, k_btnh, v_btnh = qkv_bsn3h[..., 0, :], qkv_bsn3h[..., 1, :], qkv_bsn3h[..., 2, :]
+        # Head-major [3, b, n, s, h] before the batched matmuls: XLA:CPU runs them 2-3x faster than on the
+        # [b, s, n, h] slices (measured at 1x128 and 8x128 for the bloom-560m shapes).
+        qkv_3bnsh = jnp.transpose(qkv_bsn3h, (3, 0, 2, 1, 4))
+        q_bnsh, k_bnth, v_bnth = qkv_3bnsh[0], qkv_3bnsh[1], qkv_3bnsh[2]
 
-        scores_bnst = jnp.einsum("bsnh,btnh->bnst", q_bsnh, k_btnh, preferred_element_type=jnp.float32)
+        scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k_bnth, preferred_element_type=jnp.float32)
         scores_bnst = scores_bnst * (1.0 / math.sqrt(h)) + alibi_bn1t
         scores_bnst = jnp.where(mask_b1st, scores_bnst, jnp.finfo(jnp.float32).min)
         probs_bnst = jax.nn.softmax(scores_bnst, axis=-1).astype(self.dtype)
         probs_bnst = nn.Dropout(cfg.attention_dropout)(probs_bnst, deterministic=deterministic)
-        context_bsnh = jnp.einsum("bnst,btnh->bsnh", probs_bnst, v_btnh)
+        context_bsnh = jnp.einsum("bnst,bnth->bnsh", probs_bnst, v_bnth).transpose(0, 2, 1, 3)
 
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
         return Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp,

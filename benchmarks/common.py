@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: timing, the measured matmul peak, same-weights peer models, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+    """fp32 FLOP/s of a jitted n^3 matmul, measured now (the physical limit the model is compared to)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    return 2 * n**3 / seconds
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB"
+
+
+def versions() -> str:
+    import jax
+    import torch
+    import transformers
+
+    return f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def torch_and_ours(config, seed: int = 0):
+    """transformers' PyTorch model (its own random init) and our (model, params) holding the same weights."""
+    import torch
+    import transformers
+
+    from bloom_jax.checkpoint import params_from_hf_tensors
+    from bloom_jax.model import make_model
+
+    torch.manual_seed(seed)
+    hf_config = transformers.BloomConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    torch_model = transformers.BloomForCausalLM(hf_config).eval()
+    model = make_model(config)
+    state = torch_model.transformer.state_dict()
+    tensors = ((name, "memory", lambda t=t: t.numpy()) for name, t in state.items())
+    params = params_from_hf_tensors(tensors, model)
+    return torch_model, model, params
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(4, vocab, size=(batch, seq), dtype=np.int32)

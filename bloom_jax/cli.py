@@ -1,0 +1,133 @@
+"""The `bloom-jax` command. Results go to stdout, logs to stderr; a user's mistake is one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from bloom_jax.errors import BloomJaxError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not a usage block) and exit code 2."""
+
+    def error(self, message: str):
+        raise BloomJaxError(f"{message} (see '{self.prog} --help')")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    """One line per preset: name, hidden size, layers, heads, parameter count (from abstract shapes)."""
+    from bloom_jax.config import load_config, preset_names
+    from bloom_jax.model import abstract_params, count_params, make_model
+
+    for name in preset_names():
+        cfg = load_config(name)
+        n = count_params(abstract_params(make_model(cfg)))
+        print(f"{name:15s} hidden={cfg.hidden_size:<6d} layers={cfg.n_layer:<3d} heads={cfg.n_head:<4d} "
+              f"params={n:,}")
+
+
+def cmd_forward(args: argparse.Namespace) -> None:
+    """A jitted forward pass over random token ids; prints the next-token loss and the speed as JSON."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bloom_jax.checkpoint import from_pretrained, parse_dtype
+    from bloom_jax.config import load_config, preset_names
+    from bloom_jax.model import init_params, make_model
+
+    dtype = parse_dtype(args.dtype)
+    if args.model in preset_names() and not Path(args.model).exists():
+        _log(f"initialising {args.model} with random weights (seed {args.seed})")
+        model = make_model(load_config(args.model), dtype=dtype)
+        params, source = init_params(model, jax.random.key(args.seed)), "random init"
+    else:
+        _log(f"loading {args.model}")
+        (model, params), source = from_pretrained(args.model, dtype=dtype), "checkpoint"
+    config = model.config
+
+    ids = np.random.default_rng(args.seed).integers(4, config.vocab_size, (args.batch, args.seq), dtype=np.int32)
+
+    @jax.jit
+    def next_token_loss(params, ids_bs):
+        logits_bsv = model.apply({"params": params}, ids_bs)
+        logp_bsv = jax.nn.log_softmax(logits_bsv[:, :-1], axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp_bsv, ids_bs[:, 1:, None], axis=-1))
+
+    _log("compiling")
+    start = time.perf_counter()
+    loss = float(next_token_loss(params, ids))
+    compile_and_run = time.perf_counter() - start
+    start = time.perf_counter()
+    loss = float(next_token_loss(params, ids))
+    seconds = time.perf_counter() - start
+    print(json.dumps({
+        "model": str(args.model), "weights": source, "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "dtype": dtype.name, "batch": args.batch, "seq": args.seq, "next_token_loss": round(loss, 4),
+        "log_vocab": round(float(np.log(config.vocab_size)), 4), "first_call_s": round(compile_and_run, 3),
+        "forward_s": round(seconds, 4), "tokens_per_s": round(args.batch * args.seq / seconds, 1),
+        "devices": [str(d) for d in jax.devices()],
+    }))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bloom-jax", description="BLOOM in JAX and Flax: convert, generate, train, plan.")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("presets", help="list the model presets and their parameter counts")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("forward", help="run a forward pass (random weights from a preset, or a checkpoint)")
+    p.add_argument("model", nargs="?", default="bloom-tiny",
+                   help="preset name (random weights), Hugging Face directory or hub id (default: bloom-tiny)")
+    p.add_argument("--batch", type=_positive_int, default=4)
+    p.add_argument("--seq", type=_positive_int, default=64)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_forward)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 0
+        args.func(args)
+    except BloomJaxError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"bloom-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bloom-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
