@@ -1,13 +1,21 @@
-"""transformers' PyTorch BLOOM as the reference: random models saved with `save_pretrained`, and their logits."""
+"""transformers' PyTorch BLOOM as the reference: random models saved with `save_pretrained`, their logits, and
+the comparison of ours against them."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from bloom_jax.config import BloomConfig
+
+# The fp32 parity bar: max |ours - ref| <= PARITY_RTOL * max |ref| over real (non-pad) tokens.
+PARITY_RTOL = 2e-5
+# The standard batch: prompts of different lengths (one of them a single token), padded to the longest.
+PROMPT_LENGTHS = [7, 4, 1]
 
 
 def tiny_config(**overrides) -> BloomConfig:
@@ -65,15 +73,24 @@ def random_ids(config: BloomConfig, batch: int, seq: int, seed: int = 0) -> np.n
     return np.random.default_rng(seed).integers(4, config.vocab_size, size=(batch, seq), dtype=np.int32)
 
 
-def left_padded(config: BloomConfig, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A batch of random prompts of the given lengths, left-padded with `pad_token_id`: (ids, mask)."""
+def padded(config: BloomConfig, lengths: list[int], side: str = "left",
+           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of random prompts of the given lengths, padded on `side` with `pad_token_id`: (ids, mask)."""
     seq = max(lengths)
     ids = random_ids(config, len(lengths), seq, seed)
     mask = np.zeros_like(ids)
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     for row, n in enumerate(lengths):
-        mask[row, seq - n:] = 1
+        real = slice(seq - n, seq) if side == "left" else slice(0, n)
+        mask[row, real] = 1
     ids = np.where(mask == 1, ids, config.pad_token_id).astype(np.int32)
     return ids, mask
+
+
+def left_padded(config: BloomConfig, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of random prompts of the given lengths, left-padded with `pad_token_id`: (ids, mask)."""
+    return padded(config, lengths, "left", seed)
 
 
 def relative_max_error(ours: np.ndarray, ref: np.ndarray, keep: np.ndarray | None = None) -> float:
@@ -81,3 +98,22 @@ def relative_max_error(ours: np.ndarray, ref: np.ndarray, keep: np.ndarray | Non
     if keep is not None:
         ours, ref = ours[keep.astype(bool)], ref[keep.astype(bool)]
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def assert_parity(ours: np.ndarray, ref: np.ndarray, keep: np.ndarray | None = None, rtol: float = PARITY_RTOL):
+    """The parity bar, on a reference whose logits are large enough for a relative bar to mean something."""
+    kept = ref if keep is None else ref[keep.astype(bool)]
+    assert np.max(np.abs(kept)) > 1.0, f"reference logits too small ({np.max(np.abs(kept)):.3g}) for a relative bar"
+    error = relative_max_error(ours, ref, keep)
+    assert error <= rtol, f"relative max error {error:.3g} exceeds {rtol:.3g}"
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="deterministic")
+def _apply(model, params, input_ids, attention_mask, rngs, deterministic):
+    return model.apply({"params": params}, input_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+
+
+def jax_logits(model, params, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+               deterministic: bool = True, rngs: dict | None = None) -> np.ndarray:
+    """Our logits as numpy (jitted once per model, shapes and `deterministic`)."""
+    return np.asarray(_apply(model, params, input_ids, attention_mask, rngs, deterministic=deterministic))
