@@ -40,6 +40,14 @@ def jax_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / seconds
 
 
+def torch_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+    """fp32 FLOP/s of PyTorch's n^3 matmul, measured now."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -86,7 +86,7 @@ def params_from_hf_tensors(tensors: Iterable[tuple[str, str, Callable[[], np.nda
         stripped = hf.strip_prefix(name)
         if stripped == hf.TIED_HEAD:
             continue
-        target = hf.target_of(stripped, config)
+        target = hf.target_of(stripped, config, model.scan_layers)
         if target is None:
             raise BloomJaxError(f"unexpected tensor {name} in {file_name}: not part of a {config.n_layer}-layer BLOOM")
         if stripped in seen:
@@ -126,7 +126,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = None, param_dtype: Any
       path: a directory with `config.json` and weights in any Hugging Face layout, or a hub id.
       dtype: compute dtype ("float32" when None, "bfloat16", "float16").
       param_dtype: storage dtype of the parameters; defaults to `dtype`.
-      **model_kwargs: other `BloomForCausalLM` attributes (`unroll`, `remat_policy`).
+      **model_kwargs: other `BloomForCausalLM` attributes (`scan_layers`, `remat_policy`).
 
     Returns:
       The model and its parameters, a pytree of jax arrays on the default device.

@@ -73,7 +73,8 @@ _LAYER_RE = re.compile(r"^h\.(\d+)\.(.+)$")
 
 @dataclasses.dataclass(frozen=True)
 class TensorTarget:
-    """Where one PyTorch tensor goes: the parameter path (block tensors under `h`), the layer, the mapping."""
+    """Where one PyTorch tensor goes: the parameter path, the mapping, and for the scanned layout (block
+    parameters stacked under `h`) the layer index; the unrolled layout has paths under `h_{i}` and no index."""
 
     path: tuple[str, ...]
     layer: int | None
@@ -91,7 +92,7 @@ def strip_prefix(name: str) -> str:
     return name[len(PREFIX):] if name.startswith(PREFIX) else name
 
 
-def target_of(name: str, config: BloomConfig) -> TensorTarget | None:
+def target_of(name: str, config: BloomConfig, scan_layers: bool = True) -> TensorTarget | None:
     """The parameter a (prefix-stripped) tensor name maps to, or None if it is not a BLOOM tensor."""
     match = _LAYER_RE.match(name)
     if match:
@@ -99,7 +100,9 @@ def target_of(name: str, config: BloomConfig) -> TensorTarget | None:
         mapping = _BY_SUFFIX.get(suffix)
         if mapping is None or not mapping.per_layer or layer >= config.n_layer:
             return None
-        return TensorTarget(("h",) + mapping.path, layer, mapping)
+        if scan_layers:
+            return TensorTarget(("h",) + mapping.path, layer, mapping)
+        return TensorTarget((f"h_{layer}",) + mapping.path, None, mapping)
     mapping = _BY_SUFFIX.get(name)
     if mapping is None or mapping.per_layer:
         return None

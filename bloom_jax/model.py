@@ -247,15 +247,17 @@ class BloomForCausalLM(nn.Module):
       config: the architecture.
       dtype: compute dtype of activations and matmuls (LayerNorm statistics, softmax and logits stay float32).
       param_dtype: storage dtype of the parameters.
-      unroll: unroll the layer loop (one compiled block either way; the parameter layout is the same:
-        every block parameter has a leading `layers` axis of size n_layer).
+      scan_layers: run the blocks under `nn.scan` (one compiled block whatever the depth; every block
+        parameter is stacked under `h` with a leading `layers` axis). False unrolls them as separate modules
+        `h_0` .. `h_{L-1}`: longer compiles, but no per-layer slicing of stacked weights, which is 25% faster
+        at 1 x 128 tokens on a 2-core CPU. `stack_layers` / `unstack_layers` convert between the layouts.
       remat_policy: a key of `REMAT_POLICIES`, the activation checkpointing of each block in training.
     """
 
     config: BloomConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    unroll: bool = False
+    scan_layers: bool = True
     remat_policy: str = "none"
 
     @nn.compact
@@ -271,33 +273,52 @@ class BloomForCausalLM(nn.Module):
                       name="word_embeddings", **kw)
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(input_ids_bs))
 
-        x_bsd, _ = self._blocks(deterministic)(x_bsd, alibi_bias(attention_mask_bs, cfg.n_head),
-                                               causal_padding_mask(attention_mask_bs))
+        alibi_bn1t = alibi_bias(attention_mask_bs, cfg.n_head)
+        mask_b1st = causal_padding_mask(attention_mask_bs)
+        for blocks in self._blocks(deterministic):
+            x_bsd, _ = blocks(x_bsd, alibi_bn1t, mask_b1st)
 
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(x_bsd)
         logits_bsv = embed.attend(x_bsd)
         return nn.with_logical_constraint(logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def _blocks(self, deterministic: bool) -> nn.Module:
-        """All n_layer blocks as one `nn.scan` over stacked parameters (leading axis `layers`)."""
+    def _blocks(self, deterministic: bool) -> list[nn.Module]:
+        """The n_layer blocks: one `nn.scan` over stacked parameters, or n_layer separate modules."""
         if self.remat_policy not in REMAT_POLICIES:
             raise BloomJaxError(
                 f"unknown remat policy {self.remat_policy!r} (choose from {', '.join(REMAT_POLICIES)})"
             )
         block_cls = Block
-        policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
-            block_cls = nn.remat(Block, policy=policy, prevent_cse=False)
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if not self.scan_layers:
+            return [block_cls(self.config, deterministic, **kw, name=f"h_{i}") for i in range(self.config.n_layer)]
         scanned = nn.scan(
             block_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=self.config.n_layer,
-            unroll=self.config.n_layer if self.unroll else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        return scanned(self.config, deterministic, dtype=self.dtype, param_dtype=self.param_dtype, name="h")
+        return [scanned(self.config, deterministic, **kw, name="h")]
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Parameters of an unrolled model (`h_0` .. `h_{L-1}`) in the scanned layout (`h`, leading layers axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = jax.tree.map(lambda *layers: jnp.stack(layers), *[params[f"h_{i}"] for i in range(n_layer)])
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """Parameters of a scanned model (`h`, leading layers axis) in the unrolled layout (`h_0` .. `h_{L-1}`)."""
+    out = {k: v for k, v in params.items() if k != "h"}
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    for i in range(n_layer):
+        out[f"h_{i}"] = jax.tree.map(lambda a: a[i], params["h"])
+    return out
 
 
 def abstract_params(model: BloomForCausalLM, batch: int = 1, seq: int = 1) -> Any:
@@ -332,5 +353,5 @@ def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dty
 __all__: Sequence[str] = (
     "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "alibi_slopes", "alibi_bias",
     "causal_padding_mask", "bloom_gelu", "abstract_params", "param_logical_axes", "count_params", "init_params",
-    "make_model", "REMAT_POLICIES", "ACT_BSD",
+    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD",
 )

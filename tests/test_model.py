@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec
 
 from bloom_jax import BloomJaxError
 from bloom_jax.checkpoint import from_pretrained
-from bloom_jax.model import LayerNorm, abstract_params, make_model, param_logical_axes
+from bloom_jax.model import (LayerNorm, abstract_params, make_model, param_logical_axes, stack_layers,
+                             unstack_layers)
 from reference import (PARITY_RTOL, PROMPT_LENGTHS, assert_parity, hf_logits, jax_logits, padded, random_ids,
                        relative_max_error)
 
@@ -103,11 +104,21 @@ def test_float16_params_float32_compute(tiny):
 
 
 def test_unrolled_equals_scanned(tiny):
-    unrolled = make_model(tiny.config, unroll=True)
+    unrolled = make_model(tiny.config, scan_layers=False)
+    unrolled_params = unstack_layers(tiny.params)
     shapes = functools.partial(jax.tree.map, lambda leaf: (leaf.shape, leaf.dtype))
-    assert shapes(nn.unbox(abstract_params(unrolled))) == shapes(tiny.params)  # one parameter layout
-    ours = jax_logits(unrolled, tiny.params, tiny.ids, tiny.mask)
+    assert shapes(nn.unbox(abstract_params(unrolled))) == shapes(unrolled_params)
+    assert sorted(k for k in unrolled_params if k.startswith("h_")) == [f"h_{i}" for i in range(tiny.config.n_layer)]
+    ours = jax_logits(unrolled, unrolled_params, tiny.ids, tiny.mask)
     assert relative_max_error(ours, jax_logits(tiny.model, tiny.params, tiny.ids, tiny.mask), tiny.mask) <= 1e-6
+    restacked = stack_layers(unrolled_params, tiny.config.n_layer)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restacked, tiny.params))
+
+
+def test_unrolled_loads_from_hf(tiny):
+    model, params = from_pretrained(tiny.checkpoint.directory, scan_layers=False)
+    assert "h" not in params and "h_0" in params
+    assert_parity(jax_logits(model, params, tiny.ids, tiny.mask), tiny.ref, tiny.mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
