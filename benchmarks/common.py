@@ -68,20 +68,23 @@ def versions() -> str:
 
 
 def torch_and_ours(config, seed: int = 0):
-    """transformers' PyTorch model (its own random init) and our (model, params) holding the same weights."""
+    """transformers' PyTorch model (its own random init) and our (model, params) holding the same weights,
+    passed through `save_pretrained` and our loader."""
+    import tempfile
+
     import torch
     import transformers
 
-    from bloom_jax.checkpoint import params_from_hf_tensors
+    from bloom_jax.checkpoint import load_hf_params
     from bloom_jax.model import make_model
 
     torch.manual_seed(seed)
     hf_config = transformers.BloomConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
     torch_model = transformers.BloomForCausalLM(hf_config).eval()
     model = make_model(config)
-    state = torch_model.transformer.state_dict()
-    tensors = ((name, "memory", lambda t=t: t.numpy()) for name, t in state.items())
-    params = params_from_hf_tensors(tensors, model)
+    with tempfile.TemporaryDirectory() as directory:
+        torch_model.save_pretrained(directory)
+        params = load_hf_params(directory, model)
     return torch_model, model, params
 
 

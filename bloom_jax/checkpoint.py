@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import functools
+import base64
+import dataclasses
+import json
+import math
 import os
 import re
-from collections.abc import Callable, Iterable
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,9 @@ import numpy as np
 from bloom_jax import hf
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.model import BloomForCausalLM, abstract_params, make_model
+from flax.traverse_util import flatten_dict
+
+from bloom_jax.model import BloomForCausalLM, abstract_params, make_model, unstack_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -57,33 +65,29 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
-def load_hf_params(directory: str | os.PathLike, model: BloomForCausalLM) -> dict:
-    """The parameters of a Hugging Face checkpoint directory, as `model.param_dtype` numpy arrays."""
-    files = hf.WeightFiles(directory)
-    tensors = ((name, files.file_of[name].name, functools.partial(files.read, name))
-               for name in files.ordered_names())
-    return params_from_hf_tensors(tensors, model, str(files.directory))
+@dataclasses.dataclass(frozen=True)
+class PlannedTensor:
+    """One checkpoint tensor, checked against the config: where it is stored and where it goes."""
+
+    name: str  # as stored, with any `transformer.` prefix
+    file_name: str
+    nbytes: int
+    target: hf.TensorTarget
+    param_shape: tuple[int, ...]  # our shape of this tensor (one layer's slice for stacked parameters)
 
 
-def params_from_hf_tensors(tensors: Iterable[tuple[str, str, Callable[[], np.ndarray]]],
-                           model: BloomForCausalLM, source: str = "the checkpoint") -> dict:
-    """Our parameter pytree (numpy, `model.param_dtype`) from PyTorch-named tensors.
+def plan_hf_tensors(files: hf.WeightFiles, model: BloomForCausalLM) -> list[PlannedTensor]:
+    """Checks every stored tensor against the config before any is read, in file order.
 
-    Args:
-      tensors: `(name, file name, read)` triples; `read()` returns the array, so one tensor at a time is held.
-      model: gives the config and the parameter dtype.
-      source: names the checkpoint in errors.
-
-    Every tensor is accounted for: a missing, unexpected or wrongly shaped tensor is an error naming it and its
-    file. `lm_head.weight`, when present, is the tied embedding and is not read.
+    A missing, unexpected, duplicated or wrongly shaped tensor is an error naming it and its file.
+    `lm_head.weight` (the tied embedding) is skipped.
     """
     config = model.config
     shapes = nn.unbox(abstract_params(model))
-    np_dtype = np.dtype(model.param_dtype)
-    params = jax.tree.map(lambda s: np.empty(s.shape, np_dtype), shapes)
-    seen: dict[str, str] = {}
-    for name, file_name, read in tensors:
+    plan, seen = [], {}
+    for name in files.ordered_names():
         stripped = hf.strip_prefix(name)
+        file_name = files.file_of[name].name
         if stripped == hf.TIED_HEAD:
             continue
         target = hf.target_of(stripped, config, model.scan_layers)
@@ -92,49 +96,425 @@ def params_from_hf_tensors(tensors: Iterable[tuple[str, str, Callable[[], np.nda
         if stripped in seen:
             raise BloomJaxError(f"tensor {stripped} appears twice ({seen[stripped]} and {name})")
         seen[stripped] = name
-        dest = _get(params, target.path)
-        param_shape = dest.shape[1:] if target.layer is not None else dest.shape
-        array = read()
+        full_shape = _get(shapes, target.path).shape
+        param_shape = full_shape[1:] if target.layer is not None else full_shape
+        shape, itemsize = files.shape_and_itemsize(name)
         expected = hf.hf_shape(target.mapping, param_shape)
-        if tuple(array.shape) != expected:
+        if shape != expected:
             raise BloomJaxError(
-                f"tensor {name} in {file_name} has shape {list(array.shape)}, but config.json implies {list(expected)}"
+                f"tensor {name} in {file_name} has shape {list(shape)}, but config.json implies {list(expected)}"
             )
-        value = hf.to_param(array, target.mapping, param_shape).astype(np_dtype)
-        if target.layer is None:
-            dest[...] = value
-        else:
-            dest[target.layer] = value
+        plan.append(PlannedTensor(name, file_name, math.prod(shape) * itemsize, target, param_shape))
     missing = [n for n in hf.hf_names(config) if n not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise BloomJaxError(f"missing tensor {missing[0]}{more} in {source}")
+        raise BloomJaxError(f"missing tensor {missing[0]}{more} in {files.directory}")
+    return plan
+
+
+def load_hf_params(directory: str | os.PathLike, model: BloomForCausalLM) -> dict:
+    """The parameters of a Hugging Face checkpoint directory, as `model.param_dtype` numpy arrays."""
+    files = hf.WeightFiles(directory)
+    plan = plan_hf_tensors(files, model)
+    np_dtype = np.dtype(model.param_dtype)
+    params = jax.tree.map(lambda s: np.empty(s.shape, np_dtype), nn.unbox(abstract_params(model)))
+    for tensor in plan:
+        dest = _get(params, tensor.target.path)
+        value = hf.to_param(files.read(tensor.name), tensor.target.mapping, tensor.param_shape, np_dtype)
+        dest[tensor.target.layer if tensor.target.layer is not None else ...] = value
     return params
 
 
-def _get(tree: dict, path: tuple[str, ...]) -> np.ndarray:
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]
     return tree
 
 
-def from_pretrained(path: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
-                    **model_kwargs) -> tuple[BloomForCausalLM, dict]:
-    """`(model, params)` from a Hugging Face BLOOM directory or hub id.
+# -- converted checkpoints (Orbax) ---------------------------------------------------------------------------------
+# A converted checkpoint is a directory (or URL) with config.json, the tokenizer files, and `params/`: an Orbax
+# PyTree checkpoint (zarr arrays, no OCDBT) that `ocp.StandardCheckpointer().restore` reads. We write its arrays
+# with tensorstore one source tensor at a time, so a conversion never holds more than about one tensor.
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_CHUNK_BYTES = 64 * 2**20  # chunks small enough that one shard of a restore reads little it does not need
+_ORBAX_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return bool(_URL.match(str(location)))
+
+
+def _kvstore_url(location: str | os.PathLike) -> str:
+    """A tensorstore kvstore URL ending in '/' for a local path or a URL (`gs://...`, `file://...`)."""
+    url = str(location) if is_url(location) else "file://" + str(Path(location).resolve())
+    return url.rstrip("/") + "/"
+
+
+def _kvstore(location: str | os.PathLike):
+    import tensorstore as ts
+
+    try:
+        return ts.KvStore.open(_kvstore_url(location)).result()
+    except Exception as e:
+        raise BloomJaxError(f"cannot open {location}: {hf._one_line(e)}") from None
+
+
+def is_converted(location: str | os.PathLike) -> bool:
+    """True for a directory or URL holding a converted checkpoint (`params/_METADATA`)."""
+    if not is_url(location):
+        return (Path(location) / PARAMS_DIR / "_METADATA").is_file()
+    try:
+        return _kvstore(location).read(f"{PARAMS_DIR}/_METADATA").result().state == "value"
+    except BloomJaxError:
+        return False
+
+
+def _read_text(location: str | os.PathLike, key: str) -> str | None:
+    if not is_url(location):
+        path = Path(location) / key
+        return path.read_text() if path.is_file() else None
+    result = _kvstore(location).read(key).result()
+    return result.value.decode() if result.state == "value" else None
+
+
+def _chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
+    """One layer per chunk for stacked arrays, then the largest axis halved until a chunk is <= 64 MiB."""
+    chunk = list(shape)
+    if stacked:
+        chunk[0] = 1
+    while math.prod(chunk) * itemsize > _CHUNK_BYTES:
+        axis = max(range(len(chunk)), key=lambda i: chunk[i])
+        chunk[axis] = -(-chunk[axis] // 2)
+    return chunk
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == jnp.bfloat16 else np.dtype(dtype).str
+
+
+class OrbaxParamsWriter:
+    """Writes a parameter pytree into an Orbax PyTree checkpoint piece by piece.
+
+    `open(path, shape, dtype, stacked)` creates one zarr array; `write(path, value, index)` fills it (a layer of
+    a stacked array, or all of it); `finish()` writes the metadata that makes the checkpoint restorable, last,
+    so an interrupted writer leaves nothing that Orbax would restore.
+    """
+
+    def __init__(self, location: str):
+        self.url = _kvstore_url(location)
+        self._arrays: dict[tuple[str, ...], Any] = {}
+
+    def open(self, path: tuple[str, ...], shape: tuple[int, ...], dtype: np.dtype, stacked: bool) -> None:
+        import tensorstore as ts
+
+        spec = {
+            "driver": "zarr",
+            "kvstore": self.url + ".".join(path) + "/",
+            "metadata": {"shape": list(shape), "chunks": _chunk_shape(shape, np.dtype(dtype).itemsize, stacked),
+                         "dtype": _zarr_dtype(dtype), "compressor": None},
+            # Durability comes from writing the metadata last (and, locally, renaming the directory).
+            "context": {"file_io_sync": False},
+        }
+        self._arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
+
+    def write(self, path: tuple[str, ...], value: np.ndarray, index: int | None = None) -> None:
+        array = self._arrays[path]
+        (array if index is None else array[index]).write(value).result()
+
+    def finish(self) -> None:
+        kv = _kvstore(self.url)
+        tree, shardings = {}, {}
+        for path, array in self._arrays.items():
+            name = ".".join(path)
+            tree[str(path)] = {
+                "key_metadata": [{"key": key, "key_type": 2} for key in path],
+                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                                   "write_shape": list(array.shape)},
+            }
+            shardings[base64.b64encode(name.encode()).decode()] = json.dumps(
+                {"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
+        kv.write("_sharding", json.dumps(shardings)).result()
+        metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        kv.write("_METADATA", json.dumps(metadata)).result()
+        now = time.time_ns()
+        kv.write("_CHECKPOINT_METADATA", json.dumps({
+            "item_handlers": _ORBAX_HANDLER, "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}})).result()
+
+
+class _Destination:
+    """Where a conversion or export writes: a local directory (staged beside it, then renamed into place) or a
+    URL (written in place, the files that make it loadable last). A non-empty destination needs `overwrite`."""
+
+    def __init__(self, location: str | os.PathLike, overwrite: bool):
+        self.location, self.overwrite = str(location), overwrite
+        if is_url(location):
+            self._kv = _kvstore(location)
+            if self._kv.list().result() and not overwrite:
+                raise BloomJaxError(f"{location} is not empty (use --overwrite to replace it)")
+            self.root = self.location
+        else:
+            final = Path(location)
+            if final.exists() and not final.is_dir():
+                raise BloomJaxError(f"{final} exists and is not a directory")
+            if final.is_dir() and any(final.iterdir()) and not overwrite:
+                raise BloomJaxError(f"{final} is not empty (use --overwrite to replace it)")
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self.root = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
+            except OSError as e:
+                raise BloomJaxError(f"cannot write in {final.parent}: {e.strerror}") from None
+
+    def __enter__(self) -> _Destination:
+        if is_url(self.location) and self.overwrite:
+            import tensorstore as ts
+
+            self._kv.delete_range(ts.KvStore.KeyRange()).result()
+        return self
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        if is_url(self.root):
+            self._kv.write(key, data).result()
+        else:
+            (Path(self.root) / key).write_bytes(data)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if is_url(self.location):
+            return  # an incomplete URL destination lacks _METADATA, so nothing will restore it
+        if exc_type is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        final = Path(self.location)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.root, 0o777 & ~umask)  # mkdtemp made it private
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.root, final)
+
+
+def _progress(total_bytes: int, what: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, overwrite: bool = False,
+            progress: bool = True) -> BloomConfig:
+    """Converts a Hugging Face BLOOM checkpoint (directory or hub id) into a converted checkpoint at `dst`.
+
+    Streams: one source tensor is read, converted and written at a time. `dtype` (None: float32) is the stored
+    parameter dtype. Every tensor is checked against config.json before anything is written; the output appears
+    at `dst` only when complete.
+    """
+    param_dtype = parse_dtype(dtype)
+    directory = resolve_model_dir(src)
+    config = BloomConfig.from_json(directory / "config.json")
+    model = make_model(config, param_dtype=param_dtype)
+    files = hf.WeightFiles(directory)
+    plan = plan_hf_tensors(files, model)
+    np_dtype = np.dtype(param_dtype)
+    shapes = nn.unbox(abstract_params(model))
+
+    with _Destination(dst, overwrite) as out:
+        writer = OrbaxParamsWriter(_join(out.root, PARAMS_DIR))
+        for path, leaf in flatten_dict(shapes).items():
+            writer.open(path, leaf.shape, np_dtype, stacked=path[0] == "h")
+        with _progress(sum(t.nbytes for t in plan), "converting", progress) as bar:
+            for count, tensor in enumerate(plan, 1):
+                value = hf.to_param(files.read(tensor.name), tensor.target.mapping, tensor.param_shape, np_dtype)
+                writer.write(tensor.target.path, value, tensor.target.layer)
+                del value
+                bar.update(tensor.nbytes)
+                bar.set_postfix_str(f"{count}/{len(plan)} tensors")
+        writer.finish()
+        config_out = config.replace(extra={**config.extra, "torch_dtype": np_dtype.name})
+        out.write_bytes("config.json", (json.dumps(config_out.to_dict(), indent=2) + "\n").encode())
+        for name in TOKENIZER_FILES:
+            if (directory / name).is_file():
+                out.write_bytes(name, (directory / name).read_bytes())
+    return config
+
+
+_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `5GB`, `500MB`, `2GiB` or a plain integer (GB = 10^9 bytes, as transformers counts)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise BloomJaxError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").lower()])
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, max_shard_size: str | int = "5GB",
+           overwrite: bool = False, progress: bool = True) -> list[str]:
+    """Writes a converted checkpoint as a Hugging Face directory that `BloomForCausalLM.from_pretrained` loads.
+
+    Safetensors with `transformer.`-prefixed names, split into `model-0000k-of-0000n.safetensors` with
+    `model.safetensors.index.json` above `max_shard_size`; config.json and the tokenizer files. Streams: each
+    tensor is read from its stored layer slice and written straight into its shard file. `dtype` None keeps the
+    stored dtype. Returns the shard file names.
+    """
+    import tensorstore as ts
+
+    if is_url(dst):
+        raise BloomJaxError(f"export writes a local directory, not {dst}")
+    if not is_converted(src):
+        raise BloomJaxError(f"no converted checkpoint at {src} (expected {PARAMS_DIR}/_METADATA; see bloom-jax convert)")
+    limit = parse_size(max_shard_size)
+    config = BloomConfig.from_dict(_parse_json(_read_text(src, "config.json") or "null", f"{src}/config.json"))
+    root = _kvstore_url(_location_str(src)) + PARAMS_DIR + "/"
+    stored: dict[tuple[str, ...], Any] = {}
+
+    def array(path: tuple[str, ...]):
+        if path not in stored:
+            try:
+                stored[path] = ts.open({"driver": "zarr", "kvstore": root + ".".join(path) + "/"}, open=True).result()
+            except Exception as e:
+                raise BloomJaxError(f"cannot read parameter {'.'.join(path)} of {src}: {hf._one_line(e)}") from None
+        return stored[path]
+
+    out_dtype = np.dtype(parse_dtype(dtype)) if dtype is not None else np.dtype(array(("word_embeddings", "embedding")).dtype.numpy_dtype)
+    tensors = []  # (name, target, hf shape)
+    for name in hf.hf_names(config):
+        target = hf.target_of(name, config)
+        shape = tuple(array(target.path).shape)
+        param_shape = shape[1:] if target.layer is not None else shape
+        tensors.append((hf.PREFIX + name, target, hf.hf_shape(target.mapping, param_shape)))
+    shards = _assign_shards(tensors, out_dtype.itemsize, limit)
+    file_names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    total = sum(math.prod(shape) for _, _, shape in tensors) * out_dtype.itemsize
+    with _Destination(dst, overwrite) as out, _progress(total, "exporting", progress) as bar:
+        for file_name, shard in zip(file_names, shards):
+            with open(Path(out.root) / file_name, "wb") as f:
+                _write_safetensors_header(f, shard, out_dtype)
+                for name, target, _ in shard:
+                    value = array(target.path)
+                    value = (value if target.layer is None else value[target.layer]).read().result()
+                    f.write(np.ascontiguousarray(hf.from_param(value, target.mapping), dtype=out_dtype).tobytes())
+                    bar.update(value.size * out_dtype.itemsize)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {name: file_name for file_name, shard in zip(file_names, shards)
+                                    for name, _, _ in shard}}
+            out.write_bytes("model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+        config_out = config.replace(extra={**config.extra, "torch_dtype": out_dtype.name})
+        out.write_bytes("config.json", (json.dumps(config_out.to_dict(), indent=2) + "\n").encode())
+        for name in TOKENIZER_FILES:
+            text = _read_text(src, name)
+            if text is not None:
+                out.write_bytes(name, text.encode())
+    return file_names
+
+
+def _assign_shards(tensors: list, itemsize: int, limit: int) -> list[list]:
+    """Tensors in order into shards of at most `limit` bytes (a larger tensor gets a shard of its own)."""
+    shards, size = [[]], 0
+    for tensor in tensors:
+        nbytes = math.prod(tensor[2]) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    return shards
+
+
+def _write_safetensors_header(f, shard: list, dtype: np.dtype) -> None:
+    """The safetensors header for tensors written next, in order (8-byte length, JSON padded to 8 bytes)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, _, shape in shard:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+
+
+def _join(root: str, key: str) -> str:
+    return root.rstrip("/") + "/" + key
+
+
+def restore_params(location: str | os.PathLike, model: BloomForCausalLM, mesh: jax.sharding.Mesh | None = None
+                   ) -> dict:
+    """A converted checkpoint's parameters, cast to `model.param_dtype`, each array read into its shards.
+
+    Without a mesh every array lands on the first device; with one, every array is replicated over it (the
+    sharding rules arrive with the sharding module). The stored layout is scanned; an unrolled model gets it
+    unstacked after the restore.
+    """
+    import orbax.checkpoint as ocp
+
+    stored = make_model(model.config, dtype=model.dtype, param_dtype=model.param_dtype, scan_layers=True)
+    shapes = nn.unbox(abstract_params(stored))
+    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    try:
+        params = ocp.StandardCheckpointer().restore(_join(_location_str(location), PARAMS_DIR), target)
+    except Exception as e:
+        raise BloomJaxError(f"cannot restore {location}: {hf._one_line(e)}") from None
+    return params if model.scan_layers else unstack_layers(params)
+
+
+def _location_str(location: str | os.PathLike) -> str:
+    return str(location) if is_url(location) else str(Path(location).resolve())
+
+
+def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
+                    param_dtype: Any = None, **model_kwargs) -> tuple[BloomForCausalLM, dict]:
+    """`(model, params)` from a converted checkpoint, a Hugging Face BLOOM directory or a hub id.
 
     Args:
-      path: a directory with `config.json` and weights in any Hugging Face layout, or a hub id.
+      path: a converted checkpoint (`bloom-jax convert`; a directory or a URL such as `gs://...`), a directory
+        with `config.json` and weights in any Hugging Face layout, or a hub id.
+      mesh: devices to place the parameters on (replicated until sharding rules apply); None: the first device.
       dtype: compute dtype ("float32" when None, "bfloat16", "float16").
-      param_dtype: storage dtype of the parameters; defaults to `dtype`.
+      param_dtype: storage dtype of the parameters, cast on load; defaults to `dtype`.
       **model_kwargs: other `BloomForCausalLM` attributes (`scan_layers`, `remat_policy`).
 
     Returns:
-      The model and its parameters, a pytree of jax arrays on the default device.
+      The model and its parameters, a pytree of jax arrays.
     """
     dtype = parse_dtype(dtype)
     param_dtype = parse_dtype(param_dtype) if param_dtype is not None else dtype
+    if is_converted(path):
+        text = _read_text(path, "config.json")
+        if text is None:
+            raise BloomJaxError(f"{path} has parameters but no config.json")
+        config = BloomConfig.from_dict(_parse_json(text, f"{path}/config.json"))
+        model = make_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+        return model, restore_params(path, model, mesh)
+    if is_url(path):
+        raise BloomJaxError(f"no converted checkpoint at {path} (expected {PARAMS_DIR}/_METADATA)")
     directory = resolve_model_dir(path)
     config = BloomConfig.from_json(directory / "config.json")
     model = make_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
     params = load_hf_params(directory, model)
-    return model, jax.tree.map(jnp.asarray, params)
+    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return model, jax.device_put(params, sharding)
+
+
+def _parse_json(text: str, where: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BloomJaxError(f"{where} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise BloomJaxError(f"{where} does not hold a JSON object")
+    return data

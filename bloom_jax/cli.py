@@ -90,6 +90,24 @@ def cmd_forward(args: argparse.Namespace) -> None:
     }))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Hugging Face checkpoint (directory or hub id) -> converted checkpoint (Orbax params, config, tokenizer)."""
+    from bloom_jax.checkpoint import convert
+
+    config = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    print(json.dumps({"converted": str(args.src), "to": str(args.dst), "dtype": args.dtype or "float32",
+                      "layers": config.n_layer, "hidden_size": config.hidden_size}))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Converted checkpoint -> Hugging Face directory (safetensors, sharded above --max-shard-size)."""
+    from bloom_jax.checkpoint import export
+
+    files = export(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   overwrite=args.overwrite)
+    print(json.dumps({"exported": str(args.src), "to": str(args.dst), "files": files}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bloom-jax", description="BLOOM in JAX and Flax: convert, generate, train, plan.")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
@@ -106,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face BLOOM checkpoint to a sharded Orbax checkpoint")
+    p.add_argument("src", help="Hugging Face directory (any layout) or hub id such as bigscience/bloom-560m")
+    p.add_argument("dst", help="output directory or URL (gs://...); must be empty unless --overwrite")
+    p.add_argument("--dtype", default=None, help="stored dtype: float32 (default), bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a converted checkpoint as a Hugging Face directory (safetensors)")
+    p.add_argument("src", help="converted checkpoint (directory or URL)")
+    p.add_argument("dst", help="output directory; must be empty unless --overwrite")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -109,11 +109,14 @@ def target_of(name: str, config: BloomConfig, scan_layers: bool = True) -> Tenso
     return TensorTarget(mapping.path, None, mapping)
 
 
-def to_param(array: np.ndarray, mapping: TensorMap, param_shape: tuple[int, ...]) -> np.ndarray:
-    """A PyTorch tensor as our parameter (one layer's slice for block tensors); `param_shape` without layers."""
+def to_param(array: np.ndarray, mapping: TensorMap, param_shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A PyTorch tensor as our parameter (one layer's slice for block tensors) of `dtype`, with at most one copy.
+
+    `param_shape` is without the layers axis.
+    """
     if mapping.kind == "linear_weight":
-        return np.ascontiguousarray(array.T).reshape(param_shape)
-    return array.reshape(param_shape)
+        array = array.T  # a view; the cast below makes it contiguous in the same copy
+    return np.ascontiguousarray(array, dtype=dtype).reshape(param_shape)
 
 
 def from_param(param: np.ndarray, mapping: TensorMap) -> np.ndarray:
@@ -137,6 +140,8 @@ def hf_shape(mapping: TensorMap, param_shape: tuple[int, ...]) -> tuple[int, ...
 
 # -- file layouts -------------------------------------------------------------------------------------------------
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                         "BOOL": 1}
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _SAFETENSORS_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 _BIN_SHARD = re.compile(r"^pytorch_model[-_]\d+-of-\d+\.bin$")
@@ -208,8 +213,18 @@ class WeightFiles:
             self._open_path = path
         return self._open
 
-    def names(self) -> list[str]:
-        return list(self.file_of)
+    def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
+        """A tensor's shape and bytes per element, without reading its data."""
+        path = self.file_of[name]
+        handle = self._handle(path)
+        try:
+            if path.suffix == ".safetensors":
+                view = handle.get_slice(name)
+                return tuple(view.get_shape()), _SAFETENSORS_ITEMSIZE.get(view.get_dtype(), 4)
+            tensor = handle[name]
+            return tuple(tensor.shape), tensor.element_size()
+        except KeyError:
+            raise BloomJaxError(f"tensor {name} is listed for {path.name} but is not in it") from None
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as a numpy array (bfloat16 as `ml_dtypes.bfloat16`)."""
