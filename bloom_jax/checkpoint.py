@@ -76,14 +76,15 @@ class PlannedTensor:
     param_shape: tuple[int, ...]  # our shape of this tensor (one layer's slice for stacked parameters)
 
 
-def plan_hf_tensors(files: hf.WeightFiles, model: BloomForCausalLM) -> list[PlannedTensor]:
+def plan_hf_tensors(files: hf.WeightFiles, model: BloomForCausalLM, shapes: dict | None = None
+                    ) -> list[PlannedTensor]:
     """Checks every stored tensor against the config before any is read, in file order.
 
     A missing, unexpected, duplicated or wrongly shaped tensor is an error naming it and its file.
     `lm_head.weight` (the tied embedding) is skipped.
     """
     config = model.config
-    shapes = nn.unbox(abstract_params(model))
+    shapes = shapes if shapes is not None else nn.unbox(abstract_params(model))
     plan, seen = [], {}
     for name in files.ordered_names():
         stripped = hf.strip_prefix(name)
@@ -110,6 +111,17 @@ def plan_hf_tensors(files: hf.WeightFiles, model: BloomForCausalLM) -> list[Plan
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BloomJaxError(f"missing tensor {missing[0]}{more} in {files.directory}")
     return plan
+
+
+def hf_tensor_shapes(config: BloomConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, PyTorch shape) of every tensor a BLOOM checkpoint of `config` holds, in model order."""
+    shapes = nn.unbox(abstract_params(make_model(config)))
+    out = []
+    for name in hf.hf_names(config):
+        target = hf.target_of(name, config)
+        full_shape = _get(shapes, target.path).shape
+        out.append((name, hf.hf_shape(target.mapping, full_shape[1:] if target.layer is not None else full_shape)))
+    return out
 
 
 def load_hf_params(directory: str | os.PathLike, model: BloomForCausalLM) -> dict:
@@ -219,9 +231,20 @@ class OrbaxParamsWriter:
         }
         self._arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
 
-    def write(self, path: tuple[str, ...], value: np.ndarray, index: int | None = None) -> None:
+    def write(self, path: tuple[str, ...], value: np.ndarray, index: int | None = None) -> list:
+        """Starts writing `value` into the whole array, or into layer `index` of a stacked one, in pieces of at
+        most 64 MiB. Returns the pieces' futures; `value` must stay alive and unchanged until they are done."""
         array = self._arrays[path]
-        (array if index is None else array[index]).write(value).result()
+        if index is not None:
+            array = array[index]
+        if value.ndim == 0:
+            return [array.write(value)]
+        rows, futures = value.shape[0], []
+        step = max(1, _CHUNK_BYTES // max(1, value[0].nbytes))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)  # tensorstore does not clip slices as numpy does
+            futures.append(array[start:stop].write(value[start:stop]))
+        return futures
 
     def finish(self) -> None:
         kv = _kvstore(self.url)
@@ -243,6 +266,12 @@ class OrbaxParamsWriter:
         kv.write("_CHECKPOINT_METADATA", json.dumps({
             "item_handlers": _ORBAX_HANDLER, "metrics": {}, "performance_metrics": {},
             "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}})).result()
+
+
+def _wait(futures: list) -> None:
+    for future in futures:
+        future.result()
+    futures.clear()
 
 
 class _Destination:
@@ -316,21 +345,26 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
     config = BloomConfig.from_json(directory / "config.json")
     model = make_model(config, param_dtype=param_dtype)
     files = hf.WeightFiles(directory)
-    plan = plan_hf_tensors(files, model)
-    np_dtype = np.dtype(param_dtype)
     shapes = nn.unbox(abstract_params(model))
+    plan = plan_hf_tensors(files, model, shapes)
+    np_dtype = np.dtype(param_dtype)
 
     with _Destination(dst, overwrite) as out:
         writer = OrbaxParamsWriter(_join(out.root, PARAMS_DIR))
         for path, leaf in flatten_dict(shapes).items():
             writer.open(path, leaf.shape, np_dtype, stacked=path[0] == "h")
+        pending: list = []  # the previous tensor's writes, which run while the next tensor is read
         with _progress(sum(t.nbytes for t in plan), "converting", progress) as bar:
             for count, tensor in enumerate(plan, 1):
-                value = hf.to_param(files.read(tensor.name), tensor.target.mapping, tensor.param_shape, np_dtype)
-                writer.write(tensor.target.path, value, tensor.target.layer)
-                del value
+                source = files.read(tensor.name)
+                _wait(pending)  # frees the previous tensor: at most two tensors are held at any time
+                value = hf.to_param(source, tensor.target.mapping, tensor.param_shape, np_dtype)
+                del source
+                pending = writer.write(tensor.target.path, value, tensor.target.layer)
+                del value  # the futures keep it alive until written
                 bar.update(tensor.nbytes)
                 bar.set_postfix_str(f"{count}/{len(plan)} tensors")
+            _wait(pending)
         writer.finish()
         config_out = config.replace(extra={**config.extra, "torch_dtype": np_dtype.name})
         out.write_bytes("config.json", (json.dumps(config_out.to_dict(), indent=2) + "\n").encode())
@@ -340,7 +374,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
     return config
 
 
-_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -383,32 +416,26 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
                 raise BloomJaxError(f"cannot read parameter {'.'.join(path)} of {src}: {hf._one_line(e)}") from None
         return stored[path]
 
-    out_dtype = np.dtype(parse_dtype(dtype)) if dtype is not None else np.dtype(array(("word_embeddings", "embedding")).dtype.numpy_dtype)
-    tensors = []  # (name, target, hf shape)
+    stored_dtype = array(("word_embeddings", "embedding")).dtype.numpy_dtype
+    out_dtype = np.dtype(parse_dtype(dtype) if dtype is not None else stored_dtype)
+    tensors, targets = [], {}  # (name, hf shape); name -> target
     for name in hf.hf_names(config):
         target = hf.target_of(name, config)
         shape = tuple(array(target.path).shape)
         param_shape = shape[1:] if target.layer is not None else shape
-        tensors.append((hf.PREFIX + name, target, hf.hf_shape(target.mapping, param_shape)))
-    shards = _assign_shards(tensors, out_dtype.itemsize, limit)
-    file_names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        tensors.append((hf.PREFIX + name, hf.hf_shape(target.mapping, param_shape)))
+        targets[hf.PREFIX + name] = target
 
-    total = sum(math.prod(shape) for _, _, shape in tensors) * out_dtype.itemsize
-    with _Destination(dst, overwrite) as out, _progress(total, "exporting", progress) as bar:
-        for file_name, shard in zip(file_names, shards):
-            with open(Path(out.root) / file_name, "wb") as f:
-                _write_safetensors_header(f, shard, out_dtype)
-                for name, target, _ in shard:
-                    value = array(target.path)
-                    value = (value if target.layer is None else value[target.layer]).read().result()
-                    f.write(np.ascontiguousarray(hf.from_param(value, target.mapping), dtype=out_dtype).tobytes())
-                    bar.update(value.size * out_dtype.itemsize)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {name: file_name for file_name, shard in zip(file_names, shards)
-                                    for name, _, _ in shard}}
-            out.write_bytes("model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+    def read(name: str) -> np.ndarray:
+        target = targets[name]
+        stored_array = array(target.path)
+        value = (stored_array if target.layer is None else stored_array[target.layer]).read().result()
+        return hf.from_param(value, target.mapping)
+
+    total = sum(math.prod(shape) for _, shape in tensors) * out_dtype.itemsize
+    with _Destination(dst, overwrite) as out:
+        with _progress(total, "exporting", progress) as bar:
+            file_names = hf.write_safetensors(Path(out.root), tensors, out_dtype, limit, read, bar.update)
         config_out = config.replace(extra={**config.extra, "torch_dtype": out_dtype.name})
         out.write_bytes("config.json", (json.dumps(config_out.to_dict(), indent=2) + "\n").encode())
         for name in TOKENIZER_FILES:
@@ -416,33 +443,6 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
             if text is not None:
                 out.write_bytes(name, text.encode())
     return file_names
-
-
-def _assign_shards(tensors: list, itemsize: int, limit: int) -> list[list]:
-    """Tensors in order into shards of at most `limit` bytes (a larger tensor gets a shard of its own)."""
-    shards, size = [[]], 0
-    for tensor in tensors:
-        nbytes = math.prod(tensor[2]) * itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += nbytes
-    return shards
-
-
-def _write_safetensors_header(f, shard: list, dtype: np.dtype) -> None:
-    """The safetensors header for tensors written next, in order (8-byte length, JSON padded to 8 bytes)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, _, shape in shard:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype.name], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    f.write(len(text).to_bytes(8, "little"))
-    f.write(text)
 
 
 def _join(root: str, key: str) -> str:

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -115,15 +115,26 @@ def to_param(array: np.ndarray, mapping: TensorMap, param_shape: tuple[int, ...]
     `param_shape` is without the layers axis.
     """
     if mapping.kind == "linear_weight":
-        array = array.T  # a view; the cast below makes it contiguous in the same copy
+        return _transpose(array, dtype).reshape(param_shape)
     return np.ascontiguousarray(array, dtype=dtype).reshape(param_shape)
+
+
+def _transpose(matrix: np.ndarray, dtype, block: int = 256) -> np.ndarray:
+    """matrix.T as a new contiguous array of `dtype`, tile by tile: 3-4x faster than numpy's strided copy
+    (cache-sized tiles), and it casts in the same pass."""
+    rows, cols = matrix.shape
+    out = np.empty((cols, rows), dtype)
+    for i in range(0, rows, block):
+        for j in range(0, cols, block):
+            out[j:j + block, i:i + block] = matrix[i:i + block, j:j + block].T
+    return out
 
 
 def from_param(param: np.ndarray, mapping: TensorMap) -> np.ndarray:
     """Inverse of `to_param`: our parameter (one layer) as the PyTorch tensor."""
     if mapping.kind == "linear_weight":
         size_in = math.prod(param.shape[: mapping.in_ndim])
-        return np.ascontiguousarray(param.reshape(size_in, -1).T)
+        return _transpose(param.reshape(size_in, -1), param.dtype)
     if mapping.kind == "linear_bias":
         return param.reshape(-1)
     return param
@@ -140,8 +151,6 @@ def hf_shape(mapping: TensorMap, param_shape: tuple[int, ...]) -> tuple[int, ...
 
 # -- file layouts -------------------------------------------------------------------------------------------------
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
-_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                         "BOOL": 1}
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _SAFETENSORS_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 _BIN_SHARD = re.compile(r"^pytorch_model[-_]\d+-of-\d+\.bin$")
@@ -219,8 +228,7 @@ class WeightFiles:
         handle = self._handle(path)
         try:
             if path.suffix == ".safetensors":
-                view = handle.get_slice(name)
-                return tuple(view.get_shape()), _SAFETENSORS_ITEMSIZE.get(view.get_dtype(), 4)
+                return handle.shape_and_itemsize(name)
             tensor = handle[name]
             return tuple(tensor.shape), tensor.element_size()
         except KeyError:
@@ -249,13 +257,59 @@ def _one_line(error: Exception) -> str:
     return text[0] if text else type(error).__name__
 
 
-def _open_safetensors(path: Path):
-    from safetensors import safe_open
+class SafetensorsFile:
+    """A safetensors file read with plain `pread`s: one tensor at a time into its own buffer, no memory map
+    (mapped pages of a multi-GB shard would count as resident memory of the process)."""
 
+    _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise BloomJaxError(f"{path.name} is not a safetensors file (or is truncated)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise BloomJaxError(f"{path.name} has a corrupt safetensors header") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries = {}
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            dtype = self._DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise BloomJaxError(f"tensor {name} in {path.name} has unsupported dtype {entry['dtype']}")
+            if self._data_start + end > size:
+                raise BloomJaxError(f"{path.name} is truncated: tensor {name} ends past the end of the file")
+            self._entries[name] = (np.dtype(dtype), tuple(entry["shape"]), begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
+        dtype, shape, _, _ = self._entries[name]
+        return shape, dtype.itemsize
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        array = np.empty(shape, dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
+                raise BloomJaxError(f"{self.path.name} is truncated: tensor {name} is incomplete")
+        return array
+
+
+def _open_safetensors(path: Path) -> SafetensorsFile:
     try:
-        return safe_open(str(path), framework="numpy")
-    except Exception as e:
-        raise BloomJaxError(f"cannot read {path.name}: {_one_line(e)}") from None
+        return SafetensorsFile(path)
+    except OSError as e:
+        raise BloomJaxError(f"cannot read {path.name}: {e.strerror}") from None
 
 
 def _open_bin(path: Path):
@@ -296,3 +350,60 @@ def iter_hf_tensors(files: WeightFiles) -> Iterator[tuple[str, np.ndarray]]:
     """(stored name, array) for every tensor, file by file."""
     for name in files.ordered_names():
         yield name, files.read(name)
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def write_safetensors(directory: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
+                      max_shard_bytes: int, read: Callable[[str], np.ndarray],
+                      on_bytes: Callable[[int], object] = lambda n: None) -> list[str]:
+    """Writes `tensors` ((name, shape), in order) as safetensors, streaming: `read(name)` is called once per
+    tensor, just before its bytes are written, so one tensor is held at a time.
+
+    One `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards of at most `max_shard_bytes` (a larger
+    tensor gets a shard of its own) with `model.safetensors.index.json`. Returns the file names.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    shards, size = [[]], 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    if len(shards) == 1:
+        file_names = ["model.safetensors"]
+    else:
+        file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file_name, shard in zip(file_names, shards):
+        with open(directory / file_name, "wb") as f:
+            _write_safetensors_header(f, shard, np.dtype(dtype))
+            for name, shape in shard:
+                value = np.ascontiguousarray(read(name), dtype=dtype)
+                if value.shape != tuple(shape):
+                    raise ValueError(f"{name}: got shape {value.shape}, declared {shape}")
+                f.write(memoryview(value.reshape(-1).view(np.uint8)))
+                on_bytes(value.nbytes)
+    if len(shards) > 1:
+        total = sum(math.prod(shape) for _, shape in tensors) * itemsize
+        weight_map = {name: file_name for file_name, shard in zip(file_names, shards) for name, _ in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / _SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return file_names
+
+
+def _write_safetensors_header(f, shard: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> None:
+    """The header for the tensors written next, in order: 8-byte length, then JSON padded to 8 bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shard:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
