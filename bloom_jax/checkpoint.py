@@ -183,12 +183,23 @@ def is_converted(location: str | os.PathLike) -> bool:
         return False
 
 
-def _read_text(location: str | os.PathLike, key: str) -> str | None:
+def _read_bytes(location: str | os.PathLike, key: str) -> bytes | None:
+    """A file of a local directory or URL, exactly as stored; None if there is none."""
     if not is_url(location):
         path = Path(location) / key
-        return path.read_text() if path.is_file() else None
+        return path.read_bytes() if path.is_file() else None
     result = _kvstore(location).read(key).result()
-    return result.value.decode() if result.state == "value" else None
+    return bytes(result.value) if result.state == "value" else None
+
+
+def _read_config(location: str | os.PathLike) -> BloomConfig:
+    data = _read_bytes(location, "config.json")
+    if data is None:
+        raise BloomJaxError(f"{location} has parameters but no config.json")
+    try:
+        return BloomConfig.from_dict(_parse_json(data.decode(), f"{location}/config.json"))
+    except UnicodeDecodeError:
+        raise BloomJaxError(f"{location}/config.json is not UTF-8 text") from None
 
 
 def _chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
@@ -268,10 +279,16 @@ class OrbaxParamsWriter:
             "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}})).result()
 
 
-def _wait(futures: list) -> None:
-    for future in futures:
-        future.result()
-    futures.clear()
+def _wait(futures: list, raise_errors: bool = True) -> None:
+    try:
+        for future in futures:
+            try:
+                future.result()
+            except Exception:
+                if raise_errors:
+                    raise
+    finally:
+        futures.clear()
 
 
 class _Destination:
@@ -354,24 +371,31 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
         for path, leaf in flatten_dict(shapes).items():
             writer.open(path, leaf.shape, np_dtype, stacked=path[0] == "h")
         pending: list = []  # the previous tensor's writes, which run while the next tensor is read
-        with _progress(sum(t.nbytes for t in plan), "converting", progress) as bar:
-            for count, tensor in enumerate(plan, 1):
-                source = files.read(tensor.name)
-                _wait(pending)  # frees the previous tensor: at most two tensors are held at any time
-                value = hf.to_param(source, tensor.target.mapping, tensor.param_shape, np_dtype)
-                del source
-                pending = writer.write(tensor.target.path, value, tensor.target.layer)
-                del value  # the futures keep it alive until written
-                bar.update(tensor.nbytes)
-                bar.set_postfix_str(f"{count}/{len(plan)} tensors")
-            _wait(pending)
-        writer.finish()
-        config_out = config.replace(extra={**config.extra, "torch_dtype": np_dtype.name})
-        out.write_bytes("config.json", (json.dumps(config_out.to_dict(), indent=2) + "\n").encode())
+        try:
+            with _progress(sum(t.nbytes for t in plan), "converting", progress) as bar:
+                for count, tensor in enumerate(plan, 1):
+                    source = files.read(tensor.name)
+                    _wait(pending)  # frees the previous tensor: at most two tensors are held at any time
+                    value = hf.to_param(source, tensor.target.mapping, tensor.param_shape, np_dtype)
+                    del source
+                    pending = writer.write(tensor.target.path, value, tensor.target.layer)
+                    del value  # the futures keep it alive until written
+                    bar.update(tensor.nbytes)
+                    bar.set_postfix_str(f"{count}/{len(plan)} tensors")
+        finally:
+            _wait(pending, raise_errors=sys.exc_info()[0] is None)  # never leave a write running on failure
+        out.write_bytes("config.json", _config_json(config, np_dtype))
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
                 out.write_bytes(name, (directory / name).read_bytes())
+        writer.finish()  # last: the metadata that makes the checkpoint restorable
     return config
+
+
+def _config_json(config: BloomConfig, dtype: np.dtype) -> bytes:
+    """config.json declaring the stored dtype (`dtype` for transformers v5, `torch_dtype` for v4)."""
+    out = config.replace(extra={**config.extra, "torch_dtype": dtype.name, "dtype": dtype.name})
+    return (json.dumps(out.to_dict(), indent=2) + "\n").encode()
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
@@ -380,12 +404,11 @@ _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib
 
 def parse_size(text: str | int) -> int:
     """Bytes from `5GB`, `500MB`, `2GiB` or a plain integer (GB = 10^9 bytes, as transformers counts)."""
-    if isinstance(text, int):
-        return text
     match = _SIZE.match(str(text))
-    if not match or float(match.group(1)) <= 0:
+    size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").lower()]) if match else 0
+    if size < 1:
         raise BloomJaxError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").lower()])
+    return size
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, max_shard_size: str | int = "5GB",
@@ -404,7 +427,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
     if not is_converted(src):
         raise BloomJaxError(f"no converted checkpoint at {src} (expected {PARAMS_DIR}/_METADATA; see bloom-jax convert)")
     limit = parse_size(max_shard_size)
-    config = BloomConfig.from_dict(_parse_json(_read_text(src, "config.json") or "null", f"{src}/config.json"))
+    config = _read_config(src)
     root = _kvstore_url(_location_str(src)) + PARAMS_DIR + "/"
     stored: dict[tuple[str, ...], Any] = {}
 
@@ -436,12 +459,11 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
     with _Destination(dst, overwrite) as out:
         with _progress(total, "exporting", progress) as bar:
             file_names = hf.write_safetensors(Path(out.root), tensors, out_dtype, limit, read, bar.update)
-        config_out = config.replace(extra={**config.extra, "torch_dtype": out_dtype.name})
-        out.write_bytes("config.json", (json.dumps(config_out.to_dict(), indent=2) + "\n").encode())
+        out.write_bytes("config.json", _config_json(config, out_dtype))
         for name in TOKENIZER_FILES:
-            text = _read_text(src, name)
-            if text is not None:
-                out.write_bytes(name, text.encode())
+            data = _read_bytes(src, name)
+            if data is not None:
+                out.write_bytes(name, data)
     return file_names
 
 
@@ -472,7 +494,11 @@ def restore_params(location: str | os.PathLike, model: BloomForCausalLM, mesh: j
 
 
 def _location_str(location: str | os.PathLike) -> str:
-    return str(location) if is_url(location) else str(Path(location).resolve())
+    """What Orbax takes: a local path (also for `file://` URLs) or a cloud URL such as `gs://`."""
+    text = str(location)
+    if text.startswith("file://"):
+        return text[len("file://"):]
+    return text if is_url(text) else str(Path(text).resolve())
 
 
 def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
@@ -493,10 +519,7 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     dtype = parse_dtype(dtype)
     param_dtype = parse_dtype(param_dtype) if param_dtype is not None else dtype
     if is_converted(path):
-        text = _read_text(path, "config.json")
-        if text is None:
-            raise BloomJaxError(f"{path} has parameters but no config.json")
-        config = BloomConfig.from_dict(_parse_json(text, f"{path}/config.json"))
+        config = _read_config(path)
         model = make_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
         return model, restore_params(path, model, mesh)
     if is_url(path):
