@@ -197,7 +197,7 @@ def _read_config(location: str | os.PathLike) -> BloomConfig:
     if data is None:
         raise BloomJaxError(f"{location} has parameters but no config.json")
     try:
-        return BloomConfig.from_dict(_parse_json(data.decode(), f"{location}/config.json"))
+        return BloomConfig.from_json_text(data.decode(), f"{location}/config.json")
     except UnicodeDecodeError:
         raise BloomJaxError(f"{location}/config.json is not UTF-8 text") from None
 
@@ -531,13 +531,3 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
                 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return model, jax.device_put(params, sharding)
-
-
-def _parse_json(text: str, where: str) -> dict:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BloomJaxError(f"{where} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise BloomJaxError(f"{where} does not hold a JSON object")
-    return data

@@ -155,12 +155,17 @@ class BloomConfig:
             raise BloomJaxError(f"config: no such file: {path}") from None
         except OSError as e:
             raise BloomJaxError(f"config: cannot read {path}: {e.strerror}") from None
+        return cls.from_json_text(text, str(path))
+
+    @classmethod
+    def from_json_text(cls, text: str, where: str) -> BloomConfig:
+        """A config from the text of a `config.json`; `where` names it in errors."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BloomJaxError(f"config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise BloomJaxError(f"config: {where} is not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, dict):
-            raise BloomJaxError(f"config: {path} does not hold a JSON object")
+            raise BloomJaxError(f"config: {where} does not hold a JSON object")
         return cls.from_dict(data)
 
     def to_json(self, path: str | os.PathLike) -> None:
