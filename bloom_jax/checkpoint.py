@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import json
 import math
@@ -370,20 +371,27 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
         writer = OrbaxParamsWriter(_join(out.root, PARAMS_DIR))
         for path, leaf in flatten_dict(shapes).items():
             writer.open(path, leaf.shape, np_dtype, stacked=path[0] == "h")
-        pending: list = []  # the previous tensor's writes, which run while the next tensor is read
+        # Writes run in tensorstore's threads while the next tensors are read and converted; the bytes held
+        # (written, read, converted) stay under twice the largest tensor.
+        budget = 2 * max(max(t.nbytes, math.prod(t.param_shape) * np_dtype.itemsize) for t in plan)
+        pending: collections.deque = collections.deque()  # (futures, bytes) of writes in flight, oldest first
         try:
             with _progress(sum(t.nbytes for t in plan), "converting", progress) as bar:
                 for count, tensor in enumerate(plan, 1):
-                    source = files.read(tensor.name)
-                    _wait(pending)  # frees the previous tensor: at most two tensors are held at any time
-                    value = hf.to_param(source, tensor.target.mapping, tensor.param_shape, np_dtype)
-                    del source
-                    pending = writer.write(tensor.target.path, value, tensor.target.layer)
+                    out_bytes = math.prod(tensor.param_shape) * np_dtype.itemsize
+                    while pending and sum(b for _, b in pending) + tensor.nbytes + out_bytes > budget:
+                        _wait(pending.popleft()[0])
+                    value = hf.to_param(files.read(tensor.name), tensor.target.mapping, tensor.param_shape,
+                                        np_dtype)
+                    pending.append((writer.write(tensor.target.path, value, tensor.target.layer), out_bytes))
                     del value  # the futures keep it alive until written
                     bar.update(tensor.nbytes)
                     bar.set_postfix_str(f"{count}/{len(plan)} tensors")
+                while pending:
+                    _wait(pending.popleft()[0])
         finally:
-            _wait(pending, raise_errors=sys.exc_info()[0] is None)  # never leave a write running on failure
+            for futures, _ in pending:  # never leave a write running on failure
+                _wait(futures, raise_errors=False)
         out.write_bytes("config.json", _config_json(config, np_dtype))
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():

@@ -94,9 +94,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Hugging Face checkpoint (directory or hub id) -> converted checkpoint (Orbax params, config, tokenizer)."""
     from bloom_jax.checkpoint import convert
 
+    start = time.perf_counter()
     config = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     print(json.dumps({"converted": str(args.src), "to": str(args.dst), "dtype": args.dtype or "float32",
-                      "layers": config.n_layer, "hidden_size": config.hidden_size}))
+                      "layers": config.n_layer, "hidden_size": config.hidden_size,
+                      "seconds": round(time.perf_counter() - start, 2)}))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
