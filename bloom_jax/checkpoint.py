@@ -1,4 +1,9 @@
-"""Loading BLOOM parameters: `from_pretrained` for Hugging Face directories and hub ids."""
+"""BLOOM checkpoints: `from_pretrained` (converted, Hugging Face or hub), streaming `convert` of Hugging Face
+checkpoints into Orbax, `export` back to Hugging Face safetensors.
+
+A converted checkpoint is a directory or URL holding `config.json`, the tokenizer files and `params/`, an Orbax
+PyTree checkpoint in the scanned parameter layout that any mesh restores shard by shard.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax.traverse_util import flatten_dict
+
 from bloom_jax import hf
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
-from flax.traverse_util import flatten_dict
-
 from bloom_jax.model import BloomForCausalLM, abstract_params, make_model, unstack_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -62,7 +67,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         if not any(directory.glob("*.safetensors")):
             directory = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.bin", "tokenizer*"]))
     except Exception as e:  # offline, unknown repository, no access...
-        raise BloomJaxError(f"cannot fetch {path} from the Hugging Face hub: {hf._one_line(e)}") from None
+        raise BloomJaxError(f"cannot fetch {path} from the Hugging Face hub: {hf.one_line(e)}") from None
     return directory
 
 
@@ -171,7 +176,7 @@ def _kvstore(location: str | os.PathLike):
     try:
         return ts.KvStore.open(_kvstore_url(location)).result()
     except Exception as e:
-        raise BloomJaxError(f"cannot open {location}: {hf._one_line(e)}") from None
+        raise BloomJaxError(f"cannot open {location}: {hf.one_line(e)}") from None
 
 
 def is_converted(location: str | os.PathLike) -> bool:
@@ -238,7 +243,8 @@ class OrbaxParamsWriter:
             "kvstore": self.url + ".".join(path) + "/",
             "metadata": {"shape": list(shape), "chunks": _chunk_shape(shape, np.dtype(dtype).itemsize, stacked),
                          "dtype": _zarr_dtype(dtype), "compressor": None},
-            # Durability comes from writing the metadata last (and, locally, renaming the directory).
+            # No fsync per file, for speed: the metadata written last guards against interrupted runs, not
+            # against the OS losing recent writes in a crash.
             "context": {"file_io_sync": False},
         }
         self._arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
@@ -433,7 +439,8 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
     if is_url(dst):
         raise BloomJaxError(f"export writes a local directory, not {dst}")
     if not is_converted(src):
-        raise BloomJaxError(f"no converted checkpoint at {src} (expected {PARAMS_DIR}/_METADATA; see bloom-jax convert)")
+        raise BloomJaxError(
+            f"no converted checkpoint at {src} (expected {PARAMS_DIR}/_METADATA; see bloom-jax convert)")
     limit = parse_size(max_shard_size)
     config = _read_config(src)
     root = _kvstore_url(_location_str(src)) + PARAMS_DIR + "/"
@@ -444,7 +451,8 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
             try:
                 stored[path] = ts.open({"driver": "zarr", "kvstore": root + ".".join(path) + "/"}, open=True).result()
             except Exception as e:
-                raise BloomJaxError(f"cannot read parameter {'.'.join(path)} of {src}: {hf._one_line(e)}") from None
+                name = ".".join(path)
+                raise BloomJaxError(f"cannot read parameter {name} of {src}: {hf.one_line(e)}") from None
         return stored[path]
 
     stored_dtype = array(("word_embeddings", "embedding")).dtype.numpy_dtype
@@ -491,13 +499,12 @@ def restore_params(location: str | os.PathLike, model: BloomForCausalLM, mesh: j
 
     stored = make_model(model.config, dtype=model.dtype, param_dtype=model.param_dtype, scan_layers=True)
     shapes = nn.unbox(abstract_params(stored))
-    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
-                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    sharding = _placement(mesh)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
     try:
         params = ocp.StandardCheckpointer().restore(_join(_location_str(location), PARAMS_DIR), target)
     except Exception as e:
-        raise BloomJaxError(f"cannot restore {location}: {hf._one_line(e)}") from None
+        raise BloomJaxError(f"cannot restore {location}: {hf.one_line(e)}") from None
     return params if model.scan_layers else unstack_layers(params)
 
 
@@ -536,6 +543,11 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     config = BloomConfig.from_json(directory / "config.json")
     model = make_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
     params = load_hf_params(directory, model)
-    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
-                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return model, jax.device_put(params, sharding)
+    return model, jax.device_put(params, _placement(mesh))
+
+
+def _placement(mesh: jax.sharding.Mesh | None) -> jax.sharding.Sharding:
+    """The first device, or replicated over `mesh` (until the sharding rules place each array)."""
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

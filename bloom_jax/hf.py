@@ -272,14 +272,14 @@ class WeightFiles:
         except KeyError:
             raise BloomJaxError(f"tensor {name} is listed for {path.name} but is not in it") from None
         except Exception as e:  # a truncated or corrupt file fails here, on first access
-            raise BloomJaxError(f"cannot read tensor {name} from {path.name}: {_one_line(e)}") from None
+            raise BloomJaxError(f"cannot read tensor {name} from {path.name}: {one_line(e)}") from None
 
     def ordered_names(self) -> list[str]:
         """Names grouped by file, so a reader opens each file once."""
         return sorted(self.file_of, key=lambda n: (str(self.file_of[n]), n))
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -358,10 +358,10 @@ def _open_bin(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise BloomJaxError(
-            f"refusing to load {path.name}: it is not a plain tensor pickle ({_one_line(e)})"
+            f"refusing to load {path.name}: it is not a plain tensor pickle ({one_line(e)})"
         ) from None
     except Exception as e:
-        raise BloomJaxError(f"cannot read {path.name}: {_one_line(e)}") from None
+        raise BloomJaxError(f"cannot read {path.name}: {one_line(e)}") from None
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
