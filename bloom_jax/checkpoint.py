@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -487,20 +488,21 @@ def _join(root: str, key: str) -> str:
     return root.rstrip("/") + "/" + key
 
 
-def restore_params(location: str | os.PathLike, model: BloomForCausalLM, mesh: jax.sharding.Mesh | None = None
-                   ) -> dict:
+def restore_params(location: str | os.PathLike, model: BloomForCausalLM, mesh: jax.sharding.Mesh | None = None,
+                   rules: str | Sequence = "fsdp_tensor") -> dict:
     """A converted checkpoint's parameters, cast to `model.param_dtype`, each array read into its shards.
 
-    Without a mesh every array lands on the first device; with one, every array is replicated over it (the
-    sharding rules arrive with the sharding module). The stored layout is scanned; an unrolled model gets it
-    unstacked after the restore.
+    Without a mesh every array lands on the first device; with one, each device reads only its shard, as the
+    sharding rules (a preset name of `configs/sharding/` or rules) place it. The stored layout is scanned; an
+    unrolled model gets it unstacked after the restore.
     """
     import orbax.checkpoint as ocp
 
     stored = make_model(model.config, dtype=model.dtype, param_dtype=model.param_dtype, scan_layers=True)
     shapes = nn.unbox(abstract_params(stored))
-    sharding = _placement(mesh)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    shardings = _placement(stored, mesh, rules)
+    target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          shapes, shardings)
     try:
         params = ocp.StandardCheckpointer().restore(_join(_location_str(location), PARAMS_DIR), target)
     except Exception as e:
@@ -517,15 +519,17 @@ def _location_str(location: str | os.PathLike) -> str:
 
 
 def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
-                    param_dtype: Any = None, **model_kwargs) -> tuple[BloomForCausalLM, dict]:
+                    param_dtype: Any = None, rules: str | Sequence = "fsdp_tensor",
+                    **model_kwargs) -> tuple[BloomForCausalLM, dict]:
     """`(model, params)` from a converted checkpoint, a Hugging Face BLOOM directory or a hub id.
 
     Args:
       path: a converted checkpoint (`bloom-jax convert`; a directory or a URL such as `gs://...`), a directory
         with `config.json` and weights in any Hugging Face layout, or a hub id.
-      mesh: devices to place the parameters on (replicated until sharding rules apply); None: the first device.
+      mesh: devices to shard the parameters over (`bloom_jax.sharding.make_mesh`); None: the first device.
       dtype: compute dtype ("float32" when None, "bfloat16", "float16").
       param_dtype: storage dtype of the parameters, cast on load; defaults to `dtype`.
+      rules: sharding rules with a mesh: a preset of `configs/sharding/` or (logical, mesh axes) pairs.
       **model_kwargs: other `BloomForCausalLM` attributes (`scan_layers`, `remat_policy`).
 
     Returns:
@@ -536,18 +540,21 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     if is_converted(path):
         config = _read_config(path)
         model = make_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
-        return model, restore_params(path, model, mesh)
+        return model, restore_params(path, model, mesh, rules)
     if is_url(path):
         raise BloomJaxError(f"no converted checkpoint at {path} (expected {PARAMS_DIR}/_METADATA)")
     directory = resolve_model_dir(path)
     config = BloomConfig.from_json(directory / "config.json")
     model = make_model(config, dtype=dtype, param_dtype=param_dtype, **model_kwargs)
     params = load_hf_params(directory, model)
-    return model, jax.device_put(params, _placement(mesh))
+    return model, jax.device_put(params, _placement(model, mesh, rules))
 
 
-def _placement(mesh: jax.sharding.Mesh | None) -> jax.sharding.Sharding:
-    """The first device, or replicated over `mesh` (until the sharding rules place each array)."""
+def _placement(model: BloomForCausalLM, mesh: jax.sharding.Mesh | None, rules: str | Sequence) -> Any:
+    """Where each parameter goes: the first device, or its shards on `mesh` under `rules`."""
     if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, nn.unbox(abstract_params(model)))
+    from bloom_jax import sharding
+
+    return sharding.param_shardings(model, mesh, sharding.load_rules(rules) if isinstance(rules, str) else rules)

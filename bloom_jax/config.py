@@ -179,11 +179,16 @@ class BloomConfig:
 
 
 # -- presets -------------------------------------------------------------------------------------------------------
-def _presets_dir() -> Path:
+def configs_dir() -> Path:
+    """The shipped `configs/` directory (model presets, sharding rules)."""
     try:
-        return Path(str(importlib.resources.files("bloom_jax.configs") / "models"))
+        return Path(str(importlib.resources.files("bloom_jax.configs")))
     except ModuleNotFoundError:  # running from a source tree that is not installed
-        return Path(__file__).resolve().parent.parent / "configs" / "models"
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _presets_dir() -> Path:
+    return configs_dir() / "models"
 
 
 def preset_names() -> list[str]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import Any, Callable
+import os
 
-import numpy as np
-import pytest
+# Eight simulated CPU devices for the mesh tests; must precede the first import of jax.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-from bloom_jax.checkpoint import from_pretrained
-from bloom_jax.config import BloomConfig
-from reference import PROMPT_LENGTHS, hf_logits, hf_model, left_padded, save_hf, tiny_config
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from bloom_jax.checkpoint import from_pretrained  # noqa: E402
+from bloom_jax.config import BloomConfig  # noqa: E402
+from reference import PROMPT_LENGTHS, hf_logits, hf_model, left_padded, save_hf, tiny_config  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""Meshes, sharding rules, sharded init and restoring a converted checkpoint onto any mesh (8 CPU devices)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from bloom_jax import BloomJaxError
+from bloom_jax.checkpoint import convert, from_pretrained
+from bloom_jax.model import make_model
+from bloom_jax.sharding import (init_sharded, load_rules, make_mesh, param_shardings, parse_mesh_spec, rule_names,
+                                sharded_forward)
+from reference import relative_max_error, tiny_config
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+@pytest.mark.parametrize("spec, sizes", [
+    ("data=2,fsdp=-1,tensor=4", {"slice": 1, "data": 2, "fsdp": 1, "tensor": 4}),
+    ("fsdp=-1", {"slice": 1, "data": 1, "fsdp": 8, "tensor": 1}),
+    ("slice=2,data=2,tensor=2", {"slice": 2, "data": 2, "fsdp": 1, "tensor": 2}),
+])
+def test_parse_mesh_spec(spec, sizes):
+    assert parse_mesh_spec(spec, 8) == sizes
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=3", "has 3 devices, but there are 8"),
+    ("data=-1,fsdp=-1", "only one axis may be -1"),
+    ("pipeline=2,data=-1", "unknown axis 'pipeline'"),
+    ("data=3,fsdp=-1", "do not divide"),
+    ("data=two", "is not AXIS=SIZE"),
+    ("data=0,fsdp=-1", "must be positive"),
+    ("data=2,data=4", "given twice"),
+])
+def test_bad_mesh_specs(spec, message):
+    with pytest.raises(BloomJaxError, match=message):
+        parse_mesh_spec(spec, 8)
+
+
+def test_mesh_has_auto_axes():
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    assert dict(mesh.shape) == {"slice": 1, "data": 2, "fsdp": 2, "tensor": 2}
+    assert set(mesh.axis_types) == {AxisType.Auto}
+
+
+def test_rule_presets():
+    assert set(rule_names()) >= {"data_parallel", "fsdp", "tensor", "fsdp_tensor"}
+    for name in rule_names():
+        rules = dict(load_rules(name))
+        assert {"vocab", "embed", "heads", "mlp", "layers", "activation_batch"} <= set(rules)
+    with pytest.raises(BloomJaxError, match="no sharding rules named 'pipeline'"):
+        load_rules("pipeline")
+
+
+def test_indivisible_heads_are_a_clear_error():
+    model = make_model(tiny_config(n_head=6, hidden_size=48))
+    with pytest.raises(BloomJaxError, match=r"self_attention/\w+/kernel has a dimension of 6, not divisible by mesh axes tensor = 4"):
+        param_shardings(model, make_mesh("data=2,tensor=4"), load_rules("tensor"))
+
+
+def test_init_is_born_sharded():
+    model = make_model(tiny_config())
+    mesh, rules = make_mesh("fsdp=2,tensor=4"), load_rules("fsdp_tensor")
+    params = init_sharded(model, jax.random.key(0), mesh, rules)
+    kernel = params["h"]["self_attention"]["query_key_value"]["kernel"]  # [layers, d, n, 3, h]
+    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor", None, None)
+    shard_shapes = {shard.data.shape for shard in kernel.addressable_shards}
+    assert shard_shapes == {(2, 64 // 2, 8 // 4, 3, 8)}  # each device holds 1/8 of it
+    embedding = params["word_embeddings"]["embedding"]
+    assert {s.data.shape for s in embedding.addressable_shards} == {(512 // 4, 64 // 2)}
+
+
+@pytest.fixture(scope="module")
+def converted(make_checkpoint, tmp_path_factory):
+    checkpoint = make_checkpoint()
+    out = tmp_path_factory.mktemp("sharding") / "converted"
+    convert(checkpoint.directory, out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("spec", ["data=8", "data=2,fsdp=4", "fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2"])
+def test_restore_onto_any_mesh_gives_single_device_logits(converted, spec):
+    config = tiny_config()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, config.vocab_size, (8, 12), dtype=np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0  # one left-padded row
+    model, params = from_pretrained(converted)
+    expected = np.asarray(jax.jit(lambda p: model.apply({"params": p}, ids, mask))(params))
+
+    mesh, rules = make_mesh(spec), load_rules("fsdp_tensor")
+    model, sharded = from_pretrained(converted, mesh=mesh)
+    shardings = param_shardings(model, mesh, rules)
+    assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), sharded, shardings))
+    logits = np.asarray(sharded_forward(model, mesh, rules)(sharded, ids, mask))
+    assert relative_max_error(logits, expected, mask) <= 1e-5
