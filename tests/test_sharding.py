@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -97,3 +103,45 @@ def test_restore_onto_any_mesh_gives_single_device_logits(converted, spec):
     assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), sharded, shardings))
     logits = np.asarray(sharded_forward(model, mesh, rules)(sharded, ids, mask))
     assert relative_max_error(logits, expected, mask) <= 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_single_process_logits(converted, tmp_path):
+    config = tiny_config()
+    ids = np.random.default_rng(1).integers(4, config.vocab_size, (8, 10), dtype=np.int32)
+    mask = np.ones_like(ids)
+    mask[3, :4] = 0
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    model, params = from_pretrained(converted)
+    expected = np.asarray(jax.jit(lambda p: model.apply({"params": p}, ids, mask))(params))
+
+    port, worker = _free_port(), Path(__file__).with_name("multihost_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [str(tmp_path / n) for n in ("ids.npy", "mask.npy", "out.npy")]
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(converted), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    logits = np.load(tmp_path / "out.npy")
+    assert relative_max_error(logits, expected, mask) <= 1e-5
+
+
+def test_distributed_arguments_go_together():
+    from bloom_jax.distributed import initialize
+
+    with pytest.raises(BloomJaxError, match="together"):
+        initialize("127.0.0.1:1234", num_processes=2)
+    with pytest.raises(BloomJaxError, match="not in"):
+        initialize("127.0.0.1:1234", 2, 2)
