@@ -110,6 +110,24 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps({"exported": str(args.src), "to": str(args.dst), "files": files}))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Compile a step ahead of time on simulated CPU devices and print per-device memory and FLOPs."""
+    import jax
+
+    from bloom_jax import plan
+    from bloom_jax.config import load_config
+
+    limit = plan.memory_limit_gib(args.hbm_gib, args.device)
+    devices = args.devices or plan.devices_for(args.mesh)
+    # Before JAX starts its backends: this process gets `devices` CPU devices to compile for.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", devices)
+    config = load_config(args.model)
+    _log(f"compiling a {args.task} step of {args.model} for {devices} devices ({args.mesh})")
+    result = plan.plan_step(config, args.mesh, args.task, args.batch, args.seq, rules=args.rules)
+    print(json.dumps({"model": args.model, **plan.describe(result, limit)}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bloom-jax", description="BLOOM in JAX and Flax: convert, generate, train, plan.")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
@@ -141,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="per-device memory and FLOPs of a step, compiled on simulated devices")
+    p.add_argument("--model", required=True, help="preset name or config.json path")
+    p.add_argument("--mesh", required=True, help="mesh spec, e.g. data=4,fsdp=32,tensor=4")
+    p.add_argument("--task", choices=("train", "forward"), default="train")
+    p.add_argument("--batch", type=_positive_int, default=None, help="global batch (default: the data axes)")
+    p.add_argument("--seq", type=_positive_int, default=2048)
+    p.add_argument("--rules", default="fsdp_tensor", help="sharding rules preset (configs/sharding)")
+    p.add_argument("--devices", type=_positive_int, default=None, help="device count, if the mesh uses -1")
+    p.add_argument("--hbm-gib", type=float, default=None, help="per-device memory to check against, GiB")
+    p.add_argument("--device", default=None, help="or a known accelerator: v4, v5e, v5p, v6e, h100")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,0 +1,77 @@
+"""The memory planner: XLA's analysis of the compiled step against the real arrays of that step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from bloom_jax import BloomJaxError
+from bloom_jax.model import make_model
+from bloom_jax.plan import bloom_adamw, describe, memory_limit_gib, optimizer_shardings, plan_step
+from bloom_jax.sharding import init_sharded, load_rules, make_mesh
+from reference import tiny_config
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+def _bytes_on_device(tree, device) -> int:
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
+               if shard.device == device)
+
+
+def test_train_plan_arguments_equal_the_real_state_on_a_device():
+    config = tiny_config()
+    plan = plan_step(config, "fsdp=2,tensor=4", "train", batch=4, seq=16)
+    # The real state of that step, born sharded with the same rules: fp32 parameters and AdamW moments.
+    mesh, rules = make_mesh("fsdp=2,tensor=4"), load_rules("fsdp_tensor")
+    model = make_model(config, dtype="bfloat16", param_dtype="float32")
+    params = init_sharded(model, jax.random.key(0), mesh, rules)
+    optimizer = bloom_adamw()
+    shardings = jax.tree.map(lambda a: a.sharding, params)
+    opt_shardings = optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, params), shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    device = jax.devices()[0]
+    real = _bytes_on_device((params, opt_state), device)
+    ids_bytes = 4 * 16 * 4 // 2  # int32 ids split over fsdp=2
+    assert plan.argument_bytes == pytest.approx(real + ids_bytes, rel=0.02)
+    assert plan.alias_bytes > 0.9 * real  # parameters and optimizer state are donated and updated in place
+    assert plan.temp_bytes > 0 and plan.flops_per_device > 0
+
+
+def test_forward_plan_counts_bf16_weights():
+    config = tiny_config()
+    one = plan_step(config, "data=8", "forward", batch=8, seq=16)
+    sharded = plan_step(config, "fsdp=2,tensor=4", "forward", batch=8, seq=16)
+    assert one.argument_bytes > 7 * sharded.argument_bytes  # data parallel replicates, fsdp x tensor splits by 8
+    assert one.argument_bytes >= config.num_params * 2  # bf16
+
+
+def test_limits_and_fit():
+    assert memory_limit_gib(None, "TPU v4") == 32 and memory_limit_gib(None, "v5p") == 95
+    assert memory_limit_gib(40.0, "v4") == 40.0
+    with pytest.raises(BloomJaxError, match="unknown device"):
+        memory_limit_gib(None, "tpu9000")
+    plan = plan_step(tiny_config(), "data=8", "forward", batch=8, seq=8)
+    assert describe(plan, 1e-6)["fits"] is False and describe(plan, 1.0)["fits"] is True
+
+
+def test_unknown_task():
+    with pytest.raises(BloomJaxError, match="unknown task"):
+        plan_step(tiny_config(), "data=8", "sing", batch=8, seq=8)
+
+
+@pytest.mark.slow
+def test_cli_plans_on_its_own_simulated_devices(tmp_path):
+    config = tmp_path / "config.json"
+    tiny_config().to_json(config)
+    out = subprocess.run([sys.executable, "-m", "bloom_jax.cli", "plan", "--model", str(config),
+                          "--mesh", "data=4,fsdp=4,tensor=2", "--seq", "32", "--device", "v5e"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["devices"] == 32 and result["batch"] == 16 and result["fits"] is True
+    assert result["per_device_gib"]["total"] > 0
