@@ -62,7 +62,6 @@ def cmd_forward(args: argparse.Namespace) -> None:
         model = make_model(load_config(args.model), dtype=dtype)
         params, source = init_params(model, jax.random.key(args.seed)), "random init"
     else:
-        _log(f"loading {args.model}")
         (model, params), source = from_pretrained(args.model, dtype=dtype), "checkpoint"
     config = model.config
 
