@@ -4,8 +4,8 @@
 
 Prints a markdown table (stdout): tokens/s for each (ours with scanned and with unrolled layers), our speed-up
 over PyTorch, and our model FLOP/s as a fraction of the fp32 matmul FLOP/s measured in the same run, by JAX
-(XLA's own dot) and by PyTorch (MKL on Intel CPUs, which can be faster than XLA's). Model FLOPs count every matmul (the tied head included, attention over
-the full s x s square as computed), forward only.
+(XLA's own dot) and by PyTorch (MKL on Intel CPUs, which can be faster than XLA's). Model FLOPs count every
+matmul (the tied head included, attention over the full s x s square as computed), forward only.
 """
 
 from __future__ import annotations
@@ -16,8 +16,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (jax_matmul_peak, log, machine, markdown_table, median_seconds, random_ids,  # noqa: E402
-                    torch_and_ours, torch_matmul_peak, versions)
+from common import (  # noqa: E402
+    jax_matmul_peak,
+    log,
+    machine,
+    markdown_table,
+    median_seconds,
+    random_ids,
+    torch_and_ours,
+    torch_matmul_peak,
+    versions,
+)
 
 
 def forward_flops(config, batch: int, seq: int) -> float:

@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax.traverse_util import flatten_dict
 
 from bloom_jax import hf
