@@ -3,7 +3,9 @@ per-device memory and FLOPs from XLA's own analyses.
 
 The step is compiled for the CPU devices of this process (`jax_num_cpu_devices`, set by the `plan` command before
 JAX starts), sharded by the same rules a real run uses. XLA:CPU's buffer assignment stands in for the
-accelerator's: layouts and fusion differ there, so treat the figures as estimates within some percent.
+accelerator's: layouts and fusion differ there. In particular XLA:CPU has no bf16 dot: it converts bf16 weights
+to fp32 ahead of the layer loop, so its temporaries include an fp32 copy of the bf16 weights that a TPU or GPU
+does not make. Treat the figures as upper estimates.
 """
 
 from __future__ import annotations
