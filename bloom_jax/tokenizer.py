@@ -1,0 +1,101 @@
+"""BLOOM's tokenizer through the `tokenizers` library: left-padded batches and streaming decoding.
+
+The checkpoint's `tokenizer.json` (byte-level BPE) is used as is, its own normaliser, pre-tokeniser and
+post-processor included, so ids equal transformers' `AutoTokenizer` on the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from bloom_jax.errors import BloomJaxError
+
+_INCOMPLETE = "\ufffd"  # what a decoder yields for the first bytes of an unfinished UTF-8 character
+
+
+class Tokenizer:
+    """Encodes batches of prompts, left-padded, and decodes ids (whole or streamed)."""
+
+    def __init__(self, tokenizer, pad_token_id: int = 3, eos_token_id: int = 2):
+        self.tokenizer = tokenizer
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike, pad_token_id: int = 3, eos_token_id: int = 2) -> Tokenizer:
+        """The `tokenizer.json` of a checkpoint directory (converted or Hugging Face)."""
+        from tokenizers import Tokenizer as HfTokenizer
+
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise BloomJaxError(f"no tokenizer.json in {directory}")
+        try:
+            return cls(HfTokenizer.from_file(str(path)), pad_token_id, eos_token_id)
+        except Exception as e:
+            raise BloomJaxError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                ) from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: list[str], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids int32 [b, s] left-padded with `pad_token_id`, and the mask [b, s] (1 = token).
+
+        s is the longest prompt, or `length` (which must fit the longest) to reuse a compiled shape.
+        """
+        encoded = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        longest = max((len(ids) for ids in encoded), default=0)
+        length = longest if length is None else length
+        if longest > length:
+            raise BloomJaxError(f"a prompt has {longest} tokens, more than the length {length}")
+        ids_bs = np.full((len(encoded), length), self.pad_token_id, np.int32)
+        mask_bs = np.zeros((len(encoded), length), np.int32)
+        for row, ids in enumerate(encoded):
+            if ids:
+                ids_bs[row, length - len(ids):] = ids
+                mask_bs[row, length - len(ids):] = 1
+        return ids_bs, mask_bs
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns ids arriving one by one into text pieces that never split a multi-byte character.
+
+    Each `push` decodes a short window of recent ids and returns the new text once it no longer ends in an
+    incomplete character; concatenated pieces equal `decode` of all ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: ids before it are settled text
+        self._read = 0  # ids up to here have been emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        decode = self._tokenizer.decode
+        emitted = decode(self._ids[self._prefix:self._read])
+        text = decode(self._ids[self._prefix:])
+        if len(text) <= len(emitted) or text.endswith(_INCOMPLETE):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted):]
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character decodes as U+FFFD, as `decode` would)."""
+        decode = self._tokenizer.decode
+        rest = decode(self._ids[self._prefix:])[len(decode(self._ids[self._prefix:self._read])):]
+        self._prefix = self._read = len(self._ids)
+        return rest
