@@ -170,8 +170,11 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array,
-                 deterministic: bool) -> jax.Array:
+    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array, deterministic: bool,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+        """Attention output [b, s, d]; with `kv_cache` (keys, values [b, n, T, h]) the new keys and values are
+        written at `cache_index`, attention runs over all T cached positions, and the updated cache is returned
+        as a second output."""
         cfg = self.config
         d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
@@ -181,6 +184,12 @@ class Attention(nn.Module):
         # [b, s, n, h] slices (measured at 1x128 and 8x128 for the bloom-560m shapes).
         qkv_3bnsh = jnp.transpose(qkv_bsn3h, (3, 0, 2, 1, 4))
         q_bnsh, k_bnth, v_bnth = qkv_3bnsh[0], qkv_3bnsh[1], qkv_3bnsh[2]
+        if kv_cache is not None:
+            start = (0, 0, cache_index, 0)
+            k_bnth = lax.dynamic_update_slice(kv_cache[0], k_bnth.astype(kv_cache[0].dtype), start)
+            v_bnth = lax.dynamic_update_slice(kv_cache[1], v_bnth.astype(kv_cache[1].dtype), start)
+            kv_cache = (k_bnth, v_bnth)
+            k_bnth, v_bnth = k_bnth.astype(self.dtype), v_bnth.astype(self.dtype)
 
         scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k_bnth, preferred_element_type=jnp.float32)
         scores_bnst = scores_bnst * (1.0 / math.sqrt(h)) + alibi_bn1t
@@ -190,8 +199,9 @@ class Attention(nn.Module):
         context_bsnh = jnp.einsum("bnst,bnth->bnsh", probs_bnst, v_bnth).transpose(0, 2, 1, 3)
 
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
-        return Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp,
-                      dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(context_bsnh)
+        out_bsd = Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(context_bsnh)
+        return out_bsd if kv_cache is None else (out_bsd, kv_cache)
 
 
 class Mlp(nn.Module):
@@ -223,21 +233,26 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array):
+    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+        """(x_bsd, updated kv_cache or None)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x_bsd = nn.with_logical_constraint(x_bsd, ACT_BSD)
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="input_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        attn_bsd = Attention(cfg, name="self_attention", **kw)(ln_bsd, alibi_bn1t, mask_b1st, self.deterministic)
+        attention = Attention(cfg, name="self_attention", **kw)
+        attn_bsd = attention(ln_bsd, alibi_bn1t, mask_b1st, self.deterministic, kv_cache, cache_index)
+        if kv_cache is not None:
+            attn_bsd, kv_cache = attn_bsd
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(attn_bsd, deterministic=self.deterministic)
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="post_attention_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
         mlp_bsd = Mlp(cfg, name="mlp", **kw)(ln_bsd)
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(mlp_bsd, deterministic=self.deterministic)
-        return nn.with_logical_constraint(x_bsd, ACT_BSD), None
+        return nn.with_logical_constraint(x_bsd, ACT_BSD), kv_cache
 
 
 class BloomForCausalLM(nn.Module):
@@ -262,8 +277,13 @@ class BloomForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
-        """Logits float32 [b, s, v]. `attention_mask_bs` is 1 for tokens and 0 for padding (left or right)."""
+                 deterministic: bool = True, cache: dict | None = None, last_only: bool = False):
+        """Logits float32 [b, s, v] (or [b, 1, v] with `last_only`).
+
+        `attention_mask_bs` is 1 for tokens and 0 for padding (left or right). With a `cache` (see
+        `bloom_jax.generate.init_cache`) the ids are the next positions after those cached: returns
+        `(logits, updated cache)`.
+        """
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if attention_mask_bs is None:
@@ -273,16 +293,45 @@ class BloomForCausalLM(nn.Module):
                       name="word_embeddings", **kw)
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(input_ids_bs))
 
-        alibi_bn1t = alibi_bias(attention_mask_bs, cfg.n_head)
-        mask_b1st = causal_padding_mask(attention_mask_bs)
-        for blocks in self._blocks(deterministic):
-            x_bsd, _ = blocks(x_bsd, alibi_bn1t, mask_b1st)
+        if cache is None:
+            alibi_bn1t = alibi_bias(attention_mask_bs, cfg.n_head)
+            mask_b1st = causal_padding_mask(attention_mask_bs)
+            for blocks in self._blocks(deterministic):
+                x_bsd, _ = blocks(x_bsd, alibi_bn1t, mask_b1st)
+        else:
+            index = cache["index"]
+            mask_bt = lax.dynamic_update_slice(cache["mask"], attention_mask_bs.astype(cache["mask"].dtype),
+                                               (0, index))
+            alibi_bn1t = alibi_bias(mask_bt, cfg.n_head)
+            # Query s sits at position index + s of the cache: it sees valid keys up to there.
+            query_pos_s = index + jnp.arange(input_ids_bs.shape[1])
+            key_pos_t = jnp.arange(mask_bt.shape[1])
+            mask_b1st = (key_pos_t[None, :] <= query_pos_s[:, None])[None, None] & (mask_bt[:, None, None, :] > 0)
+            x_bsd, k_lbnth, v_lbnth = self._cached_blocks(deterministic, x_bsd, alibi_bn1t, mask_b1st, cache)
+            cache = {"k": k_lbnth, "v": v_lbnth, "mask": mask_bt, "index": index + input_ids_bs.shape[1]}
 
+        if last_only:
+            x_bsd = x_bsd[:, -1:]
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(x_bsd)
         logits_bsv = embed.attend(x_bsd)
-        return nn.with_logical_constraint(logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
+        logits_bsv = nn.with_logical_constraint(
+            logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits_bsv if cache is None else (logits_bsv, cache)
 
-    def _blocks(self, deterministic: bool) -> list[nn.Module]:
+    def _cached_blocks(self, deterministic, x_bsd, alibi_bn1t, mask_b1st, cache):
+        blocks = self._blocks(deterministic, with_cache=True)
+        if self.scan_layers:
+            x_bsd, (k_lbnth, v_lbnth) = blocks[0](x_bsd, alibi_bn1t, mask_b1st, (cache["k"], cache["v"]),
+                                                  cache["index"])
+            return x_bsd, k_lbnth, v_lbnth
+        ks, vs = [], []
+        for i, block in enumerate(blocks):
+            x_bsd, (k, v) = block(x_bsd, alibi_bn1t, mask_b1st, (cache["k"][i], cache["v"][i]), cache["index"])
+            ks.append(k)
+            vs.append(v)
+        return x_bsd, jnp.stack(ks), jnp.stack(vs)
+
+    def _blocks(self, deterministic: bool, with_cache: bool = False) -> list[nn.Module]:
         """The n_layer blocks: one `nn.scan` over stacked parameters, or n_layer separate modules."""
         if self.remat_policy not in REMAT_POLICIES:
             raise BloomJaxError(
@@ -298,7 +347,7 @@ class BloomForCausalLM(nn.Module):
             block_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast) if with_cache else (nn.broadcast, nn.broadcast),
             length=self.config.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )

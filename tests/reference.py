@@ -28,12 +28,13 @@ def tiny_config(**overrides) -> BloomConfig:
     return BloomConfig(**{**base, **overrides})
 
 
-def hf_model(config: BloomConfig, seed: int = 0, dtype: str = "float32"):
+def hf_model(config: BloomConfig, seed: int = 0, dtype: str = "float32", linear_gain: float = 1.0):
     """transformers' `BloomForCausalLM` with every tensor randomised away from its init.
 
     LayerNorm scales around 1 and biases around 0 with spread 0.3, so that a wrong LayerNorm or bias shows;
-    linear weights with std 1/sqrt(fan_in) and embeddings with std 0.5, so logits have magnitude ~5 and are far
-    from zero (a parity ratio against a near-zero max logit would prove nothing).
+    linear weights with std linear_gain/sqrt(fan_in) and embeddings with std 0.5, so logits have magnitude ~5 and
+    are far from zero (a parity ratio against a near-zero max logit would prove nothing). A larger `linear_gain`
+    lets the blocks outweigh the tied embedding, so that greedy continuations do not repeat one token.
     """
     import torch
     import transformers
@@ -52,7 +53,7 @@ def hf_model(config: BloomConfig, seed: int = 0, dtype: str = "float32"):
             elif name.endswith(".bias"):
                 p.copy_(0.3 * noise)
             else:
-                p.copy_(noise / math.sqrt(p.shape[1]))
+                p.copy_(linear_gain * noise / math.sqrt(p.shape[1]))
     return model.to(getattr(torch, dtype))
 
 
