@@ -1,6 +1,6 @@
 """The smallest meshes that fit BLOOM-176B, as `bloom-jax plan` computes them (XLA's memory analysis on simulated
 CPU devices): training (seq 2048, one sequence per data shard per micro-step, AdamW, fp32 master weights, bf16
-compute, full remat) and a bf16 forward over 2048-token prompts at batch 1 and 32.
+compute, full remat) and generation: one decode step with a bf16 KV cache of 2048 positions, batch 1 and 32.
 
     python benchmarks/plan_176b.py
 """
@@ -21,8 +21,8 @@ from bloom_jax.plan import ACCELERATORS  # noqa: E402
 CHIPS = {"TPU v4": "v4", "TPU v5p": "v5p", "H100": "h100"}
 RUNS = {  # name -> (task, batch or None, [mesh specs, smallest first])
     "train, seq 2048": ("train", None, [f"fsdp={n // 8},tensor=8" for n in (64, 128, 256, 512)]),
-    "forward, batch 1, seq 2048": ("forward", 1, [f"fsdp={n // 8},tensor=8" for n in (8, 16, 32, 64)]),
-    "forward, batch 32, seq 2048": ("forward", 32, [f"fsdp={n // 8},tensor=8" for n in (8, 16, 32, 64)]),
+    "generate, batch 1, cache 2048": ("generate", 1, [f"fsdp={n // 8},tensor=8" for n in (8, 16, 32, 64)]),
+    "generate, batch 32, cache 2048": ("generate", 32, [f"fsdp={n // 8},tensor=8" for n in (8, 16, 32, 64, 128)]),
 }
 
 

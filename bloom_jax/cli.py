@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-device memory and FLOPs of a step, compiled on simulated devices")
     p.add_argument("--model", required=True, help="preset name or config.json path")
     p.add_argument("--mesh", required=True, help="mesh spec, e.g. data=4,fsdp=32,tensor=4")
-    p.add_argument("--task", choices=("train", "forward"), default="train")
+    p.add_argument("--task", choices=("train", "forward", "generate"), default="train")
     p.add_argument("--batch", type=_positive_int, default=None, help="global batch (default: the data axes)")
     p.add_argument("--seq", type=_positive_int, default=2048)
     p.add_argument("--rules", default="fsdp_tensor", help="sharding rules preset (configs/sharding)")

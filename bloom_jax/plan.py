@@ -26,7 +26,7 @@ from bloom_jax.sharding import fit_rules, load_rules, make_mesh, param_shardings
 
 # Device memory per chip, GiB.
 ACCELERATORS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "a100-40gb": 40, "a100-80gb": 80}
-TASKS = ("train", "forward")
+TASKS = ("train", "forward", "generate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,8 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
     """Compiles one step for `config` on a mesh of this process's devices and returns its analysed memory.
 
     train: bf16 compute, fp32 master weights and AdamW state, activation checkpointing (`remat_policy`),
-      state donated. forward: bf16 weights and compute, logits of every position.
+      state donated. forward: bf16 weights and compute, logits of every position. generate: one decode step
+      with a bf16 KV cache of `seq` positions (donated), bf16 weights.
     """
     if task not in TASKS:
         raise BloomJaxError(f"plan: unknown task {task!r} (choose from {', '.join(TASKS)})")
@@ -115,6 +116,25 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
 
         fn = jax.jit(step, out_shardings=(shardings, opt_shardings, replicated), donate_argnums=(0, 1))
         args = (params, opt_state, ids)
+    elif task == "generate":
+        # One decode step of a batch whose KV cache holds `seq` positions (the memory high point of generation).
+        from bloom_jax.generate import init_cache
+
+        tensor = "tensor" if "tensor" in mesh.axis_names else None
+        kv_spec = jax.sharding.PartitionSpec(None, batch_axes, tensor, None, None)
+        row_spec = jax.sharding.PartitionSpec(batch_axes)
+        cache_shardings = {"k": kv_spec, "v": kv_spec, "mask": row_spec, "index": jax.sharding.PartitionSpec()}
+        cache = jax.eval_shape(lambda: init_cache(config, batch, seq, jnp.bfloat16))
+        cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                         sharding=jax.sharding.NamedSharding(mesh, cache_shardings[k]))
+                 for k, v in cache.items()}
+        token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=batch_sharding)
+
+        def decode(p, cache, token_b1):
+            return model.apply({"params": p}, token_b1, cache=cache, last_only=True)
+
+        fn = jax.jit(decode, donate_argnums=(1,))
+        args = (params, cache, token)
     else:
         fn = jax.jit(forward)
         args = (params, ids)

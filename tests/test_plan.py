@@ -75,3 +75,12 @@ def test_cli_plans_on_its_own_simulated_devices(tmp_path):
     result = json.loads(out.stdout)
     assert result["devices"] == 32 and result["batch"] == 16 and result["fits"] is True
     assert result["per_device_gib"]["total"] > 0
+
+
+def test_generate_plan_holds_the_kv_cache():
+    config = tiny_config()
+    short = plan_step(config, "data=2,tensor=4", "generate", batch=2, seq=16)
+    long = plan_step(config, "data=2,tensor=4", "generate", batch=2, seq=272)
+    # Keys and values [layers, b, n, T, h] in bf16, split over data (batch) and tensor (heads).
+    cache_bytes_per_position = 2 * config.n_layer * 2 * config.n_head * config.head_dim * 2 // 8
+    assert long.argument_bytes - short.argument_bytes == pytest.approx(256 * cache_bytes_per_position, rel=0.05)
