@@ -28,7 +28,3 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     except (RuntimeError, ValueError) as e:
         raise BloomJaxError(f"distributed: cannot initialize ({str(e).strip().splitlines()[0]})") from None
 
-
-def is_coordinator() -> bool:
-    """True on process 0, the one that logs and writes shared files."""
-    return jax.process_index() == 0

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -375,12 +375,6 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
-
-
-def iter_hf_tensors(files: WeightFiles) -> Iterator[tuple[str, np.ndarray]]:
-    """(stored name, array) for every tensor, file by file."""
-    for name in files.ordered_names():
-        yield name, files.read(name)
 
 
 # -- writing -------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import yaml
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh
 
 from bloom_jax.config import configs_dir
 from bloom_jax.errors import BloomJaxError
@@ -122,10 +122,6 @@ def init_sharded(model: BloomForCausalLM, rng: jax.Array, mesh: Mesh, rules: Rul
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(fit_rules(rules, mesh))):
         return jax.jit(init, out_shardings=shardings)(rng)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def sharded_forward(model: BloomForCausalLM, mesh: Mesh, rules: Rules):
