@@ -83,3 +83,48 @@ def test_sampling_is_reproducible_from_a_seed(setup):
 
     np.testing.assert_array_equal(sample(0), sample(0))
     assert (sample(0) != sample(1)).any()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
+    (1.0, 5, 1.0, 1.0), (0.7, 0, 0.9, 1.0), (1.3, 20, 0.5, 1.0), (1.0, 0, 1.0, 1.4), (0.8, 10, 0.8, 1.2),
+])
+def test_logits_processing_equals_transformers(temperature, top_k, top_p, penalty):
+    import torch
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    from bloom_jax.generate import process_logits
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (3, 64)).astype(np.float32)
+    history = rng.integers(0, 64, (3, 10))
+    seen = np.zeros((3, 64), bool)
+    np.put_along_axis(seen, history, True, axis=1)
+    ours = np.asarray(process_logits(logits, seen, temperature, top_k, top_p, penalty))
+
+    scores, ids = torch.tensor(logits), torch.tensor(history)
+    processors = [RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []
+    processors += [TemperatureLogitsWarper(temperature)]
+    processors += [TopKLogitsWarper(top_k)] if top_k else []
+    processors += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    for processor in processors:
+        scores = processor(ids, scores)
+    expected = scores.numpy()
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
+    np.testing.assert_allclose(ours[~np.isinf(ours)], expected[~np.isinf(expected)], rtol=1e-6)
+    assert np.isinf(ours).any() == bool(top_k or top_p < 1.0)  # filtering happened when asked for
+
+
+def test_greedy_with_repetition_penalty_equals_transformers(setup):
+    import torch
+
+    _, torch_model, directory, ids, mask = setup
+    model, params = from_pretrained(directory)
+    ours = np.asarray(generate(model, params, ids, mask, max_new_tokens=NEW_TOKENS, repetition_penalty=1.5))
+    with torch.no_grad():
+        expected = torch_model.generate(
+            input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=3, eos_token_id=2,
+            repetition_penalty=1.5).numpy()[:, ids.shape[1]:]
+    assert (expected != hf_generate(torch_model, ids, mask)).any()  # the penalty changes the continuation
+    np.testing.assert_array_equal(ours, expected)
