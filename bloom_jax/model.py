@@ -63,10 +63,15 @@ def alibi_bias(attention_mask_bt: jax.Array, n_head: int) -> jax.Array:
     return slopes_n[None, :, None, None] * positions_bt[:, None, None, :].astype(jnp.float32)
 
 
-def causal_padding_mask(attention_mask_bt: jax.Array) -> jax.Array:
-    """Which keys each query may see, bool [b, 1, s, t] (s == t): earlier-or-same and not padding."""
+def causal_padding_mask(attention_mask_bt: jax.Array, query_len: int | None = None,
+                        query_start: jax.Array | int = 0) -> jax.Array:
+    """Which keys each query may see, bool [b, 1, s, t]: earlier-or-same and not padding.
+
+    Query i sits at key position `query_start + i` (0 and s == t without a cache; the cache index with one).
+    """
     t = attention_mask_bt.shape[-1]
-    causal_st = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+    query_pos_s = query_start + jnp.arange(t if query_len is None else query_len)
+    causal_st = jnp.arange(t)[None, :] <= query_pos_s[:, None]
     return causal_st[None, None] & (attention_mask_bt[:, None, None, :] > 0)
 
 
@@ -303,10 +308,7 @@ class BloomForCausalLM(nn.Module):
             mask_bt = lax.dynamic_update_slice(cache["mask"], attention_mask_bs.astype(cache["mask"].dtype),
                                                (0, index))
             alibi_bn1t = alibi_bias(mask_bt, cfg.n_head)
-            # Query s sits at position index + s of the cache: it sees valid keys up to there.
-            query_pos_s = index + jnp.arange(input_ids_bs.shape[1])
-            key_pos_t = jnp.arange(mask_bt.shape[1])
-            mask_b1st = (key_pos_t[None, :] <= query_pos_s[:, None])[None, None] & (mask_bt[:, None, None, :] > 0)
+            mask_b1st = causal_padding_mask(mask_bt, input_ids_bs.shape[1], index)
             x_bsd, k_lbnth, v_lbnth = self._cached_blocks(deterministic, x_bsd, alibi_bn1t, mask_b1st, cache)
             cache = {"k": k_lbnth, "v": v_lbnth, "mask": mask_bt, "index": index + input_ids_bs.shape[1]}
 

@@ -22,7 +22,7 @@ import optax
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import abstract_params, make_model
-from bloom_jax.sharding import fit_rules, load_rules, make_mesh, param_shardings
+from bloom_jax.sharding import fit_rules, load_rules, make_mesh, mesh_spec_sizes, param_shardings
 
 # Device memory per chip, GiB.
 ACCELERATORS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "a100-40gb": 40, "a100-80gb": 80}
@@ -164,18 +164,10 @@ def memory_limit_gib(hbm_gib: float | None, device: str | None) -> float | None:
 
 def devices_for(mesh_spec: str) -> int:
     """How many devices a spec needs; a spec with -1 needs the count given separately."""
-    sizes = []
-    for part in filter(None, (p.strip() for p in mesh_spec.split(","))):
-        try:
-            sizes.append(int(part.partition("=")[2]))
-        except ValueError:
-            raise BloomJaxError(f"mesh: {part!r} is not AXIS=SIZE") from None
-    if any(s == -1 for s in sizes):
+    sizes = mesh_spec_sizes(mesh_spec)
+    if -1 in sizes.values():
         raise BloomJaxError("plan: give every mesh axis a size (no -1), or --devices")
-    total = 1
-    for s in sizes:
-        total *= s
-    return total
+    return math.prod(sizes.values())
 
 
 def describe(plan: Plan, limit_gib: float | None) -> dict[str, Any]:

@@ -26,6 +26,20 @@ Rules = tuple[tuple[str, Any], ...]
 
 def parse_mesh_spec(spec: str, n_devices: int) -> dict[str, int]:
     """Axis sizes from `data=2,fsdp=-1,tensor=4`: missing axes are 1, one axis may be -1 (the rest)."""
+    sizes = mesh_spec_sizes(spec)
+    free = [name for name, size in sizes.items() if size == -1]
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if n_devices % known:
+            raise BloomJaxError(f"mesh: {n_devices} devices do not divide into {spec!r}")
+        sizes[free[0]] = n_devices // known
+    elif known != n_devices:
+        raise BloomJaxError(f"mesh: {spec!r} has {known} devices, but there are {n_devices}")
+    return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def mesh_spec_sizes(spec: str) -> dict[str, int]:
+    """The sizes a spec names, checked (-1 kept, at most one); axes it does not name are absent."""
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
@@ -43,14 +57,7 @@ def parse_mesh_spec(spec: str, n_devices: int) -> dict[str, int]:
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
         raise BloomJaxError(f"mesh: only one axis may be -1, got {', '.join(free)}")
-    known = math.prod(size for size in sizes.values() if size != -1)
-    if free:
-        if n_devices % known:
-            raise BloomJaxError(f"mesh: {n_devices} devices do not divide into {spec!r}")
-        sizes[free[0]] = n_devices // known
-    elif known != n_devices:
-        raise BloomJaxError(f"mesh: {spec!r} has {known} devices, but there are {n_devices}")
-    return {name: sizes.get(name, 1) for name in MESH_AXES}
+    return sizes
 
 
 def make_mesh(spec: str = "fsdp=-1", devices: Sequence[jax.Device] | None = None) -> Mesh:
