@@ -349,6 +349,11 @@ class _Destination:
         os.replace(self.root, final)
 
 
+# Source bytes the OS is asked to read ahead of the tensor being converted: enough to keep the disk busy while
+# a tensor is converted, held in the page cache (not in the process's memory).
+_READ_AHEAD_BYTES = 256 * 2**20
+
+
 def _progress(total_bytes: int, what: str, enabled: bool):
     from tqdm import tqdm
 
@@ -383,7 +388,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
         pending: collections.deque = collections.deque()  # (futures, bytes) of writes in flight, oldest first
         try:
             with _progress(sum(t.nbytes for t in plan), "converting", progress) as bar:
+                prefetched = 0  # plan[:prefetched] have been handed to the OS's read-ahead
                 for count, tensor in enumerate(plan, 1):
+                    prefetched = max(prefetched, count)
+                    ahead = sum(t.nbytes for t in plan[count:prefetched])
+                    while prefetched < len(plan) and ahead < _READ_AHEAD_BYTES:
+                        files.prefetch(plan[prefetched].name)
+                        ahead += plan[prefetched].nbytes
+                        prefetched += 1
                     out_bytes = math.prod(tensor.param_shape) * np_dtype.itemsize
                     while pending and sum(b for _, b in pending) + tensor.nbytes + out_bytes > budget:
                         _wait(pending.popleft()[0])

@@ -13,6 +13,7 @@ Layouts (see `../shared/bloom-facts.md`): `model.safetensors`; `model-0000k-of-0
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -128,23 +130,25 @@ def to_param(array: np.ndarray, mapping: TensorMap, param_shape: tuple[int, ...]
     return out.reshape(param_shape)
 
 
-def _transpose(matrix: np.ndarray, dtype, block: int = 256) -> np.ndarray:
-    """matrix.T as a new contiguous array of `dtype`, tile by tile (cache-sized tiles are 3-4x faster than
-    numpy's strided copy), casting in the same pass, the rows split over the CPU cores."""
-    rows, cols = matrix.shape
-    out = np.empty((cols, rows), dtype)
-    cast = np.dtype(dtype) != matrix.dtype
+def _transpose(matrix: np.ndarray, dtype) -> np.ndarray:
+    """matrix.T as a new contiguous array of `dtype`, cast in the same pass.
 
-    def tiles(lo: int, hi: int) -> None:
-        for i in range(lo, hi, block):
-            for j in range(0, cols, block):
-                tile = matrix[i:i + block, j:j + block].T
-                # Transposing in the source dtype, then casting contiguous values, is 1.5x faster than casting
-                # through the strided view (fp16 to bf16).
-                out[j:j + block, i:i + block] = np.ascontiguousarray(tile) if cast else tile
+    Done by XLA on the host CPU: its tiled transpose is 2.5x faster than numpy's blocked copy, and its casts
+    between float32, float16 and bfloat16 round exactly as numpy's (tested bit for bit, denormals included).
+    """
+    dtype = np.dtype(dtype)
+    if matrix.dtype not in _XLA_FLOATS:  # float64 would be silently narrowed by JAX without x64
+        matrix = matrix.astype(dtype)
+    cpu = jax.local_devices(backend="cpu")[0]
+    return np.asarray(_transposer(dtype)(jax.device_put(matrix, cpu)))
 
-    _by_rows(rows, block, tiles)
-    return out
+
+_XLA_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+@functools.cache
+def _transposer(dtype: np.dtype) -> Callable:
+    return jax.jit(lambda matrix: matrix.T.astype(dtype))
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -190,8 +194,8 @@ _BIN_SHARD = re.compile(r"^pytorch_model[-_]\d+-of-\d+\.bin$")
 class WeightFiles:
     """The tensors of a Hugging Face checkpoint directory: which file holds each, and a reader.
 
-    Reads one tensor at a time (safetensors and `.bin` are memory-mapped), so a caller that converts and drops
-    each tensor holds about one tensor in memory. Names are kept as stored (with any `transformer.` prefix).
+    Reads one tensor at a time (safetensors with `pread`, `.bin` memory-mapped, one file open at a time), so a
+    caller that converts and drops each tensor holds about one tensor in memory. Names are kept as stored (with any `transformer.` prefix).
     """
 
     def __init__(self, directory: str | Path):
@@ -200,6 +204,7 @@ class WeightFiles:
             raise BloomJaxError(f"not a directory: {self.directory}")
         self._open_path: Path | None = None
         self._open: object | None = None
+        self._safetensors: dict[Path, SafetensorsFile] = {}  # headers only, kept: they hold no file or data
         self.file_of: dict[str, Path] = self._discover()
 
     # The layout is decided once, preferring safetensors: a directory may hold both formats.
@@ -246,10 +251,15 @@ class WeightFiles:
         return list(self._handle(path).keys())
 
     def _handle(self, path: Path):
-        """The open file (one at a time: the previous one is closed, so memory stays bounded)."""
+        """The file's reader: a safetensors header, or the open `.bin` (one at a time: the previous one is
+        closed, so memory stays bounded)."""
+        if path.suffix == ".safetensors":
+            if path not in self._safetensors:
+                self._safetensors[path] = _open_safetensors(path)
+            return self._safetensors[path]
         if self._open_path != path:
             self._open, self._open_path = None, None
-            self._open = _open_safetensors(path) if path.suffix == ".safetensors" else _open_bin(path)
+            self._open = _open_bin(path)
             self._open_path = path
         return self._open
 
@@ -277,6 +287,13 @@ class WeightFiles:
             raise BloomJaxError(f"tensor {name} is listed for {path.name} but is not in it") from None
         except Exception as e:  # a truncated or corrupt file fails here, on first access
             raise BloomJaxError(f"cannot read tensor {name} from {path.name}: {one_line(e)}") from None
+
+    def prefetch(self, name: str) -> None:
+        """Asks the OS to start reading a safetensors tensor into its page cache, so that a later `read`
+        overlaps the disk with work done meanwhile. Costs no process memory; a no-op for `.bin`."""
+        path = self.file_of[name]
+        if path.suffix == ".safetensors":
+            self._handle(path).prefetch(name)
 
     def ordered_names(self) -> list[str]:
         """Names grouped by file, so a reader opens each file once."""
@@ -325,6 +342,16 @@ class SafetensorsFile:
     def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
         dtype, shape, _, _ = self._entries[name]
         return shape, dtype.itemsize
+
+    def prefetch(self, name: str) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        _, _, begin, end = self._entries[name]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, self._data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def get_tensor(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]

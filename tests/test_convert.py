@@ -217,6 +217,25 @@ def test_bf16_conversion_stores_bf16(converted, converted_bf16):
     assert params_equal(stored, jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), fp32))
 
 
+DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
+
+
+@pytest.mark.parametrize("src", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dst", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_transpose_casts_exactly_as_numpy(src, dst):
+    """The XLA transpose used for linear weights rounds as numpy does: ties, overflow, denormals, NaN, -0."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((96, 160)).astype(np.float32) * np.exp2(rng.integers(-140, 120, (96, 160)))
+    values.flat[:9] = [np.nan, np.inf, -np.inf, -0.0, 1e-40, -1e-45, 6e-8, 65520.0, 1 + 2**-8]
+    with np.errstate(over="ignore"):
+        matrix = values.astype(np.float32).astype(src)
+        expected = np.ascontiguousarray(matrix.T).astype(dst)
+    got = hf._transpose(matrix, np.dtype(dst))
+    bits = np.uint32 if np.dtype(dst).itemsize == 4 else np.uint16
+    assert got.dtype == np.dtype(dst) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got.view(bits), expected.view(bits))
+
+
 def test_bf16_conversion_logits(tiny, converted_bf16, rounded_bf16):
     model, params = from_pretrained(converted_bf16)  # float32 compute, upcast on load
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
