@@ -561,6 +561,16 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     return model, jax.device_put(params, _placement(model, mesh, rules))
 
 
+def read_tokenizer(path: str | os.PathLike):
+    """The `bloom_jax.tokenizer.Tokenizer` of the tokenizer.json beside a checkpoint (converted, a Hugging Face
+    directory, a hub id or a URL); None if there is none."""
+    from bloom_jax.tokenizer import Tokenizer
+
+    location = path if is_converted(path) or is_url(path) else resolve_model_dir(path)
+    data = _read_bytes(location, "tokenizer.json")
+    return None if data is None else Tokenizer.from_json(data, f"{location}/tokenizer.json")
+
+
 def _placement(model: BloomForCausalLM, mesh: jax.sharding.Mesh | None, rules: str | Sequence) -> Any:
     """Where each parameter goes: the first device, or its shards on `mesh` under `rules`."""
     if mesh is None:

@@ -1,27 +1,70 @@
 """Text generation with a preallocated KV cache: one compiled prefill, then a compiled decode loop.
 
-The cache holds keys and values [layers, b, n, T, h] for T = prompt length + new tokens, the key mask [b, T]
-(ALiBi positions count its ones, so left padding and cached tokens get the positions transformers gives them) and
-the next write index.
+Two layers:
+- `prefill` and `decode`, pure jitted functions over a decode state (the cache, the tokens so far, which
+  sequences are done, the RNG). `generate` chains them for token ids; no Python runs per token.
+- `Generator`, for text: tokenizes, pads prompts and new-token budgets to buckets (so a new prompt length reuses a
+  compiled shape), runs the decode loop whole or one token at a time for streaming (`stream`, or `generate` with
+  `on_text`), and decodes the output.
+
+The cache holds keys and values [layers, b, n, T, h] (per-layer arrays for an unrolled model, updated in place),
+for T = prompt length + new tokens, the key mask [b, T] (ALiBi positions count its ones, so left padding and
+cached tokens get the positions transformers gives them) and the next write index.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bloom_jax.config import BloomConfig
-from bloom_jax.model import BloomForCausalLM
+from bloom_jax.errors import BloomJaxError
+from bloom_jax.model import BloomForCausalLM, to_decode_weights, unstack_layers
 
 
-def init_cache(config: BloomConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty cache for `batch` sequences of up to `length` tokens."""
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy (top-k and top-p then do nothing); otherwise
+    sampling after transformers' processors in its order: repetition penalty, temperature, top-k, top-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise BloomJaxError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BloomJaxError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise BloomJaxError(f"top-k must be >= 0 (0 keeps every token), got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise BloomJaxError(f"repetition penalty must be > 0 (1 is none), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def init_cache(config: BloomConfig, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False) -> dict:
+    """An empty cache for `batch` sequences of up to `length` tokens: keys and values stacked [l, b, n, T, h],
+    or (`per_layer`, for unrolled models) tuples of l arrays [b, n, T, h]."""
     shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+    if per_layer:
+        k = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.n_layer))
+        v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.n_layer))
+    else:
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return {"k": k, "v": v, "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
 def process_logits(logits_bv: jax.Array, seen_bv: jax.Array | None = None, temperature: float = 1.0,
@@ -49,53 +92,275 @@ def process_logits(logits_bv: jax.Array, seen_bv: jax.Array | None = None, tempe
     return logits_bv
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_id", "pad_token_id",
-                                             "temperature", "top_k", "top_p", "repetition_penalty"))
+def _pick(logits_bv: jax.Array, seen_bv: jax.Array | None, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """The next token int32 [b]."""
+    if sampling.greedy:
+        logits_bv = process_logits(logits_bv, seen_bv, repetition_penalty=sampling.repetition_penalty)
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = process_logits(logits_bv, seen_bv, sampling.temperature, sampling.top_k, sampling.top_p,
+                               sampling.repetition_penalty)
+    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+def _mark_seen(seen_bv: jax.Array | None, ids_bs: jax.Array) -> jax.Array | None:
+    if seen_bv is None:  # only the repetition penalty needs the history
+        return None
+    return seen_bv.at[jnp.arange(ids_bs.shape[0])[:, None], ids_bs].set(True)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "new_tokens"))
+def prefill(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
+            active_b: jax.Array, rng: jax.Array, eos_token_id: jax.Array | int, pad_token_id: jax.Array | int,
+            sampling: Sampling, new_tokens: int) -> dict:
+    """Runs left-padded prompts into a fresh cache with room for `new_tokens` more positions and picks each
+    sequence's first new token. Rows with `active_b` False are batch padding: done from the start.
+
+    Returns the decode state: `tokens_bn` int32 [b, new_tokens] (pad after a sequence's EOS), `step` (tokens
+    made so far), `token_b` (the last ones), `done_b`, the cache, the seen-token mask of the repetition penalty,
+    the RNG, and the EOS and pad ids.
+    """
+    batch, prompt_len = input_ids_bs.shape
+    cache = init_cache(model.config, batch, prompt_len + new_tokens, model.dtype, per_layer=not model.scan_layers)
+    seen_bv = None
+    if sampling.repetition_penalty != 1.0:  # transformers counts every id of the prompt rows, padding included
+        seen_bv = _mark_seen(jnp.zeros((batch, model.config.vocab_size), jnp.bool_), input_ids_bs)
+    logits_b1v, cache = model.apply({"params": params}, input_ids_bs, attention_mask_bs, cache=cache,
+                                    last_only=True)
+    rng, key = jax.random.split(rng)
+    token_b = jnp.where(active_b, _pick(logits_b1v[:, -1], seen_bv, key, sampling), pad_token_id)
+    tokens_bn = jnp.full((batch, new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token_b)
+    return {"tokens_bn": tokens_bn, "step": jnp.int32(1), "token_b": token_b,
+            "done_b": ~active_b | (token_b == eos_token_id), "cache": cache,
+            "seen_bv": _mark_seen(seen_bv, token_b[:, None]), "rng": rng,
+            "eos": jnp.int32(eos_token_id), "pad": jnp.int32(pad_token_id)}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("state",))
+def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, sampling: Sampling) -> dict:
+    """Continues the sequences of a `prefill` state until each has `stop` tokens (at most the room prefill made)
+    or every one has produced EOS, in one compiled loop. The state is donated: its cache is updated in place."""
+    batch, room = state["tokens_bn"].shape
+    stop = jnp.minimum(stop, room)
+
+    def cond(state):
+        return (state["step"] < stop) & ~jnp.all(state["done_b"])
+
+    def body(state):
+        logits_b1v, cache = model.apply({"params": params}, state["token_b"][:, None],
+                                        jnp.ones((batch, 1), jnp.int32), cache=state["cache"], last_only=True)
+        rng, key = jax.random.split(state["rng"])
+        picked_b = _pick(logits_b1v[:, -1], state["seen_bv"], key, sampling)
+        token_b = jnp.where(state["done_b"], state["pad"], picked_b)
+        tokens_bn = lax.dynamic_update_slice(state["tokens_bn"], token_b[:, None], (0, state["step"]))
+        return {**state, "tokens_bn": tokens_bn, "step": state["step"] + 1, "token_b": token_b,
+                "done_b": state["done_b"] | (token_b == state["eos"]), "cache": cache,
+                "seen_bv": _mark_seen(state["seen_bv"], token_b[:, None]), "rng": rng}
+
+    return lax.while_loop(cond, body, state)
+
+
 def generate(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
              max_new_tokens: int, eos_token_id: int = 2, pad_token_id: int = 3, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              rng: jax.Array | None = None) -> jax.Array:
     """New tokens int32 [b, max_new_tokens] for left-padded prompts; `pad_token_id` after a sequence's EOS.
 
-    temperature 0 is greedy; otherwise samples with `rng` after `process_logits` (top-k, top-p). The
-    repetition penalty counts every id of the prompt rows (as transformers does) and every generated token. The
-    loop stops early once every sequence has produced EOS.
+    temperature 0 is greedy; otherwise samples with `rng` (default: key 0) after `process_logits`. The loop
+    stops early once every sequence has produced EOS.
     """
-    batch, prompt_len = input_ids_bs.shape
-    vocab = model.config.vocab_size
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens, model.dtype)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    batch = input_ids_bs.shape[0]
     rng = jax.random.key(0) if rng is None else rng
-    rows_b1 = jnp.arange(batch)[:, None]
+    state = prefill(model, params, input_ids_bs, attention_mask_bs, jnp.ones((batch,), jnp.bool_), rng,
+                    eos_token_id, pad_token_id, sampling, max_new_tokens)
+    return decode(model, params, state, max_new_tokens, sampling)["tokens_bn"]
 
-    def pick(logits_bv, seen_bv, key):
-        logits_bv = process_logits(logits_bv, seen_bv, temperature if temperature > 0 else 1.0,
-                                   top_k if temperature > 0 else 0, top_p if temperature > 0 else 1.0,
-                                   repetition_penalty)
-        if temperature == 0.0:
-            return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
-    seen_bv = jnp.zeros((batch, vocab), jnp.bool_).at[rows_b1, input_ids_bs].set(True)
-    logits, cache = model.apply({"params": params}, input_ids_bs, attention_mask_bs, cache=cache, last_only=True)
-    rng, key = jax.random.split(rng)
-    token_b = pick(logits[:, -1], seen_bv, key)
-    seen_bv = seen_bv.at[rows_b1[:, 0], token_b].set(True)
-    done_b = token_b == eos_token_id
-    out_bn = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token_b)
+def bucket(n: int, minimum: int = 16) -> int:
+    """The compiled size used for n: the next power of two, at least `minimum`."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
 
-    def cond(state):
-        step, _, _, done_b, _, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done_b)
 
-    def body(state):
-        step, token_b, cache, done_b, out_bn, seen_bv, rng = state
-        logits, cache = model.apply({"params": params}, token_b[:, None], jnp.ones((batch, 1), jnp.int32),
-                                    cache=cache, last_only=True)
-        rng, key = jax.random.split(rng)
-        next_b = jnp.where(done_b, pad_token_id, pick(logits[:, -1], seen_bv, key))
-        seen_bv = seen_bv.at[rows_b1[:, 0], next_b].set(True)
-        out_bn = lax.dynamic_update_slice(out_bn, next_b[:, None], (0, step))
-        return step + 1, next_b, cache, done_b | (next_b == eos_token_id), out_bn, seen_bv, rng
+@dataclasses.dataclass
+class Completion:
+    """One prompt's result. `completion_ids` stop after EOS (included) or at the token budget."""
 
-    state = (jnp.int32(1), token_b, cache, done_b, out_bn, seen_bv, rng)
-    return lax.while_loop(cond, body, state)[4]
+    prompt: str | None
+    prompt_ids: list[int]
+    completion: str | None
+    completion_ids: list[int]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TextPiece:
+    """A streamed piece of prompt `index`'s completion: `token_id` just arrived and `text` is the new text it
+    settles ('' while a multi-byte character is incomplete). A sequence that ends inside a character gets a last
+    piece with `token_id` None and the rest of its text."""
+
+    index: int
+    token_id: int | None
+    text: str
+
+
+class Generator:
+    """Generation for notebooks and the CLI: a model and its parameters, prepared for decoding, and a tokenizer.
+
+    >>> gen = Generator.from_pretrained("converted/bloom-560m", decode_weights="int8")
+    >>> gen.generate(["The capital of France is"], max_new_tokens=8)[0].completion
+    >>> for piece in gen.stream(["Once upon a time"], max_new_tokens=64, temperature=0.8, top_p=0.9):
+    ...     print(piece.text, end="", flush=True)
+
+    Parameters are held in the unrolled layout (the decode loop then reads each layer's weights in place), in
+    `decode_weights` if given (see `bloom_jax.model.DECODE_WEIGHTS`: float32, bfloat16 or int8 out-major
+    kernels, the fastest for decoding on CPU). Prompt lengths, batch sizes and token budgets are padded up to
+    powers of two (at least 16 tokens), so most new requests reuse a compiled program.
+    """
+
+    def __init__(self, model: BloomForCausalLM, params, tokenizer=None, decode_weights: str | None = None):
+        if model.scan_layers:
+            model, params = model.clone(scan_layers=False), unstack_layers(params)
+        if decode_weights is not None:
+            model, params = model.clone(decode_weights=decode_weights), to_decode_weights(params, decode_weights)
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        extra = model.config.extra
+        # BLOOM's ALiBi has no position limit; a config may still declare the length it was trained for.
+        self.max_length: int | None = next((int(extra[k]) for k in ("seq_length", "n_positions",
+                                                                    "max_position_embeddings") if k in extra), None)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, decode_weights: str | None = None, dtype: Any = None,
+                        mesh: jax.sharding.Mesh | None = None) -> Generator:
+        """A converted checkpoint, Hugging Face directory or hub id (see `bloom_jax.from_pretrained`), with the
+        tokenizer.json beside it (None if there is none: prompts must then be token ids)."""
+        from bloom_jax.checkpoint import from_pretrained, read_tokenizer
+
+        model, params = from_pretrained(path, mesh=mesh, dtype=dtype, scan_layers=False)
+        return cls(model, params, read_tokenizer(path), decode_weights)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.model.config.extra.get("eos_token_id", 2))
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.model.config.extra.get("pad_token_id", 3))
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int = 0, on_text: Callable[[TextPiece], None] | None = None) -> list[Completion]:
+        """Completes each prompt (text, or token ids). With `on_text`, streams: called with each new piece as
+        it arrives; without, the whole loop runs compiled with no Python per token."""
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+        texts, prompt_ids = self._encode(prompts)
+        ids_per_row: list[list[int]] = [[] for _ in prompt_ids]
+        if on_text is None:
+            for index, token in self._run(prompt_ids, max_new_tokens, sampling, seed, streaming=False):
+                ids_per_row[index].append(token)
+        else:
+            for piece in self._pieces(prompt_ids, max_new_tokens, sampling, seed):
+                if piece.token_id is not None:
+                    ids_per_row[piece.index].append(piece.token_id)
+                on_text(piece)
+        return [Completion(text, ids, self._decode(out), out)
+                for text, ids, out in zip(texts, prompt_ids, ids_per_row)]
+
+    def stream(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+               seed: int = 0) -> Iterator[TextPiece]:
+        """The new tokens of every prompt as they arrive, one `TextPiece` per token and prompt."""
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+        _, prompt_ids = self._encode(prompts)
+        return self._pieces(prompt_ids, max_new_tokens, sampling, seed)
+
+    def _pieces(self, prompt_ids, max_new_tokens, sampling, seed) -> Iterator[TextPiece]:
+        decoders = [self.tokenizer.stream() if self.tokenizer else None for _ in prompt_ids]
+        for index, token in self._run(prompt_ids, max_new_tokens, sampling, seed, streaming=True):
+            yield TextPiece(index, token, decoders[index].push(token) if decoders[index] else "")
+        for index, decoder in enumerate(decoders):
+            if decoder and (rest := decoder.flush()):
+                yield TextPiece(index, None, rest)
+
+    def _encode(self, prompts) -> tuple[list[str | None], list[list[int]]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise BloomJaxError("no prompts")
+        if all(isinstance(p, str) for p in prompts):
+            if self.tokenizer is None:
+                raise BloomJaxError("text prompts need a tokenizer (the checkpoint has no tokenizer.json); "
+                                    "pass token ids instead")
+            ids = [self.tokenizer.encode(p) for p in prompts]
+            return prompts, ids
+        ids = [[int(t) for t in p] for p in prompts]
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for p in ids for t in p):
+            raise BloomJaxError(f"token ids must be in [0, {vocab})")
+        return [None] * len(ids), ids
+
+    def _decode(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids) if self.tokenizer else None
+
+    def _run(self, prompt_ids: list[list[int]], max_new_tokens: int, sampling: Sampling, seed: int,
+             streaming: bool) -> Iterator[tuple[int, int]]:
+        """(prompt index, token id) of every new token, in order; per step when streaming, else all at the end."""
+        if max_new_tokens < 1:
+            raise BloomJaxError(f"max new tokens must be at least 1, got {max_new_tokens}")
+        if any(not ids for ids in prompt_ids):
+            raise BloomJaxError("a prompt is empty (no tokens)")
+        longest = max(len(ids) for ids in prompt_ids)
+        if self.max_length is not None and longest + max_new_tokens > self.max_length:
+            raise BloomJaxError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the model's "
+                                f"length limit of {self.max_length} tokens")
+        batch, length, room = bucket(len(prompt_ids), 1), bucket(longest), bucket(max_new_tokens)
+        ids_bs = np.full((batch, length), self.pad_token_id, np.int32)
+        mask_bs = np.zeros((batch, length), np.int32)
+        for row, ids in enumerate(prompt_ids):
+            ids_bs[row, length - len(ids):], mask_bs[row, length - len(ids):] = ids, 1
+        mask_bs[len(prompt_ids):, -1] = 1  # batch padding: one pad token each, done from the start
+        active_b = np.arange(batch) < len(prompt_ids)
+        state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed),
+                        self.eos_token_id, self.pad_token_id, sampling, room)
+        done = ~active_b
+        if streaming:
+            step = 1
+            while True:
+                tokens_b = np.asarray(state["tokens_bn"][:, step - 1])
+                for row in np.flatnonzero(~done):
+                    yield int(row), int(tokens_b[row])
+                done = done | (tokens_b == self.eos_token_id)
+                if step >= max_new_tokens or done.all():
+                    return
+                state = decode(self.model, self.params, state, step + 1, sampling)
+                step += 1
+        state = decode(self.model, self.params, state, max_new_tokens, sampling)
+        tokens_bn = np.asarray(state["tokens_bn"])[:, :max_new_tokens]
+        for row in range(len(prompt_ids)):
+            for token in tokens_bn[row]:
+                yield row, int(token)
+                if token == self.eos_token_id:
+                    break
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache in `directory`, or in $BLOOM_JAX_COMPILATION_CACHE when None;
+    every compiled program is kept, however fast it compiled. Returns the directory used (None: left off)."""
+    directory = directory or os.environ.get("BLOOM_JAX_COMPILATION_CACHE")
+    if not directory:
+        return None
+    directory = os.path.abspath(os.path.expanduser(str(directory)))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise BloomJaxError(f"cannot use {directory} as the compilation cache: {e.strerror}") from None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return directory
+
+
+__all__ = ["Sampling", "init_cache", "process_logits", "prefill", "decode", "generate", "bucket", "Completion",
+           "TextPiece", "Generator", "enable_compilation_cache"]

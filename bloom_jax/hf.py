@@ -195,7 +195,8 @@ class WeightFiles:
     """The tensors of a Hugging Face checkpoint directory: which file holds each, and a reader.
 
     Reads one tensor at a time (safetensors with `pread`, `.bin` memory-mapped, one file open at a time), so a
-    caller that converts and drops each tensor holds about one tensor in memory. Names are kept as stored (with any `transformer.` prefix).
+    caller that converts and drops each tensor holds about one tensor in memory. Names are kept as stored
+    (with any `transformer.` prefix).
     """
 
     def __init__(self, directory: str | Path):

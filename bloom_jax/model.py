@@ -35,6 +35,41 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+# Storage formats of the decode weights (see `to_decode_weights`): matmul kernels out-major [*out, *in], which
+# XLA:CPU reads 1.1-3x faster in matrix-vector products than [*in, *out]; float32, bfloat16 (activations rounded
+# to bfloat16 for the product) or int8 with a float32 scale per output channel (activations quantized to int8
+# per token for the product, accumulated in int32).
+DECODE_WEIGHTS: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+
+
+def decode_matmul(x_bk: jax.Array, kernel_nk: jax.Array, scale_n: jax.Array | None = None) -> jax.Array:
+    """x . kernel^T, float32 [b, n], for an out-major kernel [n, k] of float32, bfloat16 or int8 (times `scale_n`).
+
+    bfloat16 and int8 kernels are multiplied in their own type (XLA:CPU has native bf16 and int8 matrix kernels,
+    which read 1.6x and 2.5x fewer bytes than float32); their matrix-vector path is 15x slower than their
+    matrix-matrix one, so a single row is padded to two.
+    """
+    b = x_bk.shape[0]
+    if kernel_nk.dtype == jnp.float32:
+        y_nb = jnp.einsum("nk,bk->nb", kernel_nk, x_bk.astype(jnp.float32))  # weights on the left: fastest
+    else:
+        x_bk = jnp.pad(x_bk.astype(jnp.float32), ((0, max(0, 2 - b)), (0, 0)))
+        if kernel_nk.dtype == jnp.int8:
+            absmax_b1 = jnp.max(jnp.abs(x_bk), axis=-1, keepdims=True)
+            x_scale_b1 = jnp.where(absmax_b1 > 0, absmax_b1 / 127.0, 1.0)
+            x_bk = jnp.round(x_bk / x_scale_b1).astype(jnp.int8)
+            y_nb = jnp.einsum("nk,bk->nb", kernel_nk, x_bk, preferred_element_type=jnp.int32)
+            y_nb = y_nb.astype(jnp.float32) * x_scale_b1[:, 0]
+        else:
+            y_nb = jnp.einsum("nk,bk->nb", kernel_nk, x_bk.astype(kernel_nk.dtype),
+                              preferred_element_type=jnp.float32)
+        y_nb = y_nb[:, :b]
+    y_nb = lax.optimization_barrier(y_nb)  # else XLA folds the transpose below into the dot, 2-3x slower
+    if scale_n is not None:
+        y_nb = y_nb * scale_n[:, None]
+    return y_nb.T
+
+
 def alibi_slopes(n_head: int) -> np.ndarray:
     """ALiBi slope of each head, float32 [n], for any head count (BLOOM-176B has 112).
 
@@ -107,6 +142,9 @@ class Linear(nn.Module):
     The kernel is [*in_features, *out_features] (a PyTorch weight transposed, then reshaped), the bias
     [*out_features]. `tp_slices > 1` reproduces transformers' `slow_but_exact` path: the flattened input is cut
     into `tp_slices` column blocks whose partial products are added one by one, and no bias is added.
+    With `decode_weights` (a key of `DECODE_WEIGHTS`) the kernel is out-major [*out_features, *in_features] in
+    that dtype (int8 adds a float32 `scale` [*out_features]), multiplied by `decode_matmul`; `tp_slices` is then
+    ignored.
     """
 
     in_features: tuple[int, ...]
@@ -116,14 +154,17 @@ class Linear(nn.Module):
     tp_slices: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode_weights: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_features)
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                            self.in_features + self.out_features, self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
                           self.out_features, self.param_dtype)
+        if self.decode_weights is not None:
+            return self._decode(x) + bias.astype(self.dtype)
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            self.in_features + self.out_features, self.param_dtype)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         if self.tp_slices > 1:
@@ -131,6 +172,21 @@ class Linear(nn.Module):
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = lax.dot_general(x, kernel, (contract, ((), ())))
         return y + bias.astype(self.dtype)
+
+    def _decode(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_features)
+        # Decode kernels are always converted from float ones (`to_decode_weights`): zeros only give shapes.
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.axes[n_in:] + self.axes[:n_in]),
+                            self.out_features + self.in_features, DECODE_WEIGHTS[self.decode_weights])
+        scale = None
+        if self.decode_weights == "int8":
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes[n_in:]),
+                               self.out_features, jnp.float32).reshape(-1)
+        size_in, size_out = math.prod(self.in_features), math.prod(self.out_features)
+        lead = x.shape[: x.ndim - n_in]
+        y = decode_matmul(x.reshape(-1, size_in), kernel.reshape(size_out, size_in), scale)
+        return y.reshape(*lead, *self.out_features).astype(self.dtype)
 
     def _tp_partial_sums(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         n_in, size_in = len(self.in_features), math.prod(self.in_features)
@@ -145,24 +201,42 @@ class Linear(nn.Module):
 
 
 class Embed(nn.Module):
-    """The word embedding [v, d], also the tied LM head (`attend`)."""
+    """The word embedding [v, d], also the tied LM head (`attend`).
+
+    With `decode_weights` the table is stored in that dtype (int8 with a float32 `scale` [v] per row) and the
+    LM head runs through `decode_matmul`: the table is already out-major.
+    """
 
     vocab_size: int
     features: int
     embedding_init: Callable = nn.initializers.normal(0.02)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode_weights: str | None = None
 
     def setup(self):
-        self.embedding = self.param("embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
-                                    (self.vocab_size, self.features), self.param_dtype)
+        dtype, init = self.param_dtype, self.embedding_init
+        if self.decode_weights is not None:
+            dtype, init = DECODE_WEIGHTS[self.decode_weights], nn.initializers.zeros
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                                    (self.vocab_size, self.features), dtype)
+        self.scale = None
+        if self.decode_weights == "int8":
+            self.scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("vocab",)),
+                                    (self.vocab_size,), jnp.float32)
 
     def __call__(self, ids_bs: jax.Array) -> jax.Array:
         """Embeddings [b, s, d] in the compute dtype."""
-        return jnp.take(self.embedding, ids_bs, axis=0).astype(self.dtype)
+        rows_bsd = jnp.take(self.embedding, ids_bs, axis=0).astype(jnp.float32)
+        if self.scale is not None:
+            rows_bsd = rows_bsd * jnp.take(self.scale, ids_bs, axis=0)[..., None]
+        return rows_bsd.astype(self.dtype)
 
     def attend(self, x_bsd: jax.Array) -> jax.Array:
         """Logits float32 [b, s, v] = x . embedding^T, accumulated in float32."""
+        if self.decode_weights is not None:
+            b, s, d = x_bsd.shape
+            return decode_matmul(x_bsd.reshape(b * s, d), self.embedding, self.scale).reshape(b, s, -1)
         return jnp.einsum("bsd,vd->bsv", x_bsd, self.embedding.astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
@@ -173,6 +247,7 @@ class Attention(nn.Module):
     config: BloomConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array, deterministic: bool,
@@ -184,7 +259,8 @@ class Attention(nn.Module):
         d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
         qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name="query_key_value")(x_bsd)
+                           dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
+                           name="query_key_value")(x_bsd)
         # Head-major [3, b, n, s, h] before the batched matmuls: XLA:CPU runs them 2-3x faster than on the
         # [b, s, n, h] slices (measured at 1x128 and 8x128 for the bloom-560m shapes).
         qkv_3bnsh = jnp.transpose(qkv_bsn3h, (3, 0, 2, 1, 4))
@@ -204,8 +280,9 @@ class Attention(nn.Module):
         context_bsnh = jnp.einsum("bnst,bnth->bnsh", probs_bnst, v_bnth).transpose(0, 2, 1, 3)
 
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
-        out_bsd = Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(context_bsnh)
+        out_bsd = Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp, dtype=self.dtype,
+                         param_dtype=self.param_dtype, decode_weights=self.decode_weights,
+                         name="dense")(context_bsnh)
         return out_bsd if kv_cache is None else (out_bsd, kv_cache)
 
 
@@ -215,18 +292,18 @@ class Mlp(nn.Module):
     config: BloomConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array) -> jax.Array:
         cfg = self.config
         d, f = cfg.hidden_size, cfg.mlp_dim
         init = nn.initializers.normal(cfg.initializer_range)
-        x_bsf = Linear((d,), (f,), ("embed", "mlp"), init, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="dense_h_to_4h")(x_bsd)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights)
+        x_bsf = Linear((d,), (f,), ("embed", "mlp"), init, name="dense_h_to_4h", **kw)(x_bsd)
         x_bsf = bloom_gelu(x_bsf)
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
-        return Linear((f,), (d,), ("mlp", "embed"), init, tp_slices=tp, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="dense_4h_to_h")(x_bsf)
+        return Linear((f,), (d,), ("mlp", "embed"), init, tp_slices=tp, name="dense_4h_to_h", **kw)(x_bsf)
 
 
 class Block(nn.Module):
@@ -236,6 +313,7 @@ class Block(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array,
@@ -247,7 +325,7 @@ class Block(nn.Module):
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="input_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        attention = Attention(cfg, name="self_attention", **kw)
+        attention = Attention(cfg, name="self_attention", decode_weights=self.decode_weights, **kw)
         attn_bsd = attention(ln_bsd, alibi_bn1t, mask_b1st, self.deterministic, kv_cache, cache_index)
         if kv_cache is not None:
             attn_bsd, kv_cache = attn_bsd
@@ -255,7 +333,7 @@ class Block(nn.Module):
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="post_attention_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        mlp_bsd = Mlp(cfg, name="mlp", **kw)(ln_bsd)
+        mlp_bsd = Mlp(cfg, name="mlp", decode_weights=self.decode_weights, **kw)(ln_bsd)
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(mlp_bsd, deterministic=self.deterministic)
         return nn.with_logical_constraint(x_bsd, ACT_BSD), kv_cache
 
@@ -272,6 +350,9 @@ class BloomForCausalLM(nn.Module):
         `h_0` .. `h_{L-1}`: longer compiles, but no per-layer slicing of stacked weights, which is 25% faster
         at 1 x 128 tokens on a 2-core CPU. `stack_layers` / `unstack_layers` convert between the layouts.
       remat_policy: a key of `REMAT_POLICIES`, the activation checkpointing of each block in training.
+      decode_weights: None, or a key of `DECODE_WEIGHTS`: the inference-only weight formats that
+        `to_decode_weights` makes (out-major kernels in float32, bfloat16 or int8), read at memory speed in
+        matrix-vector products. LayerNorms and biases stay in `param_dtype`.
     """
 
     config: BloomConfig
@@ -279,6 +360,7 @@ class BloomForCausalLM(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = True
     remat_policy: str = "none"
+    decode_weights: str | None = None
 
     @nn.compact
     def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array | None = None,
@@ -295,7 +377,7 @@ class BloomForCausalLM(nn.Module):
             attention_mask_bs = jnp.ones(input_ids_bs.shape, jnp.int32)
 
         embed = Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
-                      name="word_embeddings", **kw)
+                      decode_weights=self.decode_weights, name="word_embeddings", **kw)
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(input_ids_bs))
 
         if cache is None:
@@ -331,6 +413,8 @@ class BloomForCausalLM(nn.Module):
             x_bsd, (k, v) = block(x_bsd, alibi_bn1t, mask_b1st, (cache["k"][i], cache["v"][i]), cache["index"])
             ks.append(k)
             vs.append(v)
+        if isinstance(cache["k"], (tuple, list)):  # per-layer arrays: each updated in place, none copied
+            return x_bsd, tuple(ks), tuple(vs)
         return x_bsd, jnp.stack(ks), jnp.stack(vs)
 
     def _blocks(self, deterministic: bool, with_cache: bool = False) -> list[nn.Module]:
@@ -342,7 +426,10 @@ class BloomForCausalLM(nn.Module):
         block_cls = Block
         if self.remat_policy != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights)
+        if self.decode_weights is not None and self.decode_weights not in DECODE_WEIGHTS:
+            raise BloomJaxError(f"unknown decode weights {self.decode_weights!r} "
+                                f"(choose from {', '.join(DECODE_WEIGHTS)})")
         if not self.scan_layers:
             return [block_cls(self.config, deterministic, **kw, name=f"h_{i}") for i in range(self.config.n_layer)]
         scanned = nn.scan(
@@ -370,6 +457,41 @@ def unstack_layers(params: dict) -> dict:
     for i in range(n_layer):
         out[f"h_{i}"] = jax.tree.map(lambda a: a[i], params["h"])
     return out
+
+
+# Input axes of each kernel (after any layers axis): a kernel is [*in, *out].
+_KERNEL_IN_AXES = {"query_key_value": 1, "dense": 2, "dense_h_to_4h": 1, "dense_4h_to_h": 1}
+
+
+def to_decode_weights(params: dict, decode_weights: str) -> dict:
+    """Float parameters (scanned or unrolled layout) as those of the same model with `decode_weights`: kernels
+    transposed out-major, kernels and the embedding stored in that dtype. int8 is symmetric per output channel
+    (per vocabulary row for the embedding): scale = max |w| / 127, w ~= scale * round(w / scale)."""
+    if decode_weights not in DECODE_WEIGHTS:
+        raise BloomJaxError(f"unknown decode weights {decode_weights!r} (choose from {', '.join(DECODE_WEIGHTS)})")
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    out = {}
+    for path, value in flatten_dict(params).items():
+        name = path[-1]
+        if name not in ("kernel", "embedding"):
+            out[path] = value
+            continue
+        value = jnp.asarray(value)
+        n_in = 1 if name == "embedding" else _KERNEL_IN_AXES[path[-2]]  # the embedding is already out-major
+        if name == "kernel":
+            lead = 1 if path[0] == "h" else 0
+            axes = tuple(range(value.ndim))
+            value = value.transpose(axes[:lead] + axes[lead + n_in:] + axes[lead:lead + n_in])
+        value = value.astype(jnp.float32)
+        if decode_weights == "int8":
+            in_axes = tuple(range(value.ndim - n_in, value.ndim))
+            absmax = jnp.max(jnp.abs(value), axis=in_axes, keepdims=True)
+            scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+            out[path[:-1] + ("scale",)] = scale.reshape(scale.shape[: value.ndim - n_in])
+            value = jnp.clip(jnp.round(value / scale), -127, 127)
+        out[path] = value.astype(DECODE_WEIGHTS[decode_weights])
+    return unflatten_dict(out)
 
 
 def abstract_params(model: BloomForCausalLM, batch: int = 1, seq: int = 1) -> Any:
@@ -404,5 +526,6 @@ def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dty
 __all__: Sequence[str] = (
     "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "alibi_slopes", "alibi_bias",
     "causal_padding_mask", "bloom_gelu", "abstract_params", "param_logical_axes", "count_params", "init_params",
-    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD",
+    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "DECODE_WEIGHTS", "decode_matmul",
+    "to_decode_weights",
 )

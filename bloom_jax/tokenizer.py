@@ -27,15 +27,22 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, pad_token_id: int = 3, eos_token_id: int = 2) -> Tokenizer:
         """The `tokenizer.json` of a checkpoint directory (converted or Hugging Face)."""
-        from tokenizers import Tokenizer as HfTokenizer
-
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
             raise BloomJaxError(f"no tokenizer.json in {directory}")
+        return cls.from_json(path.read_bytes(), str(path), pad_token_id, eos_token_id)
+
+    @classmethod
+    def from_json(cls, data: bytes | str, source: str = "tokenizer.json", pad_token_id: int = 3,
+                  eos_token_id: int = 2) -> Tokenizer:
+        """A tokenizer from the text of a `tokenizer.json` (`source` names it in errors)."""
+        from tokenizers import Tokenizer as HfTokenizer
+
         try:
-            return cls(HfTokenizer.from_file(str(path)), pad_token_id, eos_token_id)
+            text = data.decode() if isinstance(data, bytes) else data
+            return cls(HfTokenizer.from_str(text), pad_token_id, eos_token_id)
         except Exception as e:
-            raise BloomJaxError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            raise BloomJaxError(f"cannot read {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                 ) from None
 
     @property
