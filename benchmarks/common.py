@@ -40,6 +40,20 @@ def jax_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / seconds
 
 
+def jax_memory_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Bytes/s of a jitted fp32 matrix-vector product over a `gib` GiB matrix, measured now: the speed at which
+    XLA streams weights from memory, the limit of decoding one token."""
+    import jax
+    import jax.numpy as jnp
+
+    cols = 1024
+    matrix = jnp.ones((int(gib * 2**30) // (4 * cols), cols), jnp.float32)
+    vector = jnp.ones((cols,), jnp.float32)
+    matvec = jax.jit(lambda m, v: m @ v)
+    seconds = median_seconds(lambda: matvec(matrix, vector).block_until_ready(), repeats)
+    return matrix.nbytes / seconds
+
+
 def torch_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
     """fp32 FLOP/s of PyTorch's n^3 matmul, measured now."""
     import torch

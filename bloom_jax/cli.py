@@ -109,6 +109,77 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps({"exported": str(args.src), "to": str(args.dst), "files": files}))
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BloomJaxError(f"cannot read {args.prompts_file}: {getattr(e, 'strerror', None) or e}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise BloomJaxError("no prompt: give --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def _sampling_args(args: argparse.Namespace) -> dict:
+    """--greedy, or sampling (at temperature 1 unless given) as soon as a sampling flag is set."""
+    sampling_flags = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if args.greedy and sampling_flags:
+        raise BloomJaxError("--greedy cannot be combined with --temperature, --top-k or --top-p")
+    temperature = args.temperature if args.temperature is not None else (1.0 if sampling_flags else 0.0)
+    return {"temperature": temperature, "top_k": args.top_k or 0,
+            "top_p": args.top_p if args.top_p is not None else 1.0, "repetition_penalty": args.repetition_penalty}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Completes prompts: text streamed to stdout, or one JSON object per prompt with --json."""
+    from bloom_jax.generate import Generator, Sampling, enable_compilation_cache
+
+    prompts = _read_prompts(args)
+    sampling = _sampling_args(args)
+    Sampling(**sampling)  # bad values fail here, before the model is loaded
+    enable_compilation_cache(args.compilation_cache)
+    mesh = None
+    if args.mesh:
+        from bloom_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    _log(f"loading {args.checkpoint}")
+    generator = Generator.from_pretrained(args.checkpoint, decode_weights=args.decode_weights, dtype=args.dtype,
+                                          mesh=mesh)
+    if generator.tokenizer is None:
+        raise BloomJaxError(f"{args.checkpoint} has no tokenizer.json: cannot encode text prompts")
+    kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling)
+    if args.json:
+        for completion in generator.generate(prompts, **kw):
+            print(json.dumps(completion.to_json(), ensure_ascii=False), flush=True)
+        return
+    # The first prompt streams live; the others (same batch) print, prompt then completion, when all are done.
+    held: list[list[str]] = [[] for _ in prompts]
+    _write(prompts[0])
+    for piece in generator.stream(prompts, **kw):
+        if piece.index == 0:
+            _write(piece.text)
+        else:
+            held[piece.index].append(piece.text)
+    _write("\n")
+    for prompt, pieces in zip(prompts[1:], held[1:]):
+        _write(prompt + "".join(pieces) + "\n")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     """Compile a step ahead of time on simulated CPU devices and print per-device memory and FLOPs."""
     import jax
@@ -158,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="complete prompts with a checkpoint (streams text, or --json lines)")
+    p.add_argument("checkpoint", help="converted checkpoint, Hugging Face directory or hub id")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", help="a file of prompts, one per line ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (the default)")
+    p.add_argument("--temperature", type=_float, default=None, help="sample at this temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=_float, default=None, help="sample among the most likely tokens of mass p")
+    p.add_argument("--repetition-penalty", type=_float, default=1.0, help="as transformers (1: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None, help="mesh spec to shard the weights over, e.g. tensor=4")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--compilation-cache", default=None,
+                   help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="per-device memory and FLOPs of a step, compiled on simulated devices")
     p.add_argument("--model", required=True, help="preset name or config.json path")
