@@ -29,13 +29,6 @@ from common import (  # noqa: E402
 )
 
 
-def forward_flops(config, batch: int, seq: int) -> float:
-    d, f, v, n_layer = config.hidden_size, config.mlp_dim, config.vocab_size, config.n_layer
-    dense_per_token = n_layer * (3 * d * d + d * d + 2 * d * f) + v * d
-    attention = n_layer * 2 * seq * seq * d  # q.k^T and probs.v
-    return 2.0 * batch * (seq * dense_per_token + attention)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bloom-560m", help="preset name (random weights)")
@@ -47,7 +40,7 @@ def main() -> None:
     import torch
 
     from bloom_jax.config import load_config
-    from bloom_jax.model import make_model, unstack_layers
+    from bloom_jax.model import forward_flops, make_model, unstack_layers
 
     config = load_config(args.model)
     log(f"building {args.model} with random weights (PyTorch init, copied to ours)")

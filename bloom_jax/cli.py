@@ -180,6 +180,41 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Trains or fine-tunes from a recipe; prints the last metrics as JSON."""
+    from bloom_jax.train import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)  # a bad recipe fails before JAX starts
+    if args.multihost or args.coordinator or args.num_processes or args.process_id is not None:
+        from bloom_jax.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+    elif args.cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    metrics = Trainer(cfg).run()
+    print(json.dumps({"output_dir": cfg.output_dir, **metrics}))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Perplexity of a checkpoint on text or JSONL files."""
+    from bloom_jax.train import evaluate
+
+    result = evaluate(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                      max_batches=args.max_batches, jsonl_field=args.jsonl_field)
+    print(json.dumps({"checkpoint": args.checkpoint, **result}))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    """Trains a byte-level BPE with BLOOM's pre-tokenizer and special tokens; writes OUT/tokenizer.json."""
+    from bloom_jax.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(args.files, args.vocab_size, args.jsonl_field)
+    tokenizer.save(args.out)
+    print(json.dumps({"tokenizer": str(Path(args.out) / "tokenizer.json"), "vocab_size": tokenizer.vocab_size}))
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     """Compile a step ahead of time on simulated CPU devices and print per-device memory and FLOPs."""
     import jax
@@ -249,6 +284,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-cache", default=None,
                    help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train or fine-tune from a recipe (configs/train/*.yaml) with overrides")
+    p.add_argument("config", help="recipe YAML, or the name of one in configs/train (e.g. quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe settings to override (YAML values)")
+    p.add_argument("--multihost", action="store_true", help="join a multi-host run found automatically (TPU pod)")
+    p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
+    p.add_argument("--num-processes", type=_positive_int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--cpu-devices", type=_positive_int, default=None, help="simulate this many CPU devices")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on text or JSONL files")
+    p.add_argument("checkpoint", help="converted checkpoint (e.g. a training run's final/), HF dir or hub id")
+    p.add_argument("--data", nargs="+", required=True, help="text/JSONL files, directories or globs")
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-batches", type=_positive_int, default=None)
+    p.add_argument("--jsonl-field", default="text")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tokenizer_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=_Parser,
+                                     required=True)
+    t = tokenizer_sub.add_parser("train", help="train a byte-level BPE with BLOOM's pre-tokenizer")
+    t.add_argument("files", nargs="+", help="text/JSONL files, directories or globs")
+    t.add_argument("--vocab-size", type=_positive_int, default=8192)
+    t.add_argument("--jsonl-field", default="text")
+    t.add_argument("--out", required=True, help="directory to write tokenizer.json into")
+    t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("plan", help="per-device memory and FLOPs of a step, compiled on simulated devices")
     p.add_argument("--model", required=True, help="preset name or config.json path")

@@ -14,6 +14,7 @@ cached tokens get the positions transformers gives them) and the next write inde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -110,10 +111,11 @@ def _mark_seen(seen_bv: jax.Array | None, ids_bs: jax.Array) -> jax.Array | None
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "new_tokens"))
 def prefill(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
-            active_b: jax.Array, rng: jax.Array, eos_token_id: jax.Array | int, pad_token_id: jax.Array | int,
+            active_b: jax.Array, rng: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array | int,
             sampling: Sampling, new_tokens: int) -> dict:
     """Runs left-padded prompts into a fresh cache with room for `new_tokens` more positions and picks each
     sequence's first new token. Rows with `active_b` False are batch padding: done from the start.
+    Any of `eos_token_ids` (int32 [k]) ends a sequence.
 
     Returns the decode state: `tokens_bn` int32 [b, new_tokens] (pad after a sequence's EOS), `step` (tokens
     made so far), `token_b` (the last ones), `done_b`, the cache, the seen-token mask of the repetition penalty,
@@ -130,9 +132,9 @@ def prefill(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention_
     token_b = jnp.where(active_b, _pick(logits_b1v[:, -1], seen_bv, key, sampling), pad_token_id)
     tokens_bn = jnp.full((batch, new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token_b)
     return {"tokens_bn": tokens_bn, "step": jnp.int32(1), "token_b": token_b,
-            "done_b": ~active_b | (token_b == eos_token_id), "cache": cache,
+            "done_b": ~active_b | jnp.isin(token_b, eos_token_ids), "cache": cache,
             "seen_bv": _mark_seen(seen_bv, token_b[:, None]), "rng": rng,
-            "eos": jnp.int32(eos_token_id), "pad": jnp.int32(pad_token_id)}
+            "eos": jnp.asarray(eos_token_ids, jnp.int32), "pad": jnp.int32(pad_token_id)}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("state",))
@@ -153,7 +155,7 @@ def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, 
         token_b = jnp.where(state["done_b"], state["pad"], picked_b)
         tokens_bn = lax.dynamic_update_slice(state["tokens_bn"], token_b[:, None], (0, state["step"]))
         return {**state, "tokens_bn": tokens_bn, "step": state["step"] + 1, "token_b": token_b,
-                "done_b": state["done_b"] | (token_b == state["eos"]), "cache": cache,
+                "done_b": state["done_b"] | jnp.isin(token_b, state["eos"]), "cache": cache,
                 "seen_bv": _mark_seen(state["seen_bv"], token_b[:, None]), "rng": rng}
 
     return lax.while_loop(cond, body, state)
@@ -172,7 +174,7 @@ def generate(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention
     batch = input_ids_bs.shape[0]
     rng = jax.random.key(0) if rng is None else rng
     state = prefill(model, params, input_ids_bs, attention_mask_bs, jnp.ones((batch,), jnp.bool_), rng,
-                    eos_token_id, pad_token_id, sampling, max_new_tokens)
+                    jnp.asarray([eos_token_id], jnp.int32), pad_token_id, sampling, max_new_tokens)
     return decode(model, params, state, max_new_tokens, sampling)["tokens_bn"]
 
 
@@ -219,16 +221,23 @@ class Generator:
     powers of two (at least 16 tokens), so most new requests reuse a compiled program.
     """
 
-    def __init__(self, model: BloomForCausalLM, params, tokenizer=None, decode_weights: str | None = None):
+    def __init__(self, model: BloomForCausalLM, params, tokenizer=None, decode_weights: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor"):
+        """`mesh` and `rules`: where `params` are sharded, and the rules that also shard the KV cache and the
+        activations (a preset of configs/sharding or (logical, mesh axes) pairs)."""
+        self.mesh, self.rules = mesh, rules
         if model.scan_layers:
             model, params = model.clone(scan_layers=False), unstack_layers(params)
         if decode_weights is not None:
             model, params = model.clone(decode_weights=decode_weights), to_decode_weights(params, decode_weights)
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        extra = model.config.extra
+        config = model.config
         # BLOOM's ALiBi has no position limit; a config may still declare the length it was trained for.
-        self.max_length: int | None = next((int(extra[k]) for k in ("seq_length", "n_positions",
-                                                                    "max_position_embeddings") if k in extra), None)
+        declared = [config.seq_length] + [config.extra.get(k) for k in ("n_positions", "max_position_embeddings")]
+        self.max_length: int | None = next((int(n) for n in declared if n is not None), None)
+        eos = config.eos_token_id
+        self.eos_token_ids: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, tuple) else (eos,)
+        self.pad_token_id: int = config.pad_token_id if config.pad_token_id is not None else 3
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, decode_weights: str | None = None, dtype: Any = None,
@@ -238,15 +247,26 @@ class Generator:
         from bloom_jax.checkpoint import from_pretrained, read_tokenizer
 
         model, params = from_pretrained(path, mesh=mesh, dtype=dtype, scan_layers=False)
-        return cls(model, params, read_tokenizer(path), decode_weights)
+        return cls(model, params, read_tokenizer(path), decode_weights, mesh)
+
+    def _sharding(self) -> contextlib.AbstractContextManager:
+        """The mesh and logical rules around compiled calls (nothing without a mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        import flax.linen as nn
+
+        from bloom_jax.sharding import fit_rules, load_rules
+
+        rules = load_rules(self.rules) if isinstance(self.rules, str) else self.rules
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(list(fit_rules(rules, self.mesh))))
+        return stack
 
     @property
-    def eos_token_id(self) -> int:
-        return int(self.model.config.extra.get("eos_token_id", 2))
-
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.model.config.extra.get("pad_token_id", 3))
+    def eos_token_id(self) -> int | None:
+        """The first end-of-sequence id (a config may list several; any of them ends a sequence)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -322,8 +342,10 @@ class Generator:
             ids_bs[row, length - len(ids):], mask_bs[row, length - len(ids):] = ids, 1
         mask_bs[len(prompt_ids):, -1] = 1  # batch padding: one pad token each, done from the start
         active_b = np.arange(batch) < len(prompt_ids)
-        state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed),
-                        self.eos_token_id, self.pad_token_id, sampling, room)
+        eos_k = np.asarray(self.eos_token_ids or (-1,), np.int32)  # -1: never produced, never stops
+        with self._sharding():
+            state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
+                            self.pad_token_id, sampling, room)
         done = ~active_b
         if streaming:
             step = 1
@@ -331,17 +353,19 @@ class Generator:
                 tokens_b = np.asarray(state["tokens_bn"][:, step - 1])
                 for row in np.flatnonzero(~done):
                     yield int(row), int(tokens_b[row])
-                done = done | (tokens_b == self.eos_token_id)
+                done = done | np.isin(tokens_b, eos_k)
                 if step >= max_new_tokens or done.all():
                     return
-                state = decode(self.model, self.params, state, step + 1, sampling)
+                with self._sharding():
+                    state = decode(self.model, self.params, state, step + 1, sampling)
                 step += 1
-        state = decode(self.model, self.params, state, max_new_tokens, sampling)
+        with self._sharding():
+            state = decode(self.model, self.params, state, max_new_tokens, sampling)
         tokens_bn = np.asarray(state["tokens_bn"])[:, :max_new_tokens]
         for row in range(len(prompt_ids)):
             for token in tokens_bn[row]:
                 yield row, int(token)
-                if token == self.eos_token_id:
+                if token in eos_k:
                     break
 
 

@@ -25,6 +25,7 @@ from bloom_jax.errors import BloomJaxError
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
 ACT_BSD = ("activation_batch", "activation_length", "activation_embed")
+KV_CACHE_AXES = ("activation_batch", "activation_heads", None, None)  # a layer's keys or values [b, n, T, h]
 
 # jax.checkpoint policies by name; "none" means no rematerialisation at all.
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -269,6 +270,9 @@ class Attention(nn.Module):
             start = (0, 0, cache_index, 0)
             k_bnth = lax.dynamic_update_slice(kv_cache[0], k_bnth.astype(kv_cache[0].dtype), start)
             v_bnth = lax.dynamic_update_slice(kv_cache[1], v_bnth.astype(kv_cache[1].dtype), start)
+            # The cache is sharded as the attention heads are (batch over the data axes, heads over tensor).
+            k_bnth = nn.with_logical_constraint(k_bnth, KV_CACHE_AXES)
+            v_bnth = nn.with_logical_constraint(v_bnth, KV_CACHE_AXES)
             kv_cache = (k_bnth, v_bnth)
             k_bnth, v_bnth = k_bnth.astype(self.dtype), v_bnth.astype(self.dtype)
 
@@ -510,6 +514,15 @@ def count_params(params: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
 
 
+def forward_flops(config: BloomConfig, batch: int, seq: int) -> float:
+    """FLOPs of one forward pass over [batch, seq] tokens: every matmul (the tied head included, attention over
+    the full s x s square as computed). A training step is about 3x this."""
+    d, f, v, n_layer = config.hidden_size, config.mlp_dim, config.vocab_size, config.n_layer
+    dense_per_token = n_layer * (3 * d * d + d * d + 2 * d * f) + v * d
+    attention = n_layer * 2 * seq * seq * d  # q.k^T and probs.v
+    return 2.0 * batch * (seq * dense_per_token + attention)
+
+
 def init_params(model: BloomForCausalLM, rng: jax.Array) -> Any:
     """Random parameters (transformers' init: normal(initializer_range), zero biases, unit LayerNorm scales)."""
     ids = jnp.zeros((1, 1), jnp.int32)
@@ -526,6 +539,6 @@ def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dty
 __all__: Sequence[str] = (
     "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "alibi_slopes", "alibi_bias",
     "causal_padding_mask", "bloom_gelu", "abstract_params", "param_logical_axes", "count_params", "init_params",
-    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "DECODE_WEIGHTS", "decode_matmul",
-    "to_decode_weights",
+    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "KV_CACHE_AXES", "DECODE_WEIGHTS",
+    "decode_matmul", "to_decode_weights", "forward_flops",
 )

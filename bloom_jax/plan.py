@@ -23,6 +23,7 @@ from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import abstract_params, make_model
 from bloom_jax.sharding import fit_rules, load_rules, make_mesh, mesh_spec_sizes, param_shardings
+from bloom_jax.train import TrainConfig, make_optimizer, optimizer_shardings
 
 # Device memory per chip, GiB.
 ACCELERATORS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "a100-40gb": 40, "a100-80gb": 80}
@@ -50,20 +51,6 @@ class Plan:
 
     def fits(self, gib: float) -> bool:
         return self.total_bytes <= gib * 2**30
-
-
-def bloom_adamw() -> optax.GradientTransformation:
-    # BLOOM-176B's recipe (facts file): Adam (0.9, 0.95), eps 1e-8, weight decay 0.1, clipping 1.0.
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(6e-5, b1=0.9, b2=0.95, eps=1e-8,
-                                                                   weight_decay=0.1))
-
-
-def optimizer_shardings(optimizer: optax.GradientTransformation, opt_state: Any, param_shardings_: Any,
-                        mesh: jax.sharding.Mesh) -> Any:
-    """Optimizer state sharded like the parameters it mirrors (moments); scalars such as the step replicated."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings_,
-                                 transform_non_params=lambda _: replicated)
 
 
 def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None, seq: int,
@@ -98,7 +85,7 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         return model.apply({"params": p}, ids_bs)
 
     if training:
-        optimizer = bloom_adamw()
+        optimizer = make_optimizer(TrainConfig.from_yaml("bloom-176b"))  # tr11's AdamW
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         opt_state = jax.eval_shape(optimizer.init, params)
         opt_shardings = optimizer_shardings(optimizer, opt_state, shardings, mesh)

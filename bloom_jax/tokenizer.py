@@ -7,6 +7,7 @@ post-processor included, so ids equal transformers' `AutoTokenizer` on the same 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,13 @@ class Tokenizer:
             raise BloomJaxError(f"cannot read {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                 ) from None
 
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes `tokenizer.json` into `directory` (created if missing), for `from_dir` or transformers."""
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(path))
+        return path
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
@@ -75,6 +83,33 @@ class Tokenizer:
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, jsonl_field: str = "text") -> Tokenizer:
+    """A byte-level BPE of at most `vocab_size` tokens trained on the documents of `files`, built like BLOOM's:
+    its pre-tokeniser (regex split, then bytes), byte-level decoder and special tokens <unk>=0, <s>=1, </s>=2 (EOS),
+    <pad>=3. Files are read by `bloom_jax.data.iter_documents` (same rules as training data).
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HfTokenizer
+
+    from bloom_jax.data import expand_files, iter_documents  # data imports this module
+
+    special_tokens = ["<unk>", "<s>", "</s>", "<pad>"]  # in id order
+    if vocab_size < len(special_tokens) + 256:
+        raise BloomJaxError(f"vocab_size must be at least 260 (4 special tokens and 256 bytes), got {vocab_size}")
+    paths = expand_files(files)  # path errors now, not from inside the trainer
+    tok = HfTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        # A run of non-space, non-punctuation characters with its leading space; the rest split off as is.
+        pre_tokenizers.Split(Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(iter_documents(paths, jsonl_field), trainer)
+    return Tokenizer(tok, pad_token_id=3, eos_token_id=2)
 
 
 class StreamDecoder:

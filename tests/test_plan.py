@@ -8,12 +8,13 @@ import sys
 
 import jax
 import pytest
+from reference import tiny_config
 
 from bloom_jax import BloomJaxError
 from bloom_jax.model import make_model
-from bloom_jax.plan import bloom_adamw, describe, memory_limit_gib, optimizer_shardings, plan_step
+from bloom_jax.plan import describe, memory_limit_gib, plan_step
 from bloom_jax.sharding import init_sharded, load_rules, make_mesh
-from reference import tiny_config
+from bloom_jax.train import TrainConfig, make_optimizer, optimizer_shardings
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -30,7 +31,7 @@ def test_train_plan_arguments_equal_the_real_state_on_a_device():
     mesh, rules = make_mesh("fsdp=2,tensor=4"), load_rules("fsdp_tensor")
     model = make_model(config, dtype="bfloat16", param_dtype="float32")
     params = init_sharded(model, jax.random.key(0), mesh, rules)
-    optimizer = bloom_adamw()
+    optimizer = make_optimizer(TrainConfig())
     shardings = jax.tree.map(lambda a: a.sharding, params)
     opt_shardings = optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, params), shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)

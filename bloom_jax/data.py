@@ -1,0 +1,406 @@
+"""Training data: text and JSONL files -> tokens cached on disk -> train/eval split by document -> packed
+windows -> batches by optimizer step.
+
+1. `iter_documents`: a JSONL line is one document (its `jsonl_field`), any other file is one document.
+2. `TokenizedCorpus`: every document tokenized once into one flat uint32 stream with EOS after each document,
+   saved as .npy under a key of (files, sizes, mtimes, field, tokenizer) and memory-mapped on later runs.
+3. `split_documents`: a seeded `eval_fraction` of the documents is held out for evaluation.
+4. `PackedSplit`: a split's documents (EOS included) concatenated in corpus order and cut into windows of
+   `seq_len + 1` tokens (inputs = window[:-1], targets = window[1:]); the remainder is dropped.
+5. `TrainBatches`: grain `MapDataset` of windows, shuffled with a new permutation each epoch, repeated forever
+   and indexed by step. Batch `step` is a pure function of (corpus, seq_len, seed, global batch, step): the
+   data position of a run is its step number, so resuming at step k reads what an uninterrupted run would.
+
+`load_corpus` does 2-4 and returns a `Corpus`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from bloom_jax.errors import BloomJaxError
+from bloom_jax.tokenizer import Tokenizer
+
+Files = str | os.PathLike | Sequence[str | os.PathLike]
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+_CACHE_VERSION = 1  # bump when the cached arrays change meaning
+_TOKENIZE_CHUNK = 1024  # documents per `encode_batch` call (the Rust side tokenizes a chunk in parallel)
+
+
+def expand_files(files: Files) -> list[Path]:
+    """The regular files that `files` name, in the order given, each once (at its first mention).
+
+    A file stands for itself, a directory for every regular file under it (recursive, sorted by path), and a
+    glob pattern (`*`, `?`, `[`; `**` recursive) for its matches, sorted, directories among them expanded.
+    """
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    found: dict[Path, None] = {}
+    for item in files:
+        for path in _expand_one(item):
+            found.setdefault(path, None)
+    if not found:
+        raise BloomJaxError("no data files given")
+    return list(found)
+
+
+def _expand_one(item: str | os.PathLike) -> list[Path]:
+    path = Path(item)
+    if path.exists():
+        matches = [path]
+    elif any(c in str(item) for c in "*?["):
+        matches = [Path(m) for m in sorted(glob.glob(str(item), recursive=True))]
+    else:
+        raise BloomJaxError(f"no such file or directory: {item}")
+    paths = []
+    for match in matches:
+        if match.is_dir():
+            paths.extend(sorted(p for p in match.rglob("*") if p.is_file()))
+        elif match.is_file():
+            paths.append(match)
+        else:
+            raise BloomJaxError(f"not a regular file or directory: {match}")
+    if not paths:
+        raise BloomJaxError(f"no files in {item}" if path.exists() else f"no file matches {item}")
+    return paths
+
+
+def iter_documents(files: Files, jsonl_field: str = "text") -> Iterator[str]:
+    """The documents of `files` (see `expand_files`), in order.
+
+    A `.jsonl`/`.json` file holds one JSON object per line, whose string `jsonl_field` is a document; blank lines
+    are skipped. Any other file is one document. Text must be UTF-8: undecodable bytes are an error naming the
+    file (and line), not replaced, so that a binary or mis-encoded file is not silently trained on.
+    """
+    for path in expand_files(files):
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            yield from _jsonl_documents(path, jsonl_field)
+        else:
+            yield _text_document(path)
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BloomJaxError(f"{path}:{number}: not UTF-8 (invalid byte at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BloomJaxError(f"{path}:{number}: not a JSON line ({e.msg}); expected one JSON object per line"
+                                    ) from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise BloomJaxError(f"{path}:{number}: no string field {field!r}")
+            yield record[field]
+
+
+def _text_document(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BloomJaxError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedCorpus:
+    """Every document as one flat token stream, EOS after each; tokenized once, then read from the cache.
+
+    Document i is `tokens_t[doc_offsets[i]:doc_offsets[i + 1]]`, its EOS last. `tokenized` says whether this
+    load ran the tokenizer (False: both arrays are memory-mapped from `cache_dir`).
+    """
+
+    tokens_t: np.ndarray  # uint32 [total tokens]
+    doc_offsets: np.ndarray  # int64 [documents + 1]
+    tokenized: bool
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens_t)
+
+    @classmethod
+    def load(cls, files: Files, tokenizer: Tokenizer, cache_dir: str | os.PathLike, jsonl_field: str = "text"
+             ) -> TokenizedCorpus:
+        """The corpus of `files` from `cache_dir` if cached under the same key, else tokenized and cached.
+
+        The key hashes the resolved paths, sizes and mtimes of the files, `jsonl_field`, the tokenizer's JSON and
+        its EOS id: editing, adding or removing a file, or changing the tokenizer, tokenizes again. Files inside
+        `cache_dir` are not data, so the cache may live in a data directory.
+        """
+        cache = Path(cache_dir)
+        paths = [p for p in expand_files(files) if not p.resolve().is_relative_to(cache.resolve())]
+        if not paths:
+            raise BloomJaxError(f"no data files outside the cache directory {cache}")
+        key = cache_key(paths, tokenizer, jsonl_field)
+        tokens_file, offsets_file = cache / f"{key}.tokens.npy", cache / f"{key}.offsets.npy"
+        if tokens_file.is_file() and offsets_file.is_file():
+            return cls(np.load(tokens_file, mmap_mode="r"), np.load(offsets_file, mmap_mode="r"), tokenized=False)
+        tokens_t, doc_offsets = tokenize_documents(iter_documents(paths, jsonl_field), tokenizer)
+        if len(doc_offsets) == 1:
+            raise BloomJaxError(f"no documents in {', '.join(map(str, paths))}")
+        cache.mkdir(parents=True, exist_ok=True)
+        _save_atomic(tokens_file, tokens_t)
+        _save_atomic(offsets_file, doc_offsets)  # written last: its presence means the entry is complete
+        return cls(tokens_t, doc_offsets, tokenized=True)
+
+
+def cache_key(paths: Sequence[Path], tokenizer: Tokenizer, jsonl_field: str) -> str:
+    """A hex digest that changes when the files (path, size, mtime), the field or the tokenizer change."""
+    stats = [(str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
+    described = json.dumps({"version": _CACHE_VERSION, "files": stats, "jsonl_field": jsonl_field,
+                            "eos": tokenizer.eos_token_id, "tokenizer": tokenizer.tokenizer.to_str()})
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
+
+
+def tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The flat uint32 stream of `encode(doc) + [eos]` over `documents`, and the int64 document offsets [d + 1].
+
+    Shows a progress bar on stderr when it is a terminal.
+    """
+    from tqdm import tqdm
+
+    chunks, lengths = [], []
+    eos = [tokenizer.eos_token_id]
+    with tqdm(desc="tokenizing", unit=" docs", disable=None, file=sys.stderr) as progress:
+        for texts in _chunks(documents, _TOKENIZE_CHUNK):
+            ids = [e.ids + eos for e in tokenizer.tokenizer.encode_batch(texts)]
+            lengths.extend(len(i) for i in ids)
+            chunks.append(np.fromiter(itertools.chain.from_iterable(ids), np.uint32))
+            progress.update(len(texts))
+    tokens_t = np.concatenate(chunks) if chunks else np.zeros(0, np.uint32)
+    return tokens_t, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """`np.save` to a temporary file in the same directory, then rename: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_documents(n_documents: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and eval document indices, each sorted: `eval_fraction` of the documents (rounded, at least one,
+    never all) chosen by a permutation seeded with `seed`, held out for eval. `eval_fraction=0`: no eval.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise BloomJaxError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0:
+        return np.arange(n_documents), np.zeros(0, np.int64)
+    if n_documents < 2:
+        raise BloomJaxError(f"cannot hold out eval documents from {n_documents} document: give more documents "
+                            "(a text file is one document, a JSONL line is one) or set eval_fraction=0")
+    n_eval = min(max(round(eval_fraction * n_documents), 1), n_documents - 1)
+    order = np.random.default_rng([seed, 0]).permutation(n_documents)
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+class PackedSplit:
+    """A split's documents (each with its EOS) concatenated in corpus order and cut into `n_sequences` windows
+    of `seq_len + 1` tokens; the tokens after the last full window are dropped.
+
+    The split is read from the corpus stream (memory-mapped when cached) through its runs of consecutive
+    documents, never copied whole.
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, documents: np.ndarray, seq_len: int, seed: int):
+        self.documents = np.asarray(documents, np.int64)
+        self.seq_len = seq_len
+        self.seed = seed
+        self._tokens_t = corpus.tokens_t
+        run_firsts = np.flatnonzero(np.diff(self.documents, prepend=-2) != 1)  # runs of consecutive documents
+        run_lasts = np.flatnonzero(np.diff(self.documents, append=-2) != 1)
+        self._source_r = corpus.doc_offsets[self.documents[run_firsts]]
+        run_lengths = corpus.doc_offsets[self.documents[run_lasts] + 1] - self._source_r
+        self._start_r1 = np.concatenate([[0], np.cumsum(run_lengths, dtype=np.int64)])  # [runs + 1]
+        self.n_tokens = int(self._start_r1[-1])
+        self.n_sequences = self.n_tokens // (seq_len + 1)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Tokens [start, stop) of the split's stream, uint32."""
+        stop = self.n_tokens if stop is None else stop
+        run = int(np.searchsorted(self._start_r1, start, side="right")) - 1
+        pieces = [np.zeros(0, np.uint32)]
+        while start < stop:
+            offset = self._source_r[run] + start - self._start_r1[run]
+            take = min(stop, self._start_r1[run + 1]) - start
+            pieces.append(self._tokens_t[offset:offset + take])
+            start += take
+            run += 1
+        return np.concatenate(pieces)
+
+    def sequence(self, index: int) -> np.ndarray:
+        """Window `index`: int32 [seq_len + 1] (inputs = [:-1], targets = [1:])."""
+        width = self.seq_len + 1
+        return self.tokens(index * width, (index + 1) * width).astype(np.int32)
+
+    def train_batches(self, global_batch: int) -> TrainBatches:
+        """Endless shuffled batches of `global_batch` windows by step, seeded with this split's seed."""
+        return TrainBatches(self, global_batch, self.seed)
+
+    def eval_batches(self, n_batches: int, batch_size: int, process_index: int = 0, process_count: int = 1
+                     ) -> Iterator[np.ndarray]:
+        """The split's first windows in order: `n_batches` batches int32 [batch_size, seq_len + 1], or fewer when
+        the split is short (windows after the last full batch are left out, so every batch has one shape).
+
+        With `process_count` > 1, each batch is this process's rows (see `TrainBatches.local`).
+        """
+        per = _share(batch_size, process_index, process_count)
+        if self.n_sequences < batch_size:
+            raise BloomJaxError(f"the eval split has {self.n_sequences} sequences of {self.seq_len + 1} tokens, "
+                                f"fewer than one eval batch of {batch_size}")
+        width = self.seq_len + 1
+        firsts = (b * batch_size + process_index * per for b in range(min(n_batches, self.n_sequences // batch_size)))
+        return (self.tokens(f * width, (f + per) * width).reshape(per, width).astype(np.int32) for f in firsts)
+
+
+def _share(global_batch: int, process_index: int, process_count: int) -> int:
+    """Rows per process of a global batch, checking the arguments."""
+    if global_batch < 1:
+        raise BloomJaxError(f"batch size must be at least 1, got {global_batch}")
+    if not 0 <= process_index < process_count:
+        raise BloomJaxError(f"process index {process_index} is not in [0, {process_count})")
+    if global_batch % process_count:
+        raise BloomJaxError(f"batch size {global_batch} does not divide among {process_count} processes")
+    return global_batch // process_count
+
+
+class TrainBatches:
+    """The training batches of a split by optimizer step: endless, reshuffled each epoch, random access.
+
+    Row r of the endless stream is window `perm_e(r mod n)` of epoch e = r // n (n windows, perm_e grain's seeded
+    index shuffle, a new permutation each epoch); global batch `step` is rows [step * B, (step + 1) * B). A batch
+    straddles two epochs when B does not divide n. Reading a batch reads only its rows.
+    """
+
+    def __init__(self, split: PackedSplit, global_batch: int, seed: int):
+        _share(global_batch, 0, 1)
+        if split.n_sequences == 0:
+            raise BloomJaxError(f"the split has {split.n_tokens} tokens, fewer than one sequence of "
+                                f"{split.seq_len + 1}")
+        self.split = split
+        self.global_batch = global_batch
+        self._order = grain.MapDataset.range(split.n_sequences).shuffle(seed=_shuffle_seed(seed)).repeat()
+        self._rows = self._order.map(split.sequence)
+        self._batched: dict[int, grain.MapDataset] = {}  # rows per batch -> batched rows, built once (grain's stats)
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        return self.get(step)
+
+    def get(self, step: int) -> np.ndarray:
+        """Global batch `step`: int32 [global_batch, seq_len + 1]."""
+        return self.local(step, 0, 1)
+
+    def local(self, step: int, process_index: int, process_count: int) -> np.ndarray:
+        """This process's rows [process_index * per, (process_index + 1) * per) of global batch `step`, with
+        per = global_batch / process_count: int32 [per, seq_len + 1]."""
+        per = _share(self.global_batch, process_index, process_count)
+        _check_step(step)
+        return self._batches_of(per)[step * process_count + process_index]
+
+    def _batches_of(self, rows: int) -> grain.MapDataset:
+        """The row stream cut into batches of `rows`: batch k is rows [k * rows, (k + 1) * rows)."""
+        if rows not in self._batched:
+            self._batched[rows] = self._rows.batch(rows)
+        return self._batched[rows]
+
+    def indices(self, step: int) -> np.ndarray:
+        """The window indices (into the split) of global batch `step`, int64 [global_batch]: for logging or
+        checking which data a step saw."""
+        _check_step(step)
+        return np.array([self._order[r] for r in range(step * self.global_batch, (step + 1) * self.global_batch)])
+
+    def iterate(self, start_step: int = 0, process_index: int = 0, process_count: int = 1, prefetch: int = 4
+                ) -> Iterator[np.ndarray]:
+        """`local(step, ...)` for step = start_step, start_step + 1, ... forever, read ahead `prefetch` batches
+        by a background thread."""
+        _share(self.global_batch, process_index, process_count)
+        _check_step(start_step)
+        shares = self._batches_of(self.global_batch // process_count)
+        mine = shares[start_step * process_count + process_index::process_count]
+        return iter(mine.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
+
+    def epoch(self, step: int) -> float:
+        """How many passes over the split the batches before `step` made."""
+        return step * self.global_batch / self.split.n_sequences
+
+
+def _check_step(step: int) -> None:
+    if step < 0:
+        raise BloomJaxError(f"step must be non-negative, got {step}")
+
+
+def _shuffle_seed(seed: int) -> int:
+    """grain's shuffle seed for `seed`: hashed, since grain seeds epoch e with seed + e (so seed 1's first epoch
+    would otherwise be seed 0's second)."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A tokenized corpus split by document into packed `train` and `eval` (empty when eval_fraction=0)."""
+
+    tokens: TokenizedCorpus
+    train: PackedSplit
+    eval: PackedSplit
+
+    def stats(self) -> dict:
+        """Counts for logging: documents and tokens overall, and documents, tokens and sequences per split."""
+        splits = {name: {"documents": len(s.documents), "tokens": s.n_tokens, "sequences": s.n_sequences}
+                  for name, s in (("train", self.train), ("eval", self.eval))}
+        return {"documents": self.tokens.n_documents, "tokens": self.tokens.n_tokens,
+                "tokenized": self.tokens.tokenized, **splits}
+
+
+def load_corpus(files: Files, tokenizer: Tokenizer, seq_len: int, cache_dir: str | os.PathLike,
+                eval_fraction: float = 0.01, seed: int = 0, jsonl_field: str = "text") -> Corpus:
+    """The documents of `files`, tokenized (or read from `cache_dir`), split into train and eval by a permutation
+    seeded with `seed` (which also seeds the training shuffle) and packed into windows of `seq_len + 1`.
+
+    Errors when the train split has less than one window, or when eval_fraction > 0 and the eval split has none.
+    """
+    if seq_len < 1:
+        raise BloomJaxError(f"seq_len must be at least 1, got {seq_len}")
+    if seed < 0:
+        raise BloomJaxError(f"seed must be non-negative, got {seed}")
+    corpus = TokenizedCorpus.load(files, tokenizer, cache_dir, jsonl_field)
+    train_d, eval_d = split_documents(corpus.n_documents, eval_fraction, seed)
+    train, held_out = (PackedSplit(corpus, d, seq_len, seed) for d in (train_d, eval_d))
+    if train.n_sequences == 0:
+        raise BloomJaxError(f"too little text: the train split has {train.n_tokens} tokens in {len(train_d)} "
+                            f"documents, fewer than one sequence of seq_len + 1 = {seq_len + 1}")
+    if eval_fraction > 0 and held_out.n_sequences == 0:
+        raise BloomJaxError(f"too little eval text: the eval split has {held_out.n_tokens} tokens in {len(eval_d)} "
+                            f"of {corpus.n_documents} documents, fewer than one sequence of seq_len + 1 = "
+                            f"{seq_len + 1}; raise eval_fraction, lower seq_len or set eval_fraction=0")
+    return Corpus(corpus, train, held_out)
