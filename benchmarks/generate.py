@@ -8,6 +8,8 @@ KV cache on both sides. For each batch size and decode weight format, prints (st
 - new tokens/s end to end (prefill included), as PyTorch's `generate` is timed, and the ratio to PyTorch;
 - the decode step alone (time of `--new` tokens minus time of 1, per step) beside the roofline: the bytes of
   weights one step reads, over the memory bandwidth measured now (a matrix-vector product over 1 GiB);
+- the quality of each weight format against float32: top-1 agreement of the next-token logits and the largest
+  logit error over the largest logit, on every position of 4 random prompts;
 - time to first token of a fresh process (compile included): cold, then from the persistent compilation cache.
 """
 
@@ -125,6 +127,18 @@ def main() -> None:
     print(f"Memory bandwidth measured now (fp32 matrix-vector product, 1 GiB): {bandwidth / 1e9:.1f} GB/s\n")
     print(markdown_table(["batch", "weights", "new tok/s", "vs PyTorch", "vs our fp32", "decode step ms",
                           "roofline step ms", "of roofline"], rows))
+
+    quality_rows = []
+    ids = random_ids(config.vocab_size, 4, args.prompt, seed=1)
+    reference = None
+    for weights, gen in generators.items():
+        logits = np.asarray(jax.jit(gen.model.apply)({"params": gen.params}, ids))
+        reference = logits if reference is None else reference
+        agreement = np.mean(logits.argmax(-1) == reference.argmax(-1))
+        error = np.max(np.abs(logits - reference)) / np.max(np.abs(reference))
+        quality_rows.append([weights, f"{agreement:.3f}", f"{error:.2e}"])
+    print(f"\nQuality against the first format ({weight_formats[0]}), 4 x {args.prompt} positions\n")
+    print(markdown_table(["weights", "top-1 agreement", "max logit error / max logit"], quality_rows))
 
     if not args.no_ttft:
         ttft_rows = []

@@ -67,7 +67,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         if not any(directory.glob("*.safetensors")):
             directory = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.bin", "tokenizer*"]))
     except Exception as e:  # offline, unknown repository, no access...
-        raise BloomJaxError(f"cannot fetch {path} from the Hugging Face hub: {hf.one_line(e)}") from None
+        raise BloomJaxError(f"no directory {path}, and cannot fetch it from the Hugging Face hub: "
+                            f"{hf.one_line(e)}") from None
     return directory
 
 

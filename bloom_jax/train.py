@@ -333,16 +333,16 @@ class Trainer:
         return state, data, replicated
 
     def _initial_state(self, state_shardings) -> dict:
+        if self.cfg.init_from is not None:  # restored straight into the rules' shardings (outside the context)
+            from bloom_jax.checkpoint import from_pretrained
+
+            _, params = from_pretrained(self.cfg.init_from, mesh=self.mesh, dtype=self.cfg.compute_dtype,
+                                        param_dtype=self.cfg.param_dtype, rules=self.rules,
+                                        scan_layers=self.cfg.scan_layers)
         with self._context():
             if self.cfg.init_from is None:
                 params = jax.jit(lambda: _init_params(self.model, self.cfg.seed),
                                  out_shardings=state_shardings["params"])()
-            else:
-                from bloom_jax.checkpoint import from_pretrained
-
-                _, params = from_pretrained(self.cfg.init_from, mesh=self.mesh, dtype=self.cfg.compute_dtype,
-                                            param_dtype=self.cfg.param_dtype, rules=self.rules,
-                                            scan_layers=self.cfg.scan_layers)
             opt_state = jax.jit(self.optimizer.init, out_shardings=state_shardings["opt_state"])(params)
         return {"step": jax.device_put(jnp.int32(0), state_shardings["step"]), "params": params,
                 "opt_state": opt_state}
