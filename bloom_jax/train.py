@@ -160,6 +160,8 @@ def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and _is_float(value):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if option is str and isinstance(value, str):
             return value
         if origin is list and isinstance(value, str):
@@ -177,6 +179,14 @@ def data_files(cfg: TrainConfig) -> list[str]:
         raise BloomJaxError("train config: train_data is empty (text or JSONL files, directories or globs)")
     stdlib = sysconfig.get_paths()["stdlib"]
     return [path.replace("{python_stdlib}", stdlib) for path in cfg.train_data]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -243,8 +253,12 @@ def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation,
     grad_sum, losses = lax.scan(micro_step, zeros, (micro_mbs1, jnp.arange(grad_accum)))
     grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-    return new_state, {"loss": losses.mean(), "grad_norm": optax.global_norm(grads)}
+    new_params = optax.apply_updates(params, updates)
+    loss, grad_norm = losses.mean(), optax.global_norm(grads)
+    # A finite loss can still come with non-finite gradients or weights; no such state may be checkpointed.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(new_params))
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 KNOWN_PEAK_TFLOPS = {"TPU v3": 123, "TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459,
@@ -277,6 +291,7 @@ class Trainer:
         from bloom_jax.sharding import fit_rules, load_rules, make_mesh
 
         self.cfg, self.progress = cfg, progress
+        data_files(cfg)  # an empty train_data fails here, before anything is logged or built
         self.output_dir = Path(cfg.output_dir)
         self.mesh = make_mesh(cfg.mesh)
         self.rules = fit_rules(load_rules(cfg.rules), self.mesh)
@@ -375,8 +390,9 @@ class Trainer:
 
         manager = ocp.CheckpointManager(
             (self.output_dir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, save_interval_steps=cfg.save_every,
-                                                 enable_async_checkpointing=True, create=True))
+            # should_save_fn rather than save_interval_steps: the latter adds an unwanted save at the first step.
+            options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True, create=True,
+                                                 should_save_fn=lambda step, _: step % cfg.save_every == 0))
         state = self._restore_or_init(manager, state_shardings)
         start_step = int(state["step"])
         batches = corpus.train.train_batches(cfg.batch_size)
@@ -398,11 +414,13 @@ class Trainer:
                 with self._context():
                     state, step_metrics = step_fn(state, tokens)
                 loss = float(step_metrics["loss"])  # a sync per step: also how a NaN is caught at once
-                if not math.isfinite(loss):
+                if not bool(step_metrics["finite"]):
                     manager.wait_until_finished()
-                    raise BloomJaxError(f"the loss became {loss} at step {step + 1}; stopping. The last good "
-                                        f"checkpoint is step {manager.latest_step() or 'none'} in "
-                                        f"{self.output_dir / 'checkpoints'}")
+                    last = manager.latest_step()
+                    kept = (f"The last good checkpoint is step {last} in {self.output_dir / 'checkpoints'}"
+                            if last is not None else "No checkpoint had been saved")
+                    raise BloomJaxError(f"non-finite loss, gradients or weights at step {step + 1} (loss {loss}); "
+                                        f"stopping. {kept}")
                 done = step + 1
                 window_steps += 1
                 manager.save(done, args=ocp.args.StandardSave(state))  # when due (save_every)

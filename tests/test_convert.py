@@ -20,15 +20,31 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
+from reference import (
+    HEAD,
+    LAYOUTS,
+    PREFIX,
+    assert_parity,
+    config_says,
+    delete_second_shard,
+    hf_logits,
+    jax_logits,
+    relative_max_error,
+    rewrite_safetensors,
+    save_config,
+    stored_tensors,
+    truncate,
+    without_tensor,
+    write_malicious_bin,
+    write_safetensors,
+    write_safetensors_sharded,
+)
 from safetensors.numpy import load_file as load_numpy
 
 from bloom_jax import BloomJaxError, hf
 from bloom_jax.checkpoint import TOKENIZER_FILES, OrbaxParamsWriter, convert, export, from_pretrained, is_converted
 from bloom_jax.cli import main
 from bloom_jax.config import BloomConfig
-from reference import (HEAD, LAYOUTS, PREFIX, assert_parity, config_says, delete_second_shard, hf_logits, jax_logits,
-                       relative_max_error, rewrite_safetensors, save_config, stored_tensors, truncate, without_tensor,
-                       write_malicious_bin, write_safetensors, write_safetensors_sharded)
 
 # Weights rounded to bfloat16 move the logits by ~0.5% of their largest magnitude here; 4x margin.
 BF16_RTOL = 2e-2

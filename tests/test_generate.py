@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import hf_model, left_padded, relative_max_error, save_hf, tiny_config
 
 from bloom_jax.checkpoint import from_pretrained
 from bloom_jax.generate import generate, init_cache
-from reference import hf_model, left_padded, relative_max_error, save_hf, tiny_config
 
 NEW_TOKENS = 16
 
@@ -90,8 +90,12 @@ def test_sampling_is_reproducible_from_a_seed(setup):
 ])
 def test_logits_processing_equals_transformers(temperature, top_k, top_p, penalty):
     import torch
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     from bloom_jax.generate import process_logits
 

@@ -11,12 +11,28 @@ import jax
 import jax.numpy as jnp
 import pytest
 import torch
+from reference import (
+    HEAD,
+    LAYOUTS,
+    PREFIX,
+    assert_parity,
+    config_says,
+    delete_second_shard,
+    hf_logits,
+    jax_logits,
+    save_config,
+    stored_names,
+    truncate,
+    with_tensor,
+    without_tensor,
+    write_bin,
+    write_malicious_bin,
+    write_safetensors,
+    write_safetensors_sharded,
+)
 
 from bloom_jax import BloomJaxError
 from bloom_jax.checkpoint import from_pretrained
-from reference import (HEAD, LAYOUTS, PREFIX, assert_parity, config_says, delete_second_shard, hf_logits, jax_logits,
-                       save_config, stored_names, truncate, with_tensor, without_tensor, write_bin,
-                       write_malicious_bin, write_safetensors, write_safetensors_sharded)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

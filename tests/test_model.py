@@ -13,13 +13,20 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec
+from reference import (
+    PARITY_RTOL,
+    PROMPT_LENGTHS,
+    assert_parity,
+    hf_logits,
+    jax_logits,
+    padded,
+    random_ids,
+    relative_max_error,
+)
 
 from bloom_jax import BloomJaxError
 from bloom_jax.checkpoint import from_pretrained
-from bloom_jax.model import (LayerNorm, abstract_params, make_model, param_logical_axes, stack_layers,
-                             unstack_layers)
-from reference import (PARITY_RTOL, PROMPT_LENGTHS, assert_parity, hf_logits, jax_logits, padded, random_ids,
-                       relative_max_error)
+from bloom_jax.model import LayerNorm, abstract_params, make_model, param_logical_axes, stack_layers, unstack_layers
 
 
 def batch(config, padding: str | None) -> tuple[np.ndarray, np.ndarray]:

@@ -12,13 +12,20 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import AxisType
+from reference import relative_max_error, tiny_config
 
 from bloom_jax import BloomJaxError
 from bloom_jax.checkpoint import convert, from_pretrained
 from bloom_jax.model import make_model
-from bloom_jax.sharding import (init_sharded, load_rules, make_mesh, param_shardings, parse_mesh_spec, rule_names,
-                                sharded_forward)
-from reference import relative_max_error, tiny_config
+from bloom_jax.sharding import (
+    init_sharded,
+    load_rules,
+    make_mesh,
+    param_shardings,
+    parse_mesh_spec,
+    rule_names,
+    sharded_forward,
+)
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -63,7 +70,8 @@ def test_rule_presets():
 
 def test_indivisible_heads_are_a_clear_error():
     model = make_model(tiny_config(n_head=6, hidden_size=48))
-    with pytest.raises(BloomJaxError, match=r"self_attention/\w+/kernel has a dimension of 6, not divisible by mesh axes tensor = 4"):
+    message = r"self_attention/\w+/kernel has a dimension of 6, not divisible by mesh axes tensor = 4"
+    with pytest.raises(BloomJaxError, match=message):
         param_shardings(model, make_mesh("data=2,tensor=4"), load_rules("tensor"))
 
 
