@@ -47,6 +47,7 @@ name, prompt, weights, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.a
 enable_compilation_cache(cache)
 model = make_model(load_config(name), scan_layers=False)
 gen = Generator(model, init_params(model, jax.random.key(0)), decode_weights=weights)
+jax.block_until_ready(gen.params)  # the weights' conversion is not part of the first token's latency
 ids = np.random.default_rng(0).integers(4, model.config.vocab_size, (1, prompt)).tolist()
 start = time.perf_counter()
 next(iter(gen.stream(ids, max_new_tokens=16)))
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--weights", default="float32,bfloat16,int8", help="decode weight formats to run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token child processes")
+    parser.add_argument("--ttft-only", action="store_true", help="only the time-to-first-token child processes")
     args = parser.parse_args()
 
     import jax
@@ -80,12 +82,15 @@ def main() -> None:
     from bloom_jax.config import load_config
     from bloom_jax.generate import Generator, generate
 
+    weight_formats = args.weights.split(",")
+    if args.ttft_only:
+        print_ttft(args.model, args.prompt, weight_formats)
+        return
     config = load_config(args.model)
     log(f"building {args.model} with random weights (PyTorch init, copied to ours)")
     torch_model, model, params = torch_and_ours(config)
     log("measuring the memory bandwidth")
     bandwidth = jax_memory_bandwidth()
-    weight_formats = args.weights.split(",")
     generators = {}
     for weights in weight_formats:
         generators[weights] = Generator(model, params, decode_weights=weights)
@@ -141,15 +146,19 @@ def main() -> None:
     print(markdown_table(["weights", "top-1 agreement", "max logit error / max logit"], quality_rows))
 
     if not args.no_ttft:
-        ttft_rows = []
-        for weights in weight_formats:
-            with tempfile.TemporaryDirectory() as cache_dir:
-                log(f"time to first token, {weights}: cold, then cached")
-                cold = time_to_first_token(args.model, args.prompt, weights, cache_dir)
-                cached = time_to_first_token(args.model, args.prompt, weights, cache_dir)
-            ttft_rows.append([weights, f"{cold:.2f}", f"{cached:.2f}"])
-        print(f"\nTime to first token of a fresh process, batch 1, prompt {args.prompt} (compile included), s\n")
-        print(markdown_table(["weights", "cold", "persistent compilation cache"], ttft_rows))
+        print_ttft(args.model, args.prompt, weight_formats)
+
+
+def print_ttft(model: str, prompt: int, weight_formats: list[str]) -> None:
+    rows = []
+    for weights in weight_formats:
+        with tempfile.TemporaryDirectory() as cache_dir:
+            log(f"time to first token, {weights}: cold, then cached")
+            cold = time_to_first_token(model, prompt, weights, cache_dir)
+            cached = time_to_first_token(model, prompt, weights, cache_dir)
+        rows.append([weights, f"{cold:.2f}", f"{cached:.2f}"])
+    print(f"\nTime to first token of a fresh process, batch 1, prompt {prompt} (compile included), s\n")
+    print(markdown_table(["weights", "cold", "persistent compilation cache"], rows))
 
 
 if __name__ == "__main__":

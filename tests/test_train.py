@@ -598,11 +598,11 @@ def test_every_shipped_recipe_is_valid(name):
 def test_shipped_recipes_load_by_name():
     quickstart = TrainConfig.from_yaml("quickstart")
     assert (quickstart.model, quickstart.steps, quickstart.batch_size, quickstart.learning_rate) == \
-        ("bloom-mini", 150, 16, 2e-3)
+        ("bloom-mini", 120, 8, 3e-3)
     files = expand_files(data_files(quickstart))  # {python_stdlib} is this Python's standard library
     assert len(files) > 100 and all(f.suffix == ".py" and f.parent == Path(json.__file__).parent.parent
                                     for f in files)
-    assert load_config(quickstart.model).vocab_size == quickstart.tokenizer_vocab_size == 8192
+    assert load_config(quickstart.model).vocab_size == quickstart.tokenizer_vocab_size == 4096
 
     big = TrainConfig.from_yaml("bloom-176b", ["steps=10"])
     assert big.steps == 10 and big.batch_size * big.seq_len == 2048 * 2048 and big.grad_accum == 16
