@@ -81,20 +81,25 @@ def versions() -> str:
     return f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
+def torch_bloom(config, seed: int = 0):
+    """transformers' PyTorch BloomForCausalLM of `config` with its own random init (seeded)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_config = transformers.BloomConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    return transformers.BloomForCausalLM(hf_config)
+
+
 def torch_and_ours(config, seed: int = 0):
     """transformers' PyTorch model (its own random init) and our (model, params) holding the same weights,
     passed through `save_pretrained` and our loader."""
     import tempfile
 
-    import torch
-    import transformers
-
     from bloom_jax.checkpoint import load_hf_params
     from bloom_jax.model import make_model
 
-    torch.manual_seed(seed)
-    hf_config = transformers.BloomConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
-    torch_model = transformers.BloomForCausalLM(hf_config).eval()
+    torch_model = torch_bloom(config, seed).eval()
     model = make_model(config)
     with tempfile.TemporaryDirectory() as directory:
         torch_model.save_pretrained(directory)

@@ -24,6 +24,7 @@ from common import (  # noqa: E402
     markdown_table,
     median_seconds,
     random_ids,
+    torch_bloom,
     torch_matmul_peak,
     versions,
 )
@@ -31,11 +32,8 @@ from common import (  # noqa: E402
 
 def torch_step_seconds(config, tokens, repeats: int) -> float:
     import torch
-    import transformers
 
-    torch.manual_seed(0)
-    hf_config = transformers.BloomConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
-    model = transformers.BloomForCausalLM(hf_config).train()
+    model = torch_bloom(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     ids = torch.as_tensor(tokens, dtype=torch.long)
 

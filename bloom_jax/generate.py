@@ -29,6 +29,7 @@ from jax import lax
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import BloomForCausalLM, to_decode_weights, unstack_layers
+from bloom_jax.tokenizer import left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,11 +337,9 @@ class Generator:
             raise BloomJaxError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the model's "
                                 f"length limit of {self.max_length} tokens")
         batch, length, room = bucket(len(prompt_ids), 1), bucket(longest), bucket(max_new_tokens)
-        ids_bs = np.full((batch, length), self.pad_token_id, np.int32)
-        mask_bs = np.zeros((batch, length), np.int32)
-        for row, ids in enumerate(prompt_ids):
-            ids_bs[row, length - len(ids):], mask_bs[row, length - len(ids):] = ids, 1
-        mask_bs[len(prompt_ids):, -1] = 1  # batch padding: one pad token each, done from the start
+        # Batch padding rows: one pad token each, done from the start.
+        padding_rows = [[self.pad_token_id]] * (batch - len(prompt_ids))
+        ids_bs, mask_bs = left_pad(list(prompt_ids) + padding_rows, length, self.pad_token_id)
         active_b = np.arange(batch) < len(prompt_ids)
         eos_k = np.asarray(self.eos_token_ids or (-1,), np.int32)  # -1: never produced, never stops
         with self._sharding():

@@ -70,13 +70,7 @@ class Tokenizer:
         length = longest if length is None else length
         if longest > length:
             raise BloomJaxError(f"a prompt has {longest} tokens, more than the length {length}")
-        ids_bs = np.full((len(encoded), length), self.pad_token_id, np.int32)
-        mask_bs = np.zeros((len(encoded), length), np.int32)
-        for row, ids in enumerate(encoded):
-            if ids:
-                ids_bs[row, length - len(ids):] = ids
-                mask_bs[row, length - len(ids):] = 1
-        return ids_bs, mask_bs
+        return left_pad(encoded, length, self.pad_token_id)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -110,6 +104,18 @@ def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, jsonl_f
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(iter_documents(paths, jsonl_field), trainer)
     return Tokenizer(tok, pad_token_id=3, eos_token_id=2)
+
+
+def left_pad(rows: list[list[int]], length: int, pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int32 [b, length], each row right-aligned after `pad_token_id`s, and the mask [b, length]
+    (1 = token). Rows must fit `length`."""
+    ids_bs = np.full((len(rows), length), pad_token_id, np.int32)
+    mask_bs = np.zeros((len(rows), length), np.int32)
+    for row, ids in enumerate(rows):
+        if ids:
+            ids_bs[row, length - len(ids):] = ids
+            mask_bs[row, length - len(ids):] = 1
+    return ids_bs, mask_bs
 
 
 class StreamDecoder:
