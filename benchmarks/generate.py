@@ -41,7 +41,8 @@ _TTFT_CHILD = """
 import json, sys, time
 import jax, numpy as np
 from bloom_jax.config import load_config
-from bloom_jax.generate import Generator, enable_compilation_cache
+from bloom_jax.generate import Generator
+from bloom_jax.runtime import enable_compilation_cache
 from bloom_jax.model import init_params, make_model
 name, prompt, weights, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 enable_compilation_cache(cache)

@@ -78,6 +78,9 @@ def main() -> None:
 
     from bloom_jax.config import load_config
     from bloom_jax.model import forward_flops
+    from bloom_jax.runtime import reuse_host_memory
+
+    reuse_host_memory()  # as `bloom-jax train` does; PyTorch, in this process, gets it too
 
     config = load_config(args.model)
     tokens = random_ids(config.vocab_size, args.batch, args.seq + 1)

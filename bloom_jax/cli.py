@@ -141,12 +141,14 @@ def _sampling_args(args: argparse.Namespace) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Completes prompts: text streamed to stdout, or one JSON object per prompt with --json."""
-    from bloom_jax.generate import Generator, Sampling, enable_compilation_cache
+    from bloom_jax.generate import Generator, Sampling
+    from bloom_jax.runtime import enable_compilation_cache, reuse_host_memory
 
     prompts = _read_prompts(args)
     sampling = _sampling_args(args)
     Sampling(**sampling)  # bad values fail here, before the model is loaded
     enable_compilation_cache(args.compilation_cache)
+    reuse_host_memory()
     mesh = None
     if args.mesh:
         from bloom_jax.sharding import make_mesh
@@ -182,9 +184,11 @@ def _write(text: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Trains or fine-tunes from a recipe; prints the last metrics as JSON."""
+    from bloom_jax.runtime import reuse_host_memory
     from bloom_jax.train import TrainConfig, Trainer
 
     cfg = TrainConfig.from_yaml(args.config, args.overrides)  # a bad recipe fails before JAX starts
+    reuse_host_memory()
     if args.multihost or args.coordinator or args.num_processes or args.process_id is not None:
         from bloom_jax.distributed import initialize
 
@@ -199,8 +203,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Perplexity of a checkpoint on text or JSONL files."""
+    from bloom_jax.runtime import reuse_host_memory
     from bloom_jax.train import evaluate
 
+    reuse_host_memory()
     result = evaluate(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                       max_batches=args.max_batches, jsonl_field=args.jsonl_field)
     print(json.dumps({"checkpoint": args.checkpoint, **result}))

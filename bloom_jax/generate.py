@@ -368,22 +368,5 @@ class Generator:
                     break
 
 
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
-    """Turns on JAX's persistent compilation cache in `directory`, or in $BLOOM_JAX_COMPILATION_CACHE when None;
-    every compiled program is kept, however fast it compiled. Returns the directory used (None: left off)."""
-    directory = directory or os.environ.get("BLOOM_JAX_COMPILATION_CACHE")
-    if not directory:
-        return None
-    directory = os.path.abspath(os.path.expanduser(str(directory)))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise BloomJaxError(f"cannot use {directory} as the compilation cache: {e.strerror}") from None
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return directory
-
-
 __all__ = ["Sampling", "init_cache", "process_logits", "prefill", "decode", "generate", "bucket", "Completion",
-           "TextPiece", "Generator", "enable_compilation_cache"]
+           "TextPiece", "Generator"]

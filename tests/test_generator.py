@@ -22,7 +22,7 @@ from bloom_jax.checkpoint import convert
 from bloom_jax.cli import main
 from bloom_jax.config import load_config
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.generate import Generator, TextPiece, bucket, decode, enable_compilation_cache, prefill
+from bloom_jax.generate import Generator, TextPiece, bucket, decode, prefill
 from bloom_jax.model import abstract_params, make_model, to_decode_weights, unstack_layers
 from bloom_jax.tokenizer import Tokenizer
 
@@ -410,42 +410,6 @@ def test_cli_prompt_beyond_the_length_limit(setup, gen, tmp_path, capsys, key):
     # Just within the limit: runs (batch, prompt and token buckets as elsewhere: nothing new to compile).
     code, out, _ = run_cli(capsys, limited, *prompt_flags(PROMPTS), "--max-new-tokens", 16 - n, "--json")
     assert code == 0 and all(len(json.loads(line)["completion_ids"]) <= 16 - n for line in out.splitlines())
-
-
-# -- compilation cache ------------------------------------------------------------------------------------------------
-CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes")
-
-
-@pytest.fixture
-def restore_cache_config():
-    before = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
-    yield before
-    for name, value in before.items():
-        jax.config.update(name, value)
-
-
-def test_enable_compilation_cache(tmp_path, monkeypatch, restore_cache_config):
-    monkeypatch.delenv("BLOOM_JAX_COMPILATION_CACHE", raising=False)
-    assert enable_compilation_cache() is None
-    assert jax.config.jax_compilation_cache_dir == restore_cache_config["jax_compilation_cache_dir"]
-
-    directory = tmp_path / "cache" / "nested"
-    assert enable_compilation_cache(directory) == str(directory)
-    assert jax.config.jax_compilation_cache_dir == str(directory) and directory.is_dir()
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-
-    from_env = tmp_path / "from_env"
-    monkeypatch.setenv("BLOOM_JAX_COMPILATION_CACHE", str(from_env))
-    assert enable_compilation_cache() == str(from_env) == jax.config.jax_compilation_cache_dir
-
-
-def test_enable_compilation_cache_on_a_file_is_a_clear_error(tmp_path, restore_cache_config):
-    path = tmp_path / "a_file"
-    path.write_text("")
-    with pytest.raises(BloomJaxError, match="cannot use .* as the compilation cache"):
-        enable_compilation_cache(path / "cache")
-    assert jax.config.jax_compilation_cache_dir == restore_cache_config["jax_compilation_cache_dir"]
 
 
 def test_tokenizer_of_the_converted_checkpoint_is_the_trained_one(setup):

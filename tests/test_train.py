@@ -37,8 +37,8 @@ from bloom_jax import BloomJaxError, Generator, from_pretrained, hf
 from bloom_jax.cli import main
 from bloom_jax.config import configs_dir, load_config
 from bloom_jax.data import expand_files, load_corpus, split_documents
-from bloom_jax.generate import enable_compilation_cache
 from bloom_jax.model import abstract_params, forward_flops, make_model
+from bloom_jax.runtime import enable_compilation_cache
 from bloom_jax.sharding import fit_rules, load_rules, logical_to_sharding, make_mesh, param_shardings
 from bloom_jax.tokenizer import Tokenizer
 from bloom_jax.train import (
