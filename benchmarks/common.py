@@ -28,6 +28,21 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each `fns` entry, the entries run in turn `repeats` times (after `warmup` rounds), so
+    that a shared machine's slow spells fall on all of them alike and their ratios hold."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def jax_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
     """fp32 FLOP/s of a jitted n^3 matmul, measured now (the physical limit the model is compared to)."""
     import jax
@@ -40,8 +55,8 @@ def jax_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / seconds
 
 
-def jax_memory_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Bytes/s of a jitted fp32 matrix-vector product over a `gib` GiB matrix, measured now: the speed at which
+def jax_matvec(gib: float = 1.0) -> tuple[Callable[[], object], int]:
+    """A jitted fp32 matrix-vector product over a `gib` GiB matrix, and the matrix's bytes: the speed at which
     XLA streams weights from memory, the limit of decoding one token."""
     import jax
     import jax.numpy as jnp
@@ -50,8 +65,7 @@ def jax_memory_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     matrix = jnp.ones((int(gib * 2**30) // (4 * cols), cols), jnp.float32)
     vector = jnp.ones((cols,), jnp.float32)
     matvec = jax.jit(lambda m, v: m @ v)
-    seconds = median_seconds(lambda: matvec(matrix, vector).block_until_ready(), repeats)
-    return matrix.nbytes / seconds
+    return lambda: matvec(matrix, vector).block_until_ready(), matrix.nbytes
 
 
 def torch_matmul_peak(n: int = 4096, repeats: int = 5) -> float:

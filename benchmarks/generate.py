@@ -1,13 +1,16 @@
 """Generation: our decode loop beside transformers' PyTorch `generate` on the same weights, and the roofline.
 
     python benchmarks/generate.py [--model bloom-560m] [--prompt 32] [--new 64] [--batches 1,8]
-                                  [--weights float32,bfloat16,int8] [--repeats 3]
+                                  [--weights float32,bfloat16,int8] [--repeats 5]
 
 Random prompts of `--prompt` tokens, `--new` new tokens each (EOS disabled so every run makes all of them), greedy,
-KV cache on both sides. For each batch size and decode weight format, prints (stdout, markdown):
+KV cache on both sides. PyTorch and each of our formats run in turn, `--repeats` rounds, so that a shared
+machine's slow spells fall on all alike; medians. Freed memory is kept mapped (`reuse_host_memory`, as
+`bloom-jax generate` does) for both. For each batch size and decode weight format, prints (stdout, markdown):
 - new tokens/s end to end (prefill included), as PyTorch's `generate` is timed, and the ratio to PyTorch;
 - the decode step alone (time of `--new` tokens minus time of 1, per step) beside the roofline: the bytes of
-  weights one step reads, over the memory bandwidth measured now (a matrix-vector product over 1 GiB);
+  weights one step reads, over the memory bandwidth measured in the same rounds (a matrix-vector product
+  over 1 GiB);
 - the quality of each weight format against float32: top-1 agreement of the next-token logits and the largest
   logit error over the largest logit, on every position of 4 random prompts;
 - time to first token of a fresh process (compile included): cold, then from the persistent compilation cache.
@@ -22,15 +25,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    jax_memory_bandwidth,
+    interleaved_medians,
+    jax_matvec,
     log,
     machine,
     markdown_table,
-    median_seconds,
     random_ids,
     torch_and_ours,
     versions,
@@ -71,7 +75,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--weights", default="float32,bfloat16,int8", help="decode weight formats to run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token child processes")
     parser.add_argument("--ttft-only", action="store_true", help="only the time-to-first-token child processes")
     args = parser.parse_args()
@@ -82,6 +86,9 @@ def main() -> None:
 
     from bloom_jax.config import load_config
     from bloom_jax.generate import Generator, generate
+    from bloom_jax.runtime import reuse_host_memory
+
+    reuse_host_memory()  # as `bloom-jax generate` does; both sides run with it
 
     weight_formats = args.weights.split(",")
     if args.ttft_only:
@@ -90,8 +97,8 @@ def main() -> None:
     config = load_config(args.model)
     log(f"building {args.model} with random weights (PyTorch init, copied to ours)")
     torch_model, model, params = torch_and_ours(config)
-    log("measuring the memory bandwidth")
-    bandwidth = jax_memory_bandwidth()
+    matvec, matvec_bytes = jax_matvec()
+    bandwidths = []
     generators = {}
     for weights in weight_formats:
         generators[weights] = Generator(model, params, decode_weights=weights)
@@ -102,23 +109,29 @@ def main() -> None:
         ids = random_ids(config.vocab_size, batch, args.prompt)
         mask = np.ones_like(ids)
         ids_t, mask_t = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
-        log(f"batch {batch}: transformers PyTorch generate")
-        with torch.inference_mode():
-            theirs = median_seconds(lambda: torch_model.generate(
-                input_ids=ids_t, attention_mask=mask_t, max_new_tokens=args.new, min_new_tokens=args.new,
-                do_sample=False, use_cache=True, pad_token_id=3), args.repeats)
-        theirs_rate = batch * args.new / theirs
+
+        def theirs() -> None:
+            with torch.inference_mode():
+                torch_model.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=args.new,
+                                     min_new_tokens=args.new, do_sample=False, use_cache=True, pad_token_id=3)
+
+        def ours(gen: Generator, new: int) -> Callable[[], None]:
+            return lambda: np.asarray(generate(gen.model, gen.params, ids, mask, max_new_tokens=new,
+                                               eos_token_id=-1))
+
+        runs = {"PyTorch": theirs, "matvec": matvec}
+        for weights, gen in generators.items():
+            runs[f"{weights} all"], runs[f"{weights} first"] = ours(gen, args.new), ours(gen, 1)
+        log(f"batch {batch}: transformers PyTorch generate and ours ({', '.join(generators)}), in turn")
+        seconds = interleaved_medians(runs, args.repeats)
+        bandwidth = matvec_bytes / seconds["matvec"]
+        bandwidths.append(f"{bandwidth / 1e9:.1f} GB/s (batch {batch} rounds)")
+        theirs_rate = batch * args.new / seconds["PyTorch"]
         rows.append([str(batch), "PyTorch fp32", f"{theirs_rate:.1f}", "1.00x", "", "", "", ""])
         float32_rate = None
         for weights, gen in generators.items():
-            log(f"batch {batch}: ours, {weights} weights")
-
-            def run(new: int, gen=gen) -> None:
-                np.asarray(generate(gen.model, gen.params, ids, mask, max_new_tokens=new, eos_token_id=-1))
-
-            total = median_seconds(lambda: run(args.new), args.repeats)
-            first = median_seconds(lambda: run(1), args.repeats)
-            step = (total - first) / (args.new - 1)
+            total = seconds[f"{weights} all"]
+            step = (total - seconds[f"{weights} first"]) / (args.new - 1)
             weight_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.params))
             roofline_step = weight_bytes / bandwidth
             rate = batch * args.new / total
@@ -130,7 +143,8 @@ def main() -> None:
     print(f"Generation, {args.model} architecture, random weights, prompt {args.prompt}, {args.new} new tokens, "
           f"greedy, median of {args.repeats} runs")
     print(f"Machine: {machine()}; {versions()}")
-    print(f"Memory bandwidth measured now (fp32 matrix-vector product, 1 GiB): {bandwidth / 1e9:.1f} GB/s\n")
+    print(f"Memory bandwidth measured in the same rounds (fp32 matrix-vector product, 1 GiB): "
+          f"{', '.join(bandwidths)}\n")
     print(markdown_table(["batch", "weights", "new tok/s", "vs PyTorch", "vs our fp32", "decode step ms",
                           "roofline step ms", "of roofline"], rows))
 

@@ -94,14 +94,33 @@ def process_logits(logits_bv: jax.Array, seen_bv: jax.Array | None = None, tempe
     return logits_bv
 
 
+def argmax_last(x_bv: jax.Array, block: int = 1024) -> jax.Array:
+    """`jnp.argmax(x_bv, axis=-1)` as int32 [b] (the first maximum), in two passes. Rows holding NaN get an
+    unspecified index (XLA:CPU's max reduction drops NaN); NaN logits leave no right token anyway.
+
+    XLA:CPU's argmax is a variadic (value, index) reduction that does not vectorise: over BLOOM's 250,880 logits
+    it took 1.2 ms at batch 1 and 4.9 ms at batch 8, against 0.1 and 1.7 ms for a max over blocks of `block`
+    entries, then an argmax over the block maxima and one within the winning block.
+    """
+    b, v = x_bv.shape
+    block = min(block, v)
+    blocks = -(-v // block)
+    if blocks * block != v:  # -inf padding is never picked before a real entry (first index wins ties)
+        x_bv = jnp.pad(x_bv, ((0, 0), (0, blocks * block - v)), constant_values=-jnp.inf)
+    x_bkc = x_bv.reshape(b, blocks, block)
+    best_b = jnp.argmax(jnp.max(x_bkc, axis=-1), axis=-1)
+    best_bc = jnp.take_along_axis(x_bkc, best_b[:, None, None], axis=1)[:, 0]
+    return (best_b * block + jnp.argmax(best_bc, axis=-1)).astype(jnp.int32)
+
+
 def _pick(logits_bv: jax.Array, seen_bv: jax.Array | None, key: jax.Array, sampling: Sampling) -> jax.Array:
     """The next token int32 [b]."""
     if sampling.greedy:
-        logits_bv = process_logits(logits_bv, seen_bv, repetition_penalty=sampling.repetition_penalty)
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return argmax_last(process_logits(logits_bv, seen_bv, repetition_penalty=sampling.repetition_penalty))
     logits_bv = process_logits(logits_bv, seen_bv, sampling.temperature, sampling.top_k, sampling.top_p,
                                sampling.repetition_penalty)
-    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+    # jax.random.categorical's Gumbel-max draw, with the fast argmax: the same tokens for the same key.
+    return argmax_last(logits_bv + jax.random.gumbel(key, logits_bv.shape, logits_bv.dtype))
 
 
 def _mark_seen(seen_bv: jax.Array | None, ids_bs: jax.Array) -> jax.Array | None:
@@ -368,5 +387,5 @@ class Generator:
                     break
 
 
-__all__ = ["Sampling", "init_cache", "process_logits", "prefill", "decode", "generate", "bucket", "Completion",
-           "TextPiece", "Generator"]
+__all__ = ["Sampling", "init_cache", "process_logits", "argmax_last", "prefill", "decode", "generate", "bucket",
+           "Completion", "TextPiece", "Generator"]
