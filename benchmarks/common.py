@@ -28,9 +28,9 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each `fns` entry, the entries run in turn `repeats` times (after `warmup` rounds), so
-    that a shared machine's slow spells fall on all of them alike and their ratios hold."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each `fns` entry, the entries run in turn `repeats` times (after `warmup` rounds), so that a
+    shared machine's slow spells fall on all of them alike and their ratios hold."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -40,7 +40,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def jax_matmul_peak(n: int = 4096, repeats: int = 5) -> float:

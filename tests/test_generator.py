@@ -22,7 +22,7 @@ from bloom_jax.checkpoint import convert
 from bloom_jax.cli import main
 from bloom_jax.config import load_config
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.generate import Generator, TextPiece, bucket, decode, prefill
+from bloom_jax.generate import Generator, Sampling, TextPiece, bucket, decode, prefill
 from bloom_jax.model import abstract_params, make_model, to_decode_weights, unstack_layers
 from bloom_jax.tokenizer import Tokenizer
 
@@ -304,6 +304,22 @@ def test_decode_weights_have_the_model_shapes(random_tiny, weights, scan_layers)
     assert kernel.dtype == jnp.dtype(weights)  # out-major, in the format's dtype
     assert ("scale" in layer["mlp"]["dense_h_to_4h"]) == (weights == "int8")
     assert ("scale" in converted["word_embeddings"]) == (weights == "int8")
+
+
+
+def test_the_decode_loop_converts_only_the_embedding_rows_it_reads(random_tiny):
+    """XLA:CPU once turned the gather from a bf16 table into a float32 copy of the whole table, made before the
+    loop on every call (1 GB and 0.3 s for bloom-560m); the rows are now gathered as raw bits."""
+    model, params, *_ = random_tiny
+    gen = Generator(model, params, decode_weights="bfloat16")
+    ids = np.ones((1, 4), np.int32)
+    sampling = Sampling()
+    state = prefill(gen.model, gen.params, ids, np.ones_like(ids), np.ones(1, bool), jax.random.key(0),
+                    np.array([2], np.int32), 3, sampling, 4)
+    hlo = decode.lower(gen.model, gen.params, state, 4, sampling).compile().as_text()
+    cfg = model.config
+    table = f"[{cfg.vocab_size},{cfg.hidden_size}]"
+    assert f"bf16{table}" in hlo and f"f32{table}" not in hlo
 
 
 # -- the generate command -----------------------------------------------------------------------------------------
