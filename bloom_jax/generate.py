@@ -7,9 +7,9 @@ Two layers:
   compiled shape), runs the decode loop whole or one token at a time for streaming (`stream`, or `generate` with
   `on_text`), and decodes the output.
 
-The cache holds keys and values [layers, b, n, T, h] (per-layer arrays for an unrolled model, updated in place),
-for T = prompt length + new tokens, the key mask [b, T] (ALiBi positions count its ones, so left padding and
-cached tokens get the positions transformers gives them) and the next write index.
+The cache holds keys and values [layers, b*n, T, h] (batch and heads merged, batch-major; per-layer arrays for an
+unrolled model, updated in place), for T = prompt length + new tokens, the key mask [b, T] (ALiBi positions count
+its ones, so left padding and cached tokens get the positions transformers gives them) and the next write index.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ class Sampling:
 
 
 def init_cache(config: BloomConfig, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False) -> dict:
-    """An empty cache for `batch` sequences of up to `length` tokens: keys and values stacked [l, b, n, T, h],
-    or (`per_layer`, for unrolled models) tuples of l arrays [b, n, T, h]."""
-    shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
+    """An empty cache for `batch` sequences of up to `length` tokens: keys and values stacked [l, b*n, T, h]
+    (batch and heads merged, batch-major), or (`per_layer`, for unrolled models) tuples of l arrays [b*n, T, h]."""
+    shape = (config.n_layer, batch * config.n_head, length, config.head_dim)
     if per_layer:
         k = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.n_layer))
         v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.n_layer))
@@ -269,18 +269,18 @@ class Generator:
         model, params = from_pretrained(path, mesh=mesh, dtype=dtype, scan_layers=False)
         return cls(model, params, read_tokenizer(path), decode_weights, mesh)
 
-    def _sharding(self) -> contextlib.AbstractContextManager:
-        """The mesh and logical rules around compiled calls (nothing without a mesh)."""
+    def _sharding(self, batch: int) -> contextlib.AbstractContextManager:
+        """The mesh and logical rules around compiled calls on `batch` rows (nothing without a mesh)."""
         if self.mesh is None:
             return contextlib.nullcontext()
         import flax.linen as nn
 
-        from bloom_jax.sharding import fit_rules, load_rules
+        from bloom_jax.sharding import fit_batch, fit_rules, load_rules
 
         rules = load_rules(self.rules) if isinstance(self.rules, str) else self.rules
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(list(fit_rules(rules, self.mesh))))
+        stack.enter_context(nn.logical_axis_rules(list(fit_batch(fit_rules(rules, self.mesh), self.mesh, batch))))
         return stack
 
     @property
@@ -361,7 +361,7 @@ class Generator:
         ids_bs, mask_bs = left_pad(list(prompt_ids) + padding_rows, length, self.pad_token_id)
         active_b = np.arange(batch) < len(prompt_ids)
         eos_k = np.asarray(self.eos_token_ids or (-1,), np.int32)  # -1: never produced, never stops
-        with self._sharding():
+        with self._sharding(batch):
             state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
                             self.pad_token_id, sampling, room)
         done = ~active_b
@@ -374,10 +374,10 @@ class Generator:
                 done = done | np.isin(tokens_b, eos_k)
                 if step >= max_new_tokens or done.all():
                     return
-                with self._sharding():
+                with self._sharding(batch):
                     state = decode(self.model, self.params, state, step + 1, sampling)
                 step += 1
-        with self._sharding():
+        with self._sharding(batch):
             state = decode(self.model, self.params, state, max_new_tokens, sampling)
         tokens_bn = np.asarray(state["tokens_bn"])[:, :max_new_tokens]
         for row in range(len(prompt_ids)):

@@ -25,7 +25,9 @@ from bloom_jax.errors import BloomJaxError
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
 ACT_BSD = ("activation_batch", "activation_length", "activation_embed")
-KV_CACHE_AXES = ("activation_batch", "activation_heads", None, None)  # a layer's keys or values [b, n, T, h]
+# A layer's cached keys or values [b*n, T, h]: batch and heads merged, batch-major (as transformers' BLOOM lays
+# out its keys); the rules shard that axis over the batch's mesh axes, then the heads'.
+KV_CACHE_AXES = ("activation_batch_heads", None, None)
 
 # jax.checkpoint policies by name; "none" means no rematerialisation at all.
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -287,9 +289,9 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array, deterministic: bool,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
-        """Attention output [b, s, d]; with `kv_cache` (keys, values [b, n, T, h]) the new keys and values are
-        written at `cache_index`, attention runs over all T cached positions, and the updated cache is returned
-        as a second output."""
+        """Attention output [b, s, d]; with `kv_cache` (keys, values [b*n, T, h], batch-major) the new keys and
+        values are written at `cache_index`, attention runs over all T cached positions, and the updated cache is
+        returned as a second output."""
         cfg = self.config
         d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
@@ -300,22 +302,33 @@ class Attention(nn.Module):
         # [b, s, n, h] slices (measured at 1x128 and 8x128 for the bloom-560m shapes).
         qkv_3bnsh = jnp.transpose(qkv_bsn3h, (3, 0, 2, 1, 4))
         q_bnsh, k_bnth, v_bnth = qkv_3bnsh[0], qkv_3bnsh[1], qkv_3bnsh[2]
-        if kv_cache is not None:
-            start = (0, 0, cache_index, 0)
-            k_bnth = lax.dynamic_update_slice(kv_cache[0], k_bnth.astype(kv_cache[0].dtype), start)
-            v_bnth = lax.dynamic_update_slice(kv_cache[1], v_bnth.astype(kv_cache[1].dtype), start)
+        b, _, s, _ = q_bnsh.shape
+        if kv_cache is None:
+            scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k_bnth, preferred_element_type=jnp.float32)
+        else:
+            # The cache merges batch and heads [b*n, T, h]: with [b, n, T, h] at batch 1, XLA:CPU squeezed the
+            # size-1 axis for the matmuls and, to do so, copied every layer's cache several times per token
+            # (10% of a decode step).
+            start = (0, cache_index, 0)
+            k_zth = lax.dynamic_update_slice(kv_cache[0], k_bnth.reshape(b * n, s, h).astype(kv_cache[0].dtype),
+                                             start)
+            v_zth = lax.dynamic_update_slice(kv_cache[1], v_bnth.reshape(b * n, s, h).astype(kv_cache[1].dtype),
+                                             start)
             # The cache is sharded as the attention heads are (batch over the data axes, heads over tensor).
-            k_bnth = nn.with_logical_constraint(k_bnth, KV_CACHE_AXES)
-            v_bnth = nn.with_logical_constraint(v_bnth, KV_CACHE_AXES)
-            kv_cache = (k_bnth, v_bnth)
-            k_bnth, v_bnth = k_bnth.astype(self.dtype), v_bnth.astype(self.dtype)
-
-        scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k_bnth, preferred_element_type=jnp.float32)
+            kv_cache = (nn.with_logical_constraint(k_zth, KV_CACHE_AXES),
+                        nn.with_logical_constraint(v_zth, KV_CACHE_AXES))
+            k_zth, v_zth = (c.astype(self.dtype) for c in kv_cache)
+            scores_bnst = jnp.einsum("zsh,zth->zst", q_bnsh.reshape(b * n, s, h), k_zth,
+                                     preferred_element_type=jnp.float32).reshape(b, n, s, -1)
         scores_bnst = scores_bnst * (1.0 / math.sqrt(h)) + alibi_bn1t
         scores_bnst = jnp.where(mask_b1st, scores_bnst, jnp.finfo(jnp.float32).min)
         probs_bnst = jax.nn.softmax(scores_bnst, axis=-1).astype(self.dtype)
         probs_bnst = nn.Dropout(cfg.attention_dropout)(probs_bnst, deterministic=deterministic)
-        context_bsnh = jnp.einsum("bnst,bnth->bnsh", probs_bnst, v_bnth).transpose(0, 2, 1, 3)
+        if kv_cache is None:
+            context_bnsh = jnp.einsum("bnst,bnth->bnsh", probs_bnst, v_bnth)
+        else:
+            context_bnsh = jnp.einsum("zst,zth->zsh", probs_bnst.reshape(b * n, s, -1), v_zth).reshape(b, n, s, h)
+        context_bsnh = context_bnsh.transpose(0, 2, 1, 3)
 
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
         out_bsd = Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp, dtype=self.dtype,
@@ -429,8 +442,8 @@ class BloomForCausalLM(nn.Module):
                                                (0, index))
             alibi_bn1t = alibi_bias(mask_bt, cfg.n_head)
             mask_b1st = causal_padding_mask(mask_bt, input_ids_bs.shape[1], index)
-            x_bsd, k_lbnth, v_lbnth = self._cached_blocks(deterministic, x_bsd, alibi_bn1t, mask_b1st, cache)
-            cache = {"k": k_lbnth, "v": v_lbnth, "mask": mask_bt, "index": index + input_ids_bs.shape[1]}
+            x_bsd, k_lzth, v_lzth = self._cached_blocks(deterministic, x_bsd, alibi_bn1t, mask_b1st, cache)
+            cache = {"k": k_lzth, "v": v_lzth, "mask": mask_bt, "index": index + input_ids_bs.shape[1]}
 
         if last_only:
             x_bsd = x_bsd[:, -1:]
@@ -443,9 +456,9 @@ class BloomForCausalLM(nn.Module):
     def _cached_blocks(self, deterministic, x_bsd, alibi_bn1t, mask_b1st, cache):
         blocks = self._blocks(deterministic, with_cache=True)
         if self.scan_layers:
-            x_bsd, (k_lbnth, v_lbnth) = blocks[0](x_bsd, alibi_bn1t, mask_b1st, (cache["k"], cache["v"]),
-                                                  cache["index"])
-            return x_bsd, k_lbnth, v_lbnth
+            x_bsd, (k_lzth, v_lzth) = blocks[0](x_bsd, alibi_bn1t, mask_b1st, (cache["k"], cache["v"]),
+                                                cache["index"])
+            return x_bsd, k_lzth, v_lzth
         ks, vs = [], []
         for i, block in enumerate(blocks):
             x_bsd, (k, v) = block(x_bsd, alibi_bn1t, mask_b1st, (cache["k"][i], cache["v"][i]), cache["index"])

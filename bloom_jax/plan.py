@@ -22,7 +22,7 @@ import optax
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import abstract_params, make_model
-from bloom_jax.sharding import fit_rules, load_rules, make_mesh, mesh_spec_sizes, param_shardings
+from bloom_jax.sharding import fit_batch, fit_rules, load_rules, make_mesh, mesh_spec_sizes, param_shardings
 from bloom_jax.train import TrainConfig, make_optimizer, optimizer_shardings
 
 # Device memory per chip, GiB.
@@ -72,12 +72,8 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
     shardings = param_shardings(model, mesh, rule_set)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           nn.unbox(abstract_params(model)), shardings)
+    rule_set = fit_batch(rule_set, mesh, batch)  # generation at batch 1: every data shard sees the whole batch
     batch_axes = dict(rule_set)["activation_batch"]
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    if batch % max(1, math.prod(mesh.shape[a] for a in axes)):
-        # A batch smaller than the data shards (generation at batch 1): every shard sees the whole batch.
-        batch_axes = None
-        rule_set = tuple((k, None if k == "activation_batch" else v) for k, v in rule_set)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding)
 
@@ -107,8 +103,8 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         # One decode step of a batch whose KV cache holds `seq` positions (the memory high point of generation).
         from bloom_jax.generate import init_cache
 
-        tensor = "tensor" if "tensor" in mesh.axis_names else None
-        kv_spec = jax.sharding.PartitionSpec(None, batch_axes, tensor, None, None)
+        # Keys and values [layers, b*n, T, h], the merged axis sharded as the rules say.
+        kv_spec = jax.sharding.PartitionSpec(None, dict(rule_set)["activation_batch_heads"], None, None)
         row_spec = jax.sharding.PartitionSpec(batch_axes)
         cache_shardings = {"k": kv_spec, "v": kv_spec, "mask": row_spec, "index": jax.sharding.PartitionSpec()}
         cache = jax.eval_shape(lambda: init_cache(config, batch, seq, jnp.bfloat16))

@@ -95,6 +95,19 @@ def fit_rules(rules: Rules, mesh: Mesh) -> Rules:
     return tuple(fitted)
 
 
+def fit_batch(rules: Rules, mesh: Mesh, batch: int) -> Rules:
+    """`rules` (fitted to `mesh`) for a batch of `batch` rows. A batch that does not divide over the batch's mesh
+    axes (generation at batch 1 on a data-parallel mesh) is replicated, and the KV cache's batch x heads axis is
+    then split as the heads alone."""
+    by_name = dict(rules)
+    axes = by_name.get("activation_batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if batch % math.prod(mesh.shape[a] for a in axes) == 0:
+        return rules
+    replace = {"activation_batch": None, "activation_batch_heads": by_name.get("activation_heads")}
+    return tuple((name, replace.get(name, value)) for name, value in rules)
+
+
 def logical_to_sharding(specs: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a pytree of logical PartitionSpecs."""
     return nn.logical_to_mesh_sharding(specs, mesh, list(fit_rules(rules, mesh)))

@@ -123,6 +123,32 @@ def test_greedy_equals_transformers_through_the_buckets(setup, plain, gen, which
     assert not generator.model.scan_layers  # the unrolled layout, whatever was stored
 
 
+
+@pytest.mark.parametrize("spec", ["data=2,tensor=4", "fsdp=4,tensor=2"])
+def test_sharded_generation_equals_transformers(setup, spec):
+    from bloom_jax.sharding import make_mesh
+
+    mesh = make_mesh(spec)
+    generator = Generator.from_pretrained(setup["converted"], decode_weights="float32", mesh=mesh)
+    completions = generator.generate(setup["prompts"], max_new_tokens=NEW_TOKENS)
+    assert [c.completion_ids for c in completions] == [until_eos(row, EOS) for row in setup["expected"]]
+    # One prompt: a batch of 1 cannot be split over the data axes; the rules then split the cache by heads alone.
+    (alone,) = generator.generate(setup["prompts"][:1], max_new_tokens=NEW_TOKENS)
+    assert alone.completion_ids == completions[0].completion_ids
+
+    # The KV cache is split over all 8 devices along its batch x heads axis: 4 rows (3 prompts in the bucket)
+    # x 8 heads, over the batch's mesh axis (data or fsdp), then tensor (heads).
+    ids, mask = setup["ids"], setup["mask"]
+    padded_ids = np.concatenate([ids, np.full((1, ids.shape[1]), 3, ids.dtype)])
+    padded_mask = np.concatenate([mask, np.ones((1, mask.shape[1]), mask.dtype)])
+    with generator._sharding(4):
+        state = prefill(generator.model, generator.params, padded_ids, padded_mask, np.ones(4, bool),
+                        jax.random.key(0), np.array([EOS], np.int32), 3, Sampling(), NEW_TOKENS)
+    keys_zth = state["cache"]["k"][0]
+    assert keys_zth.shape[0] == 4 * setup["config"].n_head
+    assert keys_zth.sharding.shard_shape(keys_zth.shape) == (keys_zth.shape[0] // 8, *keys_zth.shape[1:])
+
+
 def test_eos_stops_a_sequence_like_transformers(setup, plain):
     expected = setup["expected"]
     row0 = expected[0].tolist()

@@ -82,6 +82,6 @@ def test_generate_plan_holds_the_kv_cache():
     config = tiny_config()
     short = plan_step(config, "data=2,tensor=4", "generate", batch=2, seq=16)
     long = plan_step(config, "data=2,tensor=4", "generate", batch=2, seq=272)
-    # Keys and values [layers, b, n, T, h] in bf16, split over data (batch) and tensor (heads).
+    # Keys and values [layers, b*n, T, h] in bf16, split over data (batch) and tensor (heads).
     cache_bytes_per_position = 2 * config.n_layer * 2 * config.n_head * config.head_dim * 2 // 8
     assert long.argument_bytes - short.argument_bytes == pytest.approx(256 * cache_bytes_per_position, rel=0.05)

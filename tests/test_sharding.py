@@ -18,6 +18,8 @@ from bloom_jax import BloomJaxError
 from bloom_jax.checkpoint import convert, from_pretrained
 from bloom_jax.model import make_model
 from bloom_jax.sharding import (
+    fit_batch,
+    fit_rules,
     init_sharded,
     load_rules,
     make_mesh,
@@ -66,6 +68,25 @@ def test_rule_presets():
         assert {"vocab", "embed", "heads", "mlp", "layers", "activation_batch"} <= set(rules)
     with pytest.raises(BloomJaxError, match="no sharding rules named 'pipeline'"):
         load_rules("pipeline")
+
+
+@pytest.mark.parametrize("name", ["data_parallel", "fsdp", "tensor", "fsdp_tensor"])
+def test_the_kv_cache_axis_splits_as_batch_then_heads(name):
+    rules = dict(load_rules(name))
+    as_tuple = lambda axes: (axes,) if isinstance(axes, str) else tuple(axes or ())  # noqa: E731
+    assert as_tuple(rules["activation_batch_heads"]) == \
+        as_tuple(rules["activation_batch"]) + as_tuple(rules["activation_heads"])
+
+
+def test_fit_batch_replicates_a_batch_the_data_axes_do_not_divide():
+    mesh = make_mesh("data=2,tensor=4")
+    rules = fit_rules(load_rules("fsdp_tensor"), mesh)
+    assert fit_batch(rules, mesh, 4) == rules
+    assert dict(rules)["activation_batch_heads"] == ("slice", "data", "fsdp", "tensor")
+    alone = dict(fit_batch(rules, mesh, 1))  # generation at batch 1
+    assert alone["activation_batch"] is None and alone["activation_batch_heads"] == "tensor"
+    assert {k: v for k, v in alone.items() if not k.startswith("activation_batch")} == \
+        {k: v for k, v in dict(rules).items() if not k.startswith("activation_batch")}
 
 
 def test_indivisible_heads_are_a_clear_error():
