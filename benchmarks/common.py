@@ -28,15 +28,18 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      pause: float = 0.5) -> dict[str, list[float]]:
     """Wall times of each `fns` entry, the entries run in turn `repeats` times (after `warmup` rounds), so that a
-    shared machine's slow spells fall on all of them alike and their ratios hold."""
+    shared machine's slow spells fall on all of them alike and their ratios hold. Each run starts `pause` seconds
+    after the last: PyTorch's OpenMP threads spin for a while after their work, on the cores the next run needs."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(pause)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

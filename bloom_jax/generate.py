@@ -113,8 +113,8 @@ def argmax_last(x_bv: jax.Array, block: int = 1024) -> jax.Array:
     return (best_b * block + jnp.argmax(best_bc, axis=-1)).astype(jnp.int32)
 
 
-def _pick(logits_bv: jax.Array, seen_bv: jax.Array | None, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """The next token int32 [b]."""
+def _pick(logits_bv: jax.Array, seen_bv: jax.Array | None, key: jax.Array | None, sampling: Sampling) -> jax.Array:
+    """The next token int32 [b] (`key` None when greedy)."""
     if sampling.greedy:
         return argmax_last(process_logits(logits_bv, seen_bv, repetition_penalty=sampling.repetition_penalty))
     logits_bv = process_logits(logits_bv, seen_bv, sampling.temperature, sampling.top_k, sampling.top_p,
@@ -148,7 +148,7 @@ def prefill(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention_
         seen_bv = _mark_seen(jnp.zeros((batch, model.config.vocab_size), jnp.bool_), input_ids_bs)
     logits_b1v, cache = model.apply({"params": params}, input_ids_bs, attention_mask_bs, cache=cache,
                                     last_only=True)
-    rng, key = jax.random.split(rng)
+    rng, key = (rng, None) if sampling.greedy else jax.random.split(rng)
     token_b = jnp.where(active_b, _pick(logits_b1v[:, -1], seen_bv, key, sampling), pad_token_id)
     tokens_bn = jnp.full((batch, new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token_b)
     return {"tokens_bn": tokens_bn, "step": jnp.int32(1), "token_b": token_b,
@@ -170,7 +170,8 @@ def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, 
     def body(state):
         logits_b1v, cache = model.apply({"params": params}, state["token_b"][:, None],
                                         jnp.ones((batch, 1), jnp.int32), cache=state["cache"], last_only=True)
-        rng, key = jax.random.split(state["rng"])
+        # Greedy draws nothing: no key split (XLA:CPU runs threefry as a loop of its own, every token).
+        rng, key = (state["rng"], None) if sampling.greedy else jax.random.split(state["rng"])
         picked_b = _pick(logits_b1v[:, -1], state["seen_bv"], key, sampling)
         token_b = jnp.where(state["done_b"], state["pad"], picked_b)
         tokens_bn = lax.dynamic_update_slice(state["tokens_bn"], token_b[:, None], (0, state["step"]))
