@@ -256,15 +256,11 @@ class Embed(nn.Module):
 
     def __call__(self, ids_bs: jax.Array) -> jax.Array:
         """Embeddings [b, s, d] in the compute dtype."""
-        table_vd = self.embedding
-        if jnp.issubdtype(table_vd.dtype, jnp.floating) and table_vd.dtype.itemsize < 4:
-            # Gather the raw bits: given a bf16 table, XLA:CPU converts all of it to float32 before the gather,
-            # and in the decode loop hoists that out of the loop: 1 GB written per call for BLOOM's vocabulary.
-            bits_vd = lax.bitcast_convert_type(table_vd, jnp.dtype(f"uint{8 * table_vd.dtype.itemsize}"))
-            rows_bsd = lax.bitcast_convert_type(jnp.take(bits_vd, ids_bs, axis=0), table_vd.dtype)
-        else:
-            rows_bsd = jnp.take(table_vd, ids_bs, axis=0)
-        rows_bsd = rows_bsd.astype(jnp.float32)
+        # XLA:CPU gathers from a bf16 table through float32. Unbarriered, the decode loop hoisted that convert of
+        # the whole table out of the loop: 0.3 s and 1 GB on every call for BLOOM's vocabulary. Tied to the ids,
+        # the table stays in the loop, where the convert fuses into the gather of the rows read.
+        table_vd, ids_bs = lax.optimization_barrier((self.embedding, ids_bs))
+        rows_bsd = jnp.take(table_vd, ids_bs, axis=0).astype(jnp.float32)
         if self.scale is not None:
             rows_bsd = rows_bsd * jnp.take(self.scale, ids_bs, axis=0)[..., None]
         return rows_bsd.astype(self.dtype)
