@@ -246,7 +246,11 @@ class Generator:
                  mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor"):
         """`mesh` and `rules`: where `params` are sharded, and the rules that also shard the KV cache and the
         activations (a preset of configs/sharding or (logical, mesh axes) pairs)."""
-        self.mesh, self.rules = mesh, rules
+        self.mesh, self.rules = mesh, None
+        if mesh is not None:  # read once: `_sharding` runs before every compiled call, per token when streaming
+            from bloom_jax.sharding import fit_rules, load_rules
+
+            self.rules = fit_rules(load_rules(rules) if isinstance(rules, str) else tuple(rules), mesh)
         if model.scan_layers:
             model, params = model.clone(scan_layers=False), unstack_layers(params)
         if decode_weights is not None:
@@ -276,12 +280,11 @@ class Generator:
             return contextlib.nullcontext()
         import flax.linen as nn
 
-        from bloom_jax.sharding import fit_batch, fit_rules, load_rules
+        from bloom_jax.sharding import fit_batch
 
-        rules = load_rules(self.rules) if isinstance(self.rules, str) else self.rules
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(list(fit_batch(fit_rules(rules, self.mesh), self.mesh, batch))))
+        stack.enter_context(nn.logical_axis_rules(list(fit_batch(self.rules, self.mesh, batch))))
         return stack
 
     @property

@@ -124,7 +124,6 @@ def test_greedy_equals_transformers_through_the_buckets(setup, plain, gen, which
     assert not generator.model.scan_layers  # the unrolled layout, whatever was stored
 
 
-
 @pytest.mark.parametrize("spec", ["data=2,tensor=4", "fsdp=4,tensor=2"])
 def test_sharded_generation_equals_transformers(setup, spec):
     from bloom_jax.sharding import make_mesh
@@ -137,13 +136,11 @@ def test_sharded_generation_equals_transformers(setup, spec):
     (alone,) = generator.generate(setup["prompts"][:1], max_new_tokens=NEW_TOKENS)
     assert alone.completion_ids == completions[0].completion_ids
 
-    # The KV cache is split over all 8 devices along its batch x heads axis: 4 rows (3 prompts in the bucket)
+    # The KV cache is split over all 8 devices along its batch x heads axis: 4 rows (the bucket of 3 prompts)
     # x 8 heads, over the batch's mesh axis (data or fsdp), then tensor (heads).
-    ids, mask = setup["ids"], setup["mask"]
-    padded_ids = np.concatenate([ids, np.full((1, ids.shape[1]), 3, ids.dtype)])
-    padded_mask = np.concatenate([mask, np.ones((1, mask.shape[1]), mask.dtype)])
+    ids = np.ones((4, 8), np.int32)
     with generator._sharding(4):
-        state = prefill(generator.model, generator.params, padded_ids, padded_mask, np.ones(4, bool),
+        state = prefill(generator.model, generator.params, ids, np.ones_like(ids), np.ones(4, bool),
                         jax.random.key(0), np.array([EOS], np.int32), 3, Sampling(), NEW_TOKENS)
     keys_zth = state["cache"]["k"][0]
     assert keys_zth.shape[0] == 4 * setup["config"].n_head
@@ -331,7 +328,6 @@ def test_decode_weights_have_the_model_shapes(random_tiny, weights, scan_layers)
     assert kernel.dtype == jnp.dtype(weights)  # out-major, in the format's dtype
     assert ("scale" in layer["mlp"]["dense_h_to_4h"]) == (weights == "int8")
     assert ("scale" in converted["word_embeddings"]) == (weights == "int8")
-
 
 
 def test_the_decode_loop_converts_only_the_embedding_rows_it_reads(random_tiny):
