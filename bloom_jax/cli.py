@@ -1,4 +1,8 @@
-"""The `bloom-jax` command. Results go to stdout, logs to stderr; a user's mistake is one line and exit 2."""
+"""The `bloom-jax` command. Results go to stdout, logs to stderr.
+
+Exit status: 0 done, 1 a run that failed (a training loss that became NaN), 2 a usage or input mistake (one
+line on stderr; `--debug` adds the traceback), 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from bloom_jax.errors import BloomJaxError
+from bloom_jax.errors import BloomJaxError, RunFailed
+from bloom_jax.log import get_logger
+
+log = get_logger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,8 +27,15 @@ class _Parser(argparse.ArgumentParser):
         raise BloomJaxError(f"{message} (see '{self.prog} --help')")
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, when it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _positive_int(text: str) -> int:
@@ -49,36 +63,32 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_forward(args: argparse.Namespace) -> None:
     """A jitted forward pass over random token ids; prints the next-token loss and the speed as JSON."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from bloom_jax.checkpoint import from_pretrained, parse_dtype
-    from bloom_jax.config import load_config, preset_names
+    from bloom_jax.checkpoints import from_pretrained
+    from bloom_jax.config import load_config, parse_dtype, preset_names
+    from bloom_jax.losses import next_token_loss
     from bloom_jax.model import init_params, make_model
 
     dtype = parse_dtype(args.dtype)
     if args.model in preset_names() and not Path(args.model).exists():
-        _log(f"initialising {args.model} with random weights (seed {args.seed})")
+        log.info(f"initialising {args.model} with random weights (seed {args.seed})")
         model = make_model(load_config(args.model), dtype=dtype)
         params, source = init_params(model, jax.random.key(args.seed)), "random init"
     else:
         (model, params), source = from_pretrained(args.model, dtype=dtype), "checkpoint"
     config = model.config
 
-    ids = np.random.default_rng(args.seed).integers(4, config.vocab_size, (args.batch, args.seq), dtype=np.int32)
-
-    @jax.jit
-    def next_token_loss(params, ids_bs):
-        logits_bsv = model.apply({"params": params}, ids_bs)
-        logp_bsv = jax.nn.log_softmax(logits_bsv[:, :-1], axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp_bsv, ids_bs[:, 1:, None], axis=-1))
-
-    _log("compiling")
+    # One more token than --seq: the model reads --seq of them and predicts each next one.
+    tokens = np.random.default_rng(args.seed).integers(4, config.vocab_size, (args.batch, args.seq + 1),
+                                                        dtype=np.int32)
+    loss_fn = jax.jit(lambda params, tokens: next_token_loss(model, params, tokens))
+    log.info("compiling")
     start = time.perf_counter()
-    loss = float(next_token_loss(params, ids))
+    loss = float(loss_fn(params, tokens))
     compile_and_run = time.perf_counter() - start
     start = time.perf_counter()
-    loss = float(next_token_loss(params, ids))
+    loss = float(loss_fn(params, tokens))
     seconds = time.perf_counter() - start
     print(json.dumps({
         "model": str(args.model), "weights": source, "params": int(sum(x.size for x in jax.tree.leaves(params))),
@@ -91,7 +101,7 @@ def cmd_forward(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     """Hugging Face checkpoint (directory or hub id) -> converted checkpoint (Orbax params, config, tokenizer)."""
-    from bloom_jax.checkpoint import convert
+    from bloom_jax.checkpoints import convert
 
     start = time.perf_counter()
     config = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
@@ -102,7 +112,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Converted checkpoint -> Hugging Face directory (safetensors, sharded above --max-shard-size)."""
-    from bloom_jax.checkpoint import export
+    from bloom_jax.checkpoints import export
 
     files = export(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    overwrite=args.overwrite)
@@ -130,13 +140,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _sampling_args(args: argparse.Namespace) -> dict:
-    """--greedy, or sampling (at temperature 1 unless given) as soon as a sampling flag is set."""
-    sampling_flags = args.temperature is not None or args.top_k is not None or args.top_p is not None
-    if args.greedy and sampling_flags:
-        raise BloomJaxError("--greedy cannot be combined with --temperature, --top-k or --top-p")
-    temperature = args.temperature if args.temperature is not None else (1.0 if sampling_flags else 0.0)
-    return {"temperature": temperature, "top_k": args.top_k or 0,
-            "top_p": args.top_p if args.top_p is not None else 1.0, "repetition_penalty": args.repetition_penalty}
+    """The sampling flags given (the others come from the checkpoint's generation_config.json, else greedy).
+    --greedy forces temperature 0; a sampling flag without --temperature samples at temperature 1 unless the
+    checkpoint's own default samples."""
+    sampling = {"top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+    sampling = {key: value for key, value in sampling.items() if value is not None}
+    if args.greedy:
+        if args.temperature is not None or "top_k" in sampling or "top_p" in sampling:
+            raise BloomJaxError("--greedy cannot be combined with --temperature, --top-k or --top-p")
+        sampling["temperature"] = 0.0
+    elif args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    return sampling
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -154,11 +169,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from bloom_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
-    _log(f"loading {args.checkpoint}")
+    log.info(f"loading {args.checkpoint}")
     generator = Generator.from_pretrained(args.checkpoint, decode_weights=args.decode_weights, dtype=args.dtype,
                                           mesh=mesh)
     if generator.tokenizer is None:
         raise BloomJaxError(f"{args.checkpoint} has no tokenizer.json: cannot encode text prompts")
+    if sampling.keys() & {"top_k", "top_p"} and "temperature" not in sampling and generator.defaults.sampling.greedy:
+        sampling["temperature"] = 1.0  # a sampling flag alone samples
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling)
     if args.json:
         for completion in generator.generate(prompts, **kw):
@@ -184,10 +201,12 @@ def _write(text: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Trains or fine-tunes from a recipe; prints the last metrics as JSON."""
-    from bloom_jax.runtime import reuse_host_memory
-    from bloom_jax.train import TrainConfig, Trainer
+    from bloom_jax.recipe import TrainConfig
 
-    cfg = TrainConfig.from_yaml(args.config, args.overrides)  # a bad recipe fails before JAX starts
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)  # a bad recipe fails before JAX is imported
+    from bloom_jax.runtime import reuse_host_memory
+    from bloom_jax.train import Trainer
+
     reuse_host_memory()
     if args.multihost or args.coordinator or args.num_processes or args.process_id is not None:
         from bloom_jax.distributed import initialize
@@ -214,9 +233,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     """Trains a byte-level BPE with BLOOM's pre-tokenizer and special tokens; writes OUT/tokenizer.json."""
+    from bloom_jax.data import iter_documents
     from bloom_jax.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(args.files, args.vocab_size, args.jsonl_field)
+    tokenizer = train_tokenizer(iter_documents(args.files, args.jsonl_field), args.vocab_size)
     tokenizer.save(args.out)
     print(json.dumps({"tokenizer": str(Path(args.out) / "tokenizer.json"), "vocab_size": tokenizer.vocab_size}))
 
@@ -234,54 +254,73 @@ def cmd_plan(args: argparse.Namespace) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", devices)
     config = load_config(args.model)
-    _log(f"compiling a {args.task} step of {args.model} for {devices} devices ({args.mesh})")
+    log.info(f"compiling a {args.task} step of {args.model} for {devices} devices ({args.mesh})")
     result = plan.plan_step(config, args.mesh, args.task, args.batch, args.seq, rules=args.rules)
     print(json.dumps({"model": args.model, **plan.describe(result, limit)}))
 
 
+def _recipe_epilog() -> str:
+    from bloom_jax.recipe import recipe_keys
+
+    return "recipe keys (set in the recipe or as KEY=VALUE, values in YAML):\n" + "\n".join(
+        f"  {line}" for line in recipe_keys())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bloom-jax", description="BLOOM in JAX and Flax: convert, generate, train, plan.")
-    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    from bloom_jax import __version__
+
+    # --debug is accepted before and after the command; SUPPRESS keeps a subcommand from resetting the other.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show a traceback on errors")
+    parser = _Parser(prog="bloom-jax", description="BLOOM in JAX and Flax: convert, generate, train, plan.",
+                     parents=[debug], formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bloom-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("presets", help="list the model presets and their parameter counts")
-    p.set_defaults(func=cmd_presets)
+    def command(name: str, help: str, func=None, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[debug], formatter_class=_HelpFormatter,
+                           **kwargs)
+        if func is not None:
+            p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("forward", help="run a forward pass (random weights from a preset, or a checkpoint)")
+    command("presets", "list the model presets and their parameter counts", cmd_presets)
+
+    p = command("forward", "run a forward pass (random weights from a preset, or a checkpoint)", cmd_forward)
     p.add_argument("model", nargs="?", default="bloom-tiny",
-                   help="preset name (random weights), Hugging Face directory or hub id (default: bloom-tiny)")
-    p.add_argument("--batch", type=_positive_int, default=4)
-    p.add_argument("--seq", type=_positive_int, default=64)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_forward)
+                   help="preset name (random weights), converted checkpoint, Hugging Face directory or hub id")
+    p.add_argument("--batch", type=_positive_int, default=4, help="sequences")
+    p.add_argument("--seq", type=_positive_int, default=64, help="tokens per sequence")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16 or float16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
 
-    p = sub.add_parser("convert", help="convert a Hugging Face BLOOM checkpoint to a sharded Orbax checkpoint")
+    p = command("convert", "convert a Hugging Face BLOOM checkpoint to a sharded Orbax checkpoint", cmd_convert)
     p.add_argument("src", help="Hugging Face directory (any layout) or hub id such as bigscience/bloom-560m")
     p.add_argument("dst", help="output directory or URL (gs://...); must be empty unless --overwrite")
-    p.add_argument("--dtype", default=None, help="stored dtype: float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="float32", help="stored dtype: float32, bfloat16 or float16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="export a converted checkpoint as a Hugging Face directory (safetensors)")
+    p = command("export", "export a converted checkpoint as a Hugging Face directory (safetensors)", cmd_export)
     p.add_argument("src", help="converted checkpoint (directory or URL)")
     p.add_argument("dst", help="output directory; must be empty unless --overwrite")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", help="split into shards above this size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="complete prompts with a checkpoint (streams text, or --json lines)")
+    p = command("generate", "complete prompts with a checkpoint (streams text, or --json lines)", cmd_generate)
     p.add_argument("checkpoint", help="converted checkpoint, Hugging Face directory or hub id")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", help="a file of prompts, one per line ('-' for stdin)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    p.add_argument("--greedy", action="store_true", help="always the most likely token (the default)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="new tokens per prompt (default: the checkpoint's generation_config.json, else 32)")
+    p.add_argument("--greedy", action="store_true",
+                   help="always the most likely token (the default, unless generation_config.json samples)")
     p.add_argument("--temperature", type=_float, default=None, help="sample at this temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_float, default=None, help="sample among the most likely tokens of mass p")
-    p.add_argument("--repetition-penalty", type=_float, default=1.0, help="as transformers (1: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=_float, default=None, help="as transformers' (1: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--mesh", default=None, help="mesh spec to shard the weights over, e.g. tensor=4")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
@@ -289,65 +328,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--compilation-cache", default=None,
                    help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("train", help="train or fine-tune from a recipe (configs/train/*.yaml) with overrides")
+    p = command("train", "train or fine-tune from a recipe (configs/train/*.yaml) with overrides", cmd_train,
+                epilog=_recipe_epilog())
     p.add_argument("config", help="recipe YAML, or the name of one in configs/train (e.g. quickstart)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe settings to override (YAML values)")
     p.add_argument("--multihost", action="store_true", help="join a multi-host run found automatically (TPU pod)")
     p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
-    p.add_argument("--num-processes", type=_positive_int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--num-processes", type=_positive_int, default=None, help="multi-host: how many processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index, from 0")
     p.add_argument("--cpu-devices", type=_positive_int, default=None, help="simulate this many CPU devices")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity of a checkpoint on text or JSONL files")
+    p = command("eval", "perplexity of a checkpoint on text or JSONL files", cmd_eval)
     p.add_argument("checkpoint", help="converted checkpoint (e.g. a training run's final/), HF dir or hub id")
     p.add_argument("--data", nargs="+", required=True, help="text/JSONL files, directories or globs")
-    p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-batches", type=_positive_int, default=None)
-    p.add_argument("--jsonl-field", default="text")
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per scored window")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch")
+    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many (default: all)")
+    p.add_argument("--jsonl-field", default="text", help="the field of a JSONL line that holds its document")
 
-    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    p = command("tokenizer", "tokenizer tools")
     tokenizer_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=_Parser,
                                      required=True)
-    t = tokenizer_sub.add_parser("train", help="train a byte-level BPE with BLOOM's pre-tokenizer")
+    t = tokenizer_sub.add_parser("train", help="train a byte-level BPE with BLOOM's pre-tokenizer",
+                                 parents=[debug], formatter_class=_HelpFormatter)
     t.add_argument("files", nargs="+", help="text/JSONL files, directories or globs")
-    t.add_argument("--vocab-size", type=_positive_int, default=8192)
-    t.add_argument("--jsonl-field", default="text")
+    t.add_argument("--vocab-size", type=_positive_int, default=8192, help="tokens in the vocabulary")
+    t.add_argument("--jsonl-field", default="text", help="the field of a JSONL line that holds its document")
     t.add_argument("--out", required=True, help="directory to write tokenizer.json into")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("plan", help="per-device memory and FLOPs of a step, compiled on simulated devices")
+    p = command("plan", "per-device memory and FLOPs of a step, compiled on simulated devices", cmd_plan)
     p.add_argument("--model", required=True, help="preset name or config.json path")
     p.add_argument("--mesh", required=True, help="mesh spec, e.g. data=4,fsdp=32,tensor=4")
-    p.add_argument("--task", choices=("train", "forward", "generate"), default="train")
-    p.add_argument("--batch", type=_positive_int, default=None, help="global batch (default: the data axes)")
-    p.add_argument("--seq", type=_positive_int, default=2048)
+    p.add_argument("--task", choices=("train", "forward", "generate"), default="train", help="the step")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="global batch (default: one sequence per data shard)")
+    p.add_argument("--seq", type=_positive_int, default=2048, help="sequence length (generate: KV cache length)")
     p.add_argument("--rules", default="fsdp_tensor", help="sharding rules preset (configs/sharding)")
     p.add_argument("--devices", type=_positive_int, default=None, help="device count, if the mesh uses -1")
     p.add_argument("--hbm-gib", type=float, default=None, help="per-device memory to check against, GiB")
-    p.add_argument("--device", default=None, help="or a known accelerator: v4, v5e, v5p, v6e, h100")
-    p.set_defaults(func=cmd_plan)
+    p.add_argument("--device", default=None, help="or a known accelerator: v4, v5e, v5p, v6e, h100, h200")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         if args.command is None:
-            build_parser().print_help()
+            parser.print_help()
             return 0
         args.func(args)
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else 0
     except BloomJaxError as e:
         if debug:
             traceback.print_exc()
         print(f"bloom-jax: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, RunFailed) else 2
     except KeyboardInterrupt:
         print("bloom-jax: interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 from bloom_jax.errors import BloomJaxError
+
+# The floating-point types parameters and activations may have, by name.
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 # Hugging Face alias -> canonical field.
 _ALIASES = {"n_embed": "hidden_size", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
@@ -176,6 +182,16 @@ class BloomConfig:
 
     def replace(self, **changes) -> BloomConfig:
         return dataclasses.replace(self, **changes)
+
+
+def parse_dtype(dtype: Any) -> np.dtype:
+    """`"float32"`, `"bfloat16"`, `"float16"` or such a dtype itself (None: float32); anything else is an error."""
+    if dtype is None:
+        return DTYPES["float32"]
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in DTYPES:
+        raise BloomJaxError(f"unsupported dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
 
 
 # -- presets -------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from tqdm.auto import tqdm
 
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.tokenizer import Tokenizer
@@ -83,9 +84,14 @@ def iter_documents(files: Files, jsonl_field: str = "text") -> Iterator[str]:
 
     A `.jsonl`/`.json` file holds one JSON object per line, whose string `jsonl_field` is a document; blank lines
     are skipped. Any other file is one document. Text must be UTF-8: undecodable bytes are an error naming the
-    file (and line), not replaced, so that a binary or mis-encoded file is not silently trained on.
+    file (and line), not replaced, so that a binary or mis-encoded file is not silently trained on. The files
+    are found at once (a bad path fails here), read as the documents are consumed.
     """
-    for path in expand_files(files):
+    return _documents(expand_files(files), jsonl_field)
+
+
+def _documents(paths: list[Path], jsonl_field: str) -> Iterator[str]:
+    for path in paths:
         if path.suffix.lower() in JSONL_SUFFIXES:
             yield from _jsonl_documents(path, jsonl_field)
         else:
@@ -139,8 +145,8 @@ class TokenizedCorpus:
         return len(self.tokens_t)
 
     @classmethod
-    def load(cls, files: Files, tokenizer: Tokenizer, cache_dir: str | os.PathLike, jsonl_field: str = "text"
-             ) -> TokenizedCorpus:
+    def load(cls, files: Files, tokenizer: Tokenizer, cache_dir: str | os.PathLike, jsonl_field: str = "text",
+             progress: bool = True) -> TokenizedCorpus:
         """The corpus of `files` from `cache_dir` if cached under the same key, else tokenized and cached.
 
         The key hashes the resolved paths, sizes and mtimes of the files, `jsonl_field`, the tokenizer's JSON and
@@ -155,7 +161,7 @@ class TokenizedCorpus:
         tokens_file, offsets_file = cache / f"{key}.tokens.npy", cache / f"{key}.offsets.npy"
         if tokens_file.is_file() and offsets_file.is_file():
             return cls(np.load(tokens_file, mmap_mode="r"), np.load(offsets_file, mmap_mode="r"), tokenized=False)
-        tokens_t, doc_offsets = tokenize_documents(iter_documents(paths, jsonl_field), tokenizer)
+        tokens_t, doc_offsets = tokenize_documents(iter_documents(paths, jsonl_field), tokenizer, progress)
         if len(doc_offsets) == 1:
             raise BloomJaxError(f"no documents in {', '.join(map(str, paths))}")
         cache.mkdir(parents=True, exist_ok=True)
@@ -172,21 +178,18 @@ def cache_key(paths: Sequence[Path], tokenizer: Tokenizer, jsonl_field: str) -> 
     return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
-def tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """The flat uint32 stream of `encode(doc) + [eos]` over `documents`, and the int64 document offsets [d + 1].
-
-    Shows a progress bar on stderr when it is a terminal.
-    """
-    from tqdm import tqdm
-
+def tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer, progress: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The flat uint32 stream of `encode(doc) + [eos]` over `documents`, and the int64 document offsets [d + 1],
+    with a progress bar (`progress`)."""
     chunks, lengths = [], []
     eos = [tokenizer.eos_token_id]
-    with tqdm(desc="tokenizing", unit=" docs", disable=None, file=sys.stderr) as progress:
+    with tqdm(desc="tokenizing", unit=" docs", disable=not progress, file=sys.stderr) as bar:
         for texts in _chunks(documents, _TOKENIZE_CHUNK):
             ids = [e.ids + eos for e in tokenizer.tokenizer.encode_batch(texts)]
             lengths.extend(len(i) for i in ids)
             chunks.append(np.fromiter(itertools.chain.from_iterable(ids), np.uint32))
-            progress.update(len(texts))
+            bar.update(len(texts))
     tokens_t = np.concatenate(chunks) if chunks else np.zeros(0, np.uint32)
     return tokens_t, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
@@ -383,7 +386,8 @@ class Corpus:
 
 
 def load_corpus(files: Files, tokenizer: Tokenizer, seq_len: int, cache_dir: str | os.PathLike,
-                eval_fraction: float = 0.01, seed: int = 0, jsonl_field: str = "text") -> Corpus:
+                eval_fraction: float = 0.01, seed: int = 0, jsonl_field: str = "text", progress: bool = True
+                ) -> Corpus:
     """The documents of `files`, tokenized (or read from `cache_dir`), split into train and eval by a permutation
     seeded with `seed` (which also seeds the training shuffle) and packed into windows of `seq_len + 1`.
 
@@ -393,7 +397,7 @@ def load_corpus(files: Files, tokenizer: Tokenizer, seq_len: int, cache_dir: str
         raise BloomJaxError(f"seq_len must be at least 1, got {seq_len}")
     if seed < 0:
         raise BloomJaxError(f"seed must be non-negative, got {seed}")
-    corpus = TokenizedCorpus.load(files, tokenizer, cache_dir, jsonl_field)
+    corpus = TokenizedCorpus.load(files, tokenizer, cache_dir, jsonl_field, progress)
     train_d, eval_d = split_documents(corpus.n_documents, eval_fraction, seed)
     train, held_out = (PackedSplit(corpus, d, seq_len, seed) for d in (train_d, eval_d))
     if train.n_sequences == 0:

@@ -1,5 +1,16 @@
-"""The one exception type for mistakes a user can fix (bad paths, bad configs, bad checkpoints)."""
+"""The exceptions a user sees as one line: mistakes they can fix, and runs that failed."""
 
 
 class BloomJaxError(Exception):
-    """A user-facing error: the CLI prints its message as one line on stderr and exits non-zero."""
+    """A user-facing error (a bad path, config, checkpoint or flag): the CLI prints its message as one line on
+    stderr and exits with status 2."""
+
+
+class RunFailed(BloomJaxError):
+    """A run that started correctly and then failed (a training loss that became NaN): exit status 1."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's message (a library's error, quoted inside ours), or its type's name."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -7,9 +7,8 @@ Two layers:
   compiled shape), runs the decode loop whole or one token at a time for streaming (`stream`, or `generate` with
   `on_text`), and decodes the output.
 
-The cache holds keys and values [layers, b*n, T, h] (batch and heads merged, batch-major; per-layer arrays for an
-unrolled model, updated in place), for T = prompt length + new tokens, the key mask [b, T] (ALiBi positions count
-its ones, so left padding and cached tokens get the positions transformers gives them) and the next write index.
+The cache (`bloom_jax.cache.KVCache`) has room for T = prompt length + new tokens. A checkpoint's
+`generation_config.json` sets the end-of-sequence and pad ids and the default sampling (`GenerationDefaults`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bloom_jax.cache import KVCache
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import BloomForCausalLM, to_decode_weights, unstack_layers
+from bloom_jax.sharding import ShardingPlan
 from bloom_jax.tokenizer import left_pad
 
 
@@ -57,24 +58,39 @@ class Sampling:
         return self.temperature == 0.0
 
 
-def init_cache(config: BloomConfig, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False) -> dict:
-    """An empty cache for `batch` sequences of up to `length` tokens: keys and values stacked [l, b*n, T, h]
-    (batch and heads merged, batch-major), or (`per_layer`, for unrolled models) tuples of l arrays [b*n, T, h]."""
-    shape = (config.n_layer, batch * config.n_head, length, config.head_dim)
-    if per_layer:
-        k = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.n_layer))
-        v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.n_layer))
-    else:
-        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-    return {"k": k, "v": v, "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+@dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """What a checkpoint sets for generation: the ids that end a sequence, the pad id, and the default token
+    budget and sampling, from its `generation_config.json` (transformers' names) over its `config.json`."""
+
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int = 3
+    max_new_tokens: int = 32
+    sampling: Sampling = Sampling()
+
+    @classmethod
+    def from_configs(cls, config: BloomConfig, generation: Mapping[str, Any] | None = None) -> GenerationDefaults:
+        """From the model's config and a `generation_config.json` dict (None: there is none). Sampling is on when
+        it says `do_sample`, then with transformers' defaults for what it leaves out (temperature 1, top-k 50)."""
+        generation = dict(generation or {})
+        eos = generation.get("eos_token_id", config.eos_token_id)
+        eos_ids = () if eos is None else tuple(int(i) for i in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        pad = generation.get("pad_token_id", config.pad_token_id)
+        max_new_tokens = generation.get("max_new_tokens") or cls.max_new_tokens
+        penalty = float(generation.get("repetition_penalty") or 1.0)
+        sampling = Sampling(repetition_penalty=penalty)
+        if generation.get("do_sample"):
+            sampling = Sampling(float(generation.get("temperature", 1.0)), int(generation.get("top_k", 50) or 0),
+                                float(generation.get("top_p", 1.0)), penalty)
+        return cls(eos_ids, 3 if pad is None else int(pad), int(max_new_tokens), sampling)
 
 
-def process_logits(logits_bv: jax.Array, seen_bv: jax.Array | None = None, temperature: float = 1.0,
+def process_logits(logits: jax.Array, seen: jax.Array | None = None, temperature: float = 1.0,
                    top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> jax.Array:
     """Next-token logits float32 [b, v] after transformers' processors, in its order: repetition penalty
-    (on tokens `seen_bv` marks: divide positive logits, multiply negative ones), temperature, top-k, top-p.
-    Removed tokens get -inf."""
-    logits_bv = logits_bv.astype(jnp.float32)
+    (on the tokens that `seen` [b, v] marks: divide positive logits, multiply negative ones), temperature,
+    top-k, top-p. Removed tokens get -inf."""
+    logits_bv, seen_bv = logits.astype(jnp.float32), seen
     if repetition_penalty != 1.0 and seen_bv is not None:
         penalised = jnp.where(logits_bv > 0, logits_bv / repetition_penalty, logits_bv * repetition_penalty)
         logits_bv = jnp.where(seen_bv, penalised, logits_bv)
@@ -94,14 +110,15 @@ def process_logits(logits_bv: jax.Array, seen_bv: jax.Array | None = None, tempe
     return logits_bv
 
 
-def argmax_last(x_bv: jax.Array, block: int = 1024) -> jax.Array:
-    """`jnp.argmax(x_bv, axis=-1)` as int32 [b] (the first maximum), in two passes. Rows holding NaN get an
+def argmax_last(x: jax.Array, block: int = 1024) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` of x [b, v] as int32 [b] (the first maximum), in two passes. Rows holding NaN get an
     unspecified index (XLA:CPU's max reduction drops NaN); NaN logits leave no right token anyway.
 
     XLA:CPU's argmax is a variadic (value, index) reduction that does not vectorise: over BLOOM's 250,880 logits
     it took 1.2 ms at batch 1 and 4.9 ms at batch 8, against 0.1 and 1.7 ms for a max over blocks of `block`
     entries, then an argmax over the block maxima and one within the winning block.
     """
+    x_bv = x
     b, v = x_bv.shape
     block = min(block, v)
     blocks = -(-v // block)
@@ -130,23 +147,24 @@ def _mark_seen(seen_bv: jax.Array | None, ids_bs: jax.Array) -> jax.Array | None
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "new_tokens"))
-def prefill(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
-            active_b: jax.Array, rng: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array | int,
-            sampling: Sampling, new_tokens: int) -> dict:
-    """Runs left-padded prompts into a fresh cache with room for `new_tokens` more positions and picks each
-    sequence's first new token. Rows with `active_b` False are batch padding: done from the start.
-    Any of `eos_token_ids` (int32 [k]) ends a sequence.
+def prefill(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mask: jax.Array, active: jax.Array,
+            rng: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array | int, sampling: Sampling,
+            new_tokens: int) -> dict:
+    """Runs left-padded prompts (ids and mask [b, s]) into a fresh cache with room for `new_tokens` more
+    positions and picks each sequence's first new token. Rows with `active` [b] False are batch padding: done
+    from the start. Any of `eos_token_ids` (int32 [k]) ends a sequence.
 
     Returns the decode state: `tokens_bn` int32 [b, new_tokens] (pad after a sequence's EOS), `step` (tokens
     made so far), `token_b` (the last ones), `done_b`, the cache, the seen-token mask of the repetition penalty,
     the RNG, and the EOS and pad ids.
     """
-    batch, prompt_len = input_ids_bs.shape
-    cache = init_cache(model.config, batch, prompt_len + new_tokens, model.dtype, per_layer=not model.scan_layers)
+    ids_bs, active_b = input_ids, active
+    batch, prompt_len = ids_bs.shape
+    cache = KVCache.init(model.config, batch, prompt_len + new_tokens, model.dtype, per_layer=not model.scan_layers)
     seen_bv = None
     if sampling.repetition_penalty != 1.0:  # transformers counts every id of the prompt rows, padding included
-        seen_bv = _mark_seen(jnp.zeros((batch, model.config.vocab_size), jnp.bool_), input_ids_bs)
-    logits_b1v, cache = model.apply({"params": params}, input_ids_bs, attention_mask_bs, cache=cache,
+        seen_bv = _mark_seen(jnp.zeros((batch, model.config.vocab_size), jnp.bool_), ids_bs)
+    logits_b1v, cache = model.apply({"params": params}, ids_bs, attention_mask=attention_mask, cache=cache,
                                     last_only=True)
     rng, key = (rng, None) if sampling.greedy else jax.random.split(rng)
     token_b = jnp.where(active_b, _pick(logits_b1v[:, -1], seen_bv, key, sampling), pad_token_id)
@@ -168,8 +186,8 @@ def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, 
         return (state["step"] < stop) & ~jnp.all(state["done_b"])
 
     def body(state):
-        logits_b1v, cache = model.apply({"params": params}, state["token_b"][:, None],
-                                        jnp.ones((batch, 1), jnp.int32), cache=state["cache"], last_only=True)
+        logits_b1v, cache = model.apply({"params": params}, state["token_b"][:, None], cache=state["cache"],
+                                        last_only=True)
         # Greedy draws nothing: no key split (XLA:CPU runs threefry as a loop of its own, every token).
         rng, key = (state["rng"], None) if sampling.greedy else jax.random.split(state["rng"])
         picked_b = _pick(logits_b1v[:, -1], state["seen_bv"], key, sampling)
@@ -182,19 +200,21 @@ def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, 
     return lax.while_loop(cond, body, state)
 
 
-def generate(model: BloomForCausalLM, params, input_ids_bs: jax.Array, attention_mask_bs: jax.Array,
-             max_new_tokens: int, eos_token_id: int = 2, pad_token_id: int = 3, temperature: float = 0.0,
+def generate(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+             max_new_tokens: int = 32, eos_token_id: int = 2, pad_token_id: int = 3, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              rng: jax.Array | None = None) -> jax.Array:
-    """New tokens int32 [b, max_new_tokens] for left-padded prompts; `pad_token_id` after a sequence's EOS.
+    """New tokens int32 [b, max_new_tokens] for left-padded prompts (ids and mask [b, s]; no mask: no padding);
+    `pad_token_id` after a sequence's EOS.
 
     temperature 0 is greedy; otherwise samples with `rng` (default: key 0) after `process_logits`. The loop
     stops early once every sequence has produced EOS.
     """
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
-    batch = input_ids_bs.shape[0]
+    batch = input_ids.shape[0]
     rng = jax.random.key(0) if rng is None else rng
-    state = prefill(model, params, input_ids_bs, attention_mask_bs, jnp.ones((batch,), jnp.bool_), rng,
+    mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+    state = prefill(model, params, input_ids, mask, jnp.ones((batch,), jnp.bool_), rng,
                     jnp.asarray([eos_token_id], jnp.int32), pad_token_id, sampling, max_new_tokens)
     return decode(model, params, state, max_new_tokens, sampling)["tokens_bn"]
 
@@ -243,14 +263,12 @@ class Generator:
     """
 
     def __init__(self, model: BloomForCausalLM, params, tokenizer=None, decode_weights: str | None = None,
-                 mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor"):
+                 mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor",
+                 generation_config: Mapping[str, Any] | None = None):
         """`mesh` and `rules`: where `params` are sharded, and the rules that also shard the KV cache and the
-        activations (a preset of configs/sharding or (logical, mesh axes) pairs)."""
-        self.mesh, self.rules = mesh, None
-        if mesh is not None:  # read once: `_sharding` runs before every compiled call, per token when streaming
-            from bloom_jax.sharding import fit_rules, load_rules
-
-            self.rules = fit_rules(load_rules(rules) if isinstance(rules, str) else tuple(rules), mesh)
+        activations (a preset of configs/sharding or (logical, mesh axes) pairs). `generation_config`: a
+        `generation_config.json` dict, for the EOS and pad ids and the default sampling (`GenerationDefaults`)."""
+        self.sharding = ShardingPlan.create(mesh, rules) if mesh is not None else None
         if model.scan_layers:
             model, params = model.clone(scan_layers=False), unstack_layers(params)
         if decode_weights is not None:
@@ -260,44 +278,46 @@ class Generator:
         # BLOOM's ALiBi has no position limit; a config may still declare the length it was trained for.
         declared = [config.seq_length] + [config.extra.get(k) for k in ("n_positions", "max_position_embeddings")]
         self.max_length: int | None = next((int(n) for n in declared if n is not None), None)
-        eos = config.eos_token_id
-        self.eos_token_ids: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, tuple) else (eos,)
-        self.pad_token_id: int = config.pad_token_id if config.pad_token_id is not None else 3
+        self.defaults = GenerationDefaults.from_configs(config, generation_config)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, decode_weights: str | None = None, dtype: Any = None,
-                        mesh: jax.sharding.Mesh | None = None) -> Generator:
+                        mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor") -> Generator:
         """A converted checkpoint, Hugging Face directory or hub id (see `bloom_jax.from_pretrained`), with the
-        tokenizer.json beside it (None if there is none: prompts must then be token ids)."""
-        from bloom_jax.checkpoint import from_pretrained, read_tokenizer
+        tokenizer.json beside it (None if there is none: prompts must then be token ids) and its
+        generation_config.json if it has one."""
+        from bloom_jax.checkpoints import from_pretrained, read_generation_config, read_tokenizer
 
-        model, params = from_pretrained(path, mesh=mesh, dtype=dtype, scan_layers=False)
-        return cls(model, params, read_tokenizer(path), decode_weights, mesh)
+        model, params = from_pretrained(path, mesh=mesh, dtype=dtype, rules=rules, scan_layers=False)
+        return cls(model, params, read_tokenizer(path), decode_weights, mesh, rules, read_generation_config(path))
 
-    def _sharding(self, batch: int) -> contextlib.AbstractContextManager:
+    def _context(self, batch: int) -> contextlib.AbstractContextManager:
         """The mesh and logical rules around compiled calls on `batch` rows (nothing without a mesh)."""
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        import flax.linen as nn
+        return self.sharding.for_batch(batch).context() if self.sharding else contextlib.nullcontext()
 
-        from bloom_jax.sharding import fit_batch
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence (a config may list several)."""
+        return self.defaults.eos_token_ids
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(list(fit_batch(self.rules, self.mesh, batch))))
-        return stack
+    @property
+    def pad_token_id(self) -> int:
+        return self.defaults.pad_token_id
 
     @property
     def eos_token_id(self) -> int | None:
         """The first end-of-sequence id (a config may list several; any of them ends a sequence)."""
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32, *,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int = 0, on_text: Callable[[TextPiece], None] | None = None) -> list[Completion]:
-        """Completes each prompt (text, or token ids). With `on_text`, streams: called with each new piece as
-        it arrives; without, the whole loop runs compiled with no Python per token."""
-        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | None = None,
+                 *, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int = 0,
+                 on_text: Callable[[TextPiece], None] | None = None) -> list[Completion]:
+        """Completes each prompt (text, or token ids). Settings left at None take the checkpoint's defaults
+        (`self.defaults`: its generation_config.json, else greedy and 32 new tokens); temperature 0 is greedy.
+        With `on_text`, streams: called with each new piece as it arrives; without, the whole loop runs compiled
+        with no Python per token."""
+        max_new_tokens, sampling = self._settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
         texts, prompt_ids = self._encode(prompts)
         ids_per_row: list[list[int]] = [[] for _ in prompt_ids]
         if on_text is None:
@@ -311,13 +331,20 @@ class Generator:
         return [Completion(text, ids, self._decode(out), out)
                 for text, ids, out in zip(texts, prompt_ids, ids_per_row)]
 
-    def stream(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32, *,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-               seed: int = 0) -> Iterator[TextPiece]:
-        """The new tokens of every prompt as they arrive, one `TextPiece` per token and prompt."""
-        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    def stream(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | None = None,
+               *, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               repetition_penalty: float | None = None, seed: int = 0) -> Iterator[TextPiece]:
+        """The new tokens of every prompt as they arrive, one `TextPiece` per token and prompt (settings as in
+        `generate`)."""
+        max_new_tokens, sampling = self._settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
         _, prompt_ids = self._encode(prompts)
         return self._pieces(prompt_ids, max_new_tokens, sampling, seed)
+
+    def _settings(self, max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> tuple[int, Sampling]:
+        """The token budget and sampling of a call: what it gives, the defaults for what it leaves at None."""
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
+        sampling = dataclasses.replace(self.defaults.sampling, **{k: v for k, v in given.items() if v is not None})
+        return (self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens), sampling
 
     def _pieces(self, prompt_ids, max_new_tokens, sampling, seed) -> Iterator[TextPiece]:
         decoders = [self.tokenizer.stream() if self.tokenizer else None for _ in prompt_ids]
@@ -365,7 +392,7 @@ class Generator:
         ids_bs, mask_bs = left_pad(list(prompt_ids) + padding_rows, length, self.pad_token_id)
         active_b = np.arange(batch) < len(prompt_ids)
         eos_k = np.asarray(self.eos_token_ids or (-1,), np.int32)  # -1: never produced, never stops
-        with self._sharding(batch):
+        with self._context(batch):
             state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
                             self.pad_token_id, sampling, room)
         done = ~active_b
@@ -378,10 +405,10 @@ class Generator:
                 done = done | np.isin(tokens_b, eos_k)
                 if step >= max_new_tokens or done.all():
                     return
-                with self._sharding(batch):
+                with self._context(batch):
                     state = decode(self.model, self.params, state, step + 1, sampling)
                 step += 1
-        with self._sharding(batch):
+        with self._context(batch):
             state = decode(self.model, self.params, state, max_new_tokens, sampling)
         tokens_bn = np.asarray(state["tokens_bn"])[:, :max_new_tokens]
         for row in range(len(prompt_ids)):
@@ -391,5 +418,5 @@ class Generator:
                     break
 
 
-__all__ = ["Sampling", "init_cache", "process_logits", "argmax_last", "prefill", "decode", "generate", "bucket",
+__all__ = ["Sampling", "GenerationDefaults", "process_logits", "argmax_last", "prefill", "decode", "generate", "bucket",
            "Completion", "TextPiece", "Generator"]

@@ -9,6 +9,7 @@ to logical names (`ACT_BSD`); the mesh rules that turn them into shardings live 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,15 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bloom_jax.cache import KVCache, write_layer
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
 ACT_BSD = ("activation_batch", "activation_length", "activation_embed")
-# A layer's cached keys or values [b*n, T, h]: batch and heads merged, batch-major (as transformers' BLOOM lays
-# out its keys); the rules shard that axis over the batch's mesh axes, then the heads'.
-KV_CACHE_AXES = ("activation_batch_heads", None, None)
 
 # jax.checkpoint policies by name; "none" means no rematerialisation at all.
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -45,13 +44,15 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 DECODE_WEIGHTS: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
 
-def decode_matmul(x_bk: jax.Array, kernel_nk: jax.Array, scale_n: jax.Array | None = None) -> jax.Array:
-    """x . kernel^T, float32 [b, n], for an out-major kernel [n, k] of float32, bfloat16 or int8 (times `scale_n`).
+def decode_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """x [b, k] . kernel^T, float32 [b, n], for an out-major kernel [n, k] of float32, bfloat16 or int8 (times
+    `scale` [n]).
 
     bfloat16 and int8 kernels are multiplied in their own type (XLA:CPU has native bf16 and int8 matrix kernels,
     which read 1.6x and 2.5x fewer bytes than float32); their matrix-vector path is 15x slower than their
     matrix-matrix one, so a single row is padded to two.
     """
+    x_bk, kernel_nk, scale_n = x, kernel, scale
     b = x_bk.shape[0]
     if kernel_nk.dtype == jnp.float32:
         y_nb = jnp.einsum("nk,bk->nb", kernel_nk, x_bk.astype(jnp.float32))  # weights on the left: fastest
@@ -89,24 +90,26 @@ def alibi_slopes(n_head: int) -> np.ndarray:
     return slopes.astype(np.float32)
 
 
-def alibi_bias(attention_mask_bt: jax.Array, n_head: int) -> jax.Array:
-    """ALiBi bias per key, float32 [b, n, 1, t]: slope * position, the first real token at position 0.
+def alibi_bias(attention_mask: jax.Array, n_head: int) -> jax.Array:
+    """ALiBi bias per key, float32 [b, n, 1, t], for a key mask [b, t]: slope * position, the first real token at
+    position 0.
 
     Positions count only unmasked tokens (`cumsum(mask) - 1`), so left padding does not shift them. The bias
     does not depend on the query: softmax is invariant to a per-row constant.
     """
-    mask_bt = attention_mask_bt.astype(jnp.int32)
+    mask_bt = attention_mask.astype(jnp.int32)
     positions_bt = (jnp.cumsum(mask_bt, axis=-1) - 1) * mask_bt
     slopes_n = jnp.asarray(alibi_slopes(n_head))
     return slopes_n[None, :, None, None] * positions_bt[:, None, None, :].astype(jnp.float32)
 
 
-def causal_padding_mask(attention_mask_bt: jax.Array, query_len: int | None = None,
+def causal_padding_mask(attention_mask: jax.Array, query_len: int | None = None,
                         query_start: jax.Array | int = 0) -> jax.Array:
-    """Which keys each query may see, bool [b, 1, s, t]: earlier-or-same and not padding.
+    """Which keys each query may see, bool [b, 1, s, t], for a key mask [b, t]: earlier-or-same and not padding.
 
     Query i sits at key position `query_start + i` (0 and s == t without a cache; the cache index with one).
     """
+    attention_mask_bt = attention_mask
     t = attention_mask_bt.shape[-1]
     query_pos_s = query_start + jnp.arange(t if query_len is None else query_len)
     causal_st = jnp.arange(t)[None, :] <= query_pos_s[:, None]
@@ -301,18 +304,8 @@ class Attention(nn.Module):
         b, _, s, _ = q_bnsh.shape
         if kv_cache is None:
             scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k_bnth, preferred_element_type=jnp.float32)
-        else:
-            # The cache merges batch and heads [b*n, T, h]: with [b, n, T, h] at batch 1, XLA:CPU squeezed the
-            # size-1 axis for the matmuls and, to do so, copied every layer's cache several times per token
-            # (10% of a decode step).
-            start = (0, cache_index, 0)
-            k_zth = lax.dynamic_update_slice(kv_cache[0], k_bnth.reshape(b * n, s, h).astype(kv_cache[0].dtype),
-                                             start)
-            v_zth = lax.dynamic_update_slice(kv_cache[1], v_bnth.reshape(b * n, s, h).astype(kv_cache[1].dtype),
-                                             start)
-            # The cache is sharded as the attention heads are (batch over the data axes, heads over tensor).
-            kv_cache = (nn.with_logical_constraint(k_zth, KV_CACHE_AXES),
-                        nn.with_logical_constraint(v_zth, KV_CACHE_AXES))
+        else:  # the layer's cache, batch and heads merged (bloom_jax.cache)
+            kv_cache = write_layer(*kv_cache, k_bnth, v_bnth, cache_index)
             k_zth, v_zth = (c.astype(self.dtype) for c in kv_cache)
             scores_bnst = jnp.einsum("zsh,zth->zst", q_bnsh.reshape(b * n, s, h), k_zth,
                                      preferred_element_type=jnp.float32).reshape(b, n, s, -1)
@@ -386,7 +379,7 @@ class Block(nn.Module):
 
 
 class BloomForCausalLM(nn.Module):
-    """BLOOM with its tied LM head: `apply({"params": p}, input_ids_bs, attention_mask_bs)` -> logits_bsv (f32).
+    """BLOOM with its tied LM head: `apply({"params": p}, input_ids, attention_mask=mask)` -> float32 logits.
 
     Attributes:
       config: the architecture.
@@ -410,36 +403,34 @@ class BloomForCausalLM(nn.Module):
     decode_weights: str | None = None
 
     @nn.compact
-    def __call__(self, input_ids_bs: jax.Array, attention_mask_bs: jax.Array | None = None,
-                 deterministic: bool = True, cache: dict | None = None, last_only: bool = False):
-        """Logits float32 [b, s, v] (or [b, 1, v] with `last_only`).
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, deterministic: bool = True,
+                 cache: KVCache | None = None, last_only: bool = False):
+        """Logits float32 [b, s, v] (or [b, 1, v] with `last_only`) of token ids int [b, s].
 
-        `attention_mask_bs` is 1 for tokens and 0 for padding (left or right). With a `cache` (see
-        `bloom_jax.generate.init_cache`) the ids are the next positions after those cached: returns
+        `attention_mask` [b, s] is 1 for tokens and 0 for padding (left or right). With a `cache`
+        (`bloom_jax.cache.KVCache`) the ids are the next positions after those cached: returns
         `(logits, updated cache)`.
         """
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if attention_mask_bs is None:
-            attention_mask_bs = jnp.ones(input_ids_bs.shape, jnp.int32)
+        ids_bs = input_ids
+        mask_bs = jnp.ones(ids_bs.shape, jnp.int32) if attention_mask is None else attention_mask
 
         embed = Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
                       decode_weights=self.decode_weights, name="word_embeddings", **kw)
-        x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(input_ids_bs))
+        x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(ids_bs))
 
         if cache is None:
-            alibi_bn1t = alibi_bias(attention_mask_bs, cfg.n_head)
-            mask_b1st = causal_padding_mask(attention_mask_bs)
+            alibi_bn1t = alibi_bias(mask_bs, cfg.n_head)
+            mask_b1st = causal_padding_mask(mask_bs)
             for blocks in self._blocks(deterministic):
                 x_bsd, _ = blocks(x_bsd, alibi_bn1t, mask_b1st)
         else:
-            index = cache["index"]
-            mask_bt = lax.dynamic_update_slice(cache["mask"], attention_mask_bs.astype(cache["mask"].dtype),
-                                               (0, index))
+            mask_bt = cache.with_new_tokens(mask_bs)
             alibi_bn1t = alibi_bias(mask_bt, cfg.n_head)
-            mask_b1st = causal_padding_mask(mask_bt, input_ids_bs.shape[1], index)
-            x_bsd, k_lzth, v_lzth = self._cached_blocks(deterministic, x_bsd, alibi_bn1t, mask_b1st, cache)
-            cache = {"k": k_lzth, "v": v_lzth, "mask": mask_bt, "index": index + input_ids_bs.shape[1]}
+            mask_b1st = causal_padding_mask(mask_bt, ids_bs.shape[1], cache.index)
+            x_bsd, keys, values = self._cached_blocks(deterministic, x_bsd, alibi_bn1t, mask_b1st, cache)
+            cache = cache.advance(keys, values, mask_bt, ids_bs.shape[1])
 
         if last_only:
             x_bsd = x_bsd[:, -1:]
@@ -449,20 +440,21 @@ class BloomForCausalLM(nn.Module):
             logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
         return logits_bsv if cache is None else (logits_bsv, cache)
 
-    def _cached_blocks(self, deterministic, x_bsd, alibi_bn1t, mask_b1st, cache):
+    def _cached_blocks(self, deterministic, x_bsd, alibi_bn1t, mask_b1st, cache: KVCache):
+        """The blocks over the cache: (x_bsd, updated keys, updated values), stacked or one per layer."""
         blocks = self._blocks(deterministic, with_cache=True)
         if self.scan_layers:
-            x_bsd, (k_lzth, v_lzth) = blocks[0](x_bsd, alibi_bn1t, mask_b1st, (cache["k"], cache["v"]),
-                                                cache["index"])
-            return x_bsd, k_lzth, v_lzth
-        ks, vs = [], []
+            if cache.per_layer:
+                raise BloomJaxError("a scanned model needs a stacked KV cache (KVCache.init(per_layer=False))")
+            x_bsd, (keys, values) = blocks[0](x_bsd, alibi_bn1t, mask_b1st, (cache.keys, cache.values),
+                                              cache.index)
+            return x_bsd, keys, values
+        keys, values = [], []
         for i, block in enumerate(blocks):
-            x_bsd, (k, v) = block(x_bsd, alibi_bn1t, mask_b1st, (cache["k"][i], cache["v"][i]), cache["index"])
-            ks.append(k)
-            vs.append(v)
-        if isinstance(cache["k"], (tuple, list)):  # per-layer arrays: each updated in place, none copied
-            return x_bsd, tuple(ks), tuple(vs)
-        return x_bsd, jnp.stack(ks), jnp.stack(vs)
+            x_bsd, (k, v) = block(x_bsd, alibi_bn1t, mask_b1st, cache.layer(i), cache.index)
+            keys.append(k)
+            values.append(v)
+        return x_bsd, keys, values
 
     def _blocks(self, deterministic: bool, with_cache: bool = False) -> list[nn.Module]:
         """The n_layer blocks: one `nn.scan` over stacked parameters, or n_layer separate modules."""
@@ -541,10 +533,14 @@ def to_decode_weights(params: dict, decode_weights: str) -> dict:
     return unflatten_dict(out)
 
 
-def abstract_params(model: BloomForCausalLM, batch: int = 1, seq: int = 1) -> Any:
-    """Parameter shapes and dtypes (`jax.ShapeDtypeStruct` leaves, logical-axis boxes kept), no memory used."""
-    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+@functools.lru_cache(maxsize=64)
+def abstract_params(model: BloomForCausalLM) -> Any:
+    """Parameter shapes and dtypes (`jax.ShapeDtypeStruct` leaves, logical-axis boxes kept), no memory used.
+
+    Traced once per model (1-3 s for a deep one) and shared by every caller: treat the result as read-only.
+    """
+    with nn.logical_axis_rules(()):  # the same shapes whatever mesh context the first caller is in
+        return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def param_logical_axes(model: BloomForCausalLM) -> Any:
@@ -582,6 +578,6 @@ def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dty
 __all__: Sequence[str] = (
     "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "alibi_slopes", "alibi_bias",
     "causal_padding_mask", "bloom_gelu", "abstract_params", "param_logical_axes", "count_params", "init_params",
-    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "KV_CACHE_AXES", "DECODE_WEIGHTS",
+    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "DECODE_WEIGHTS",
     "decode_matmul", "to_decode_weights", "forward_flops",
 )

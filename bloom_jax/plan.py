@@ -14,19 +14,20 @@ import dataclasses
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from bloom_jax.cache import KVCache
 from bloom_jax.config import BloomConfig
+from bloom_jax.devices import accelerator
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.model import abstract_params, make_model
-from bloom_jax.sharding import fit_batch, fit_rules, load_rules, make_mesh, mesh_spec_sizes, param_shardings
-from bloom_jax.train import TrainConfig, make_optimizer, optimizer_shardings
+from bloom_jax.losses import next_token_loss
+from bloom_jax.model import make_model
+from bloom_jax.recipe import TrainConfig
+from bloom_jax.sharding import ShardingPlan, make_mesh, mesh_spec_sizes
+from bloom_jax.train import make_optimizer, optimizer_shardings
 
-# Device memory per chip, GiB.
-ACCELERATORS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "a100-40gb": 40, "a100-80gb": 80}
 TASKS = ("train", "forward", "generate")
 
 
@@ -65,53 +66,36 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         raise BloomJaxError(f"plan: unknown task {task!r} (choose from {', '.join(TASKS)})")
     mesh = make_mesh(mesh_spec)
     batch = batch or mesh.shape["slice"] * mesh.shape["data"] * mesh.shape["fsdp"]  # one sequence per data shard
-    rule_set = fit_rules(load_rules(rules), mesh)
     training = task == "train"
     model = make_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32 if training else jnp.bfloat16,
                        remat_policy=remat_policy if training else "none")
-    shardings = param_shardings(model, mesh, rule_set)
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          nn.unbox(abstract_params(model)), shardings)
-    rule_set = fit_batch(rule_set, mesh, batch)  # generation at batch 1: every data shard sees the whole batch
-    batch_axes = dict(rule_set)["activation_batch"]
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
-    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding)
-
-    def forward(p, ids_bs):
-        return model.apply({"params": p}, ids_bs)
+    # Generation at batch 1: every data shard sees the whole batch.
+    sharding = ShardingPlan.create(mesh, rules).for_batch(batch)
+    params = sharding.abstract_params(model)
 
     if training:
         optimizer = make_optimizer(TrainConfig.from_yaml("bloom-176b"))  # tr11's AdamW
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         opt_state = jax.eval_shape(optimizer.init, params)
-        opt_shardings = optimizer_shardings(optimizer, opt_state, shardings, mesh)
+        opt_shardings = optimizer_shardings(optimizer, opt_state, sharding.param_shardings(model), mesh)
         opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  opt_state, opt_shardings)
+        # Windows of seq + 1 tokens: the model sees seq of them.
+        tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=sharding.batch_sharding())
 
-        def step(p, state, ids_bs):
-            def loss_fn(p):
-                logits = forward(p, ids_bs)[:, :-1]
-                return optax.softmax_cross_entropy_with_integer_labels(logits, ids_bs[:, 1:]).mean()
-
-            loss, grads = jax.value_and_grad(loss_fn)(p)
+        def step(p, state, tokens):
+            loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, tokens))(p)
             updates, state = optimizer.update(grads, state, p)
             return optax.apply_updates(p, updates), state, loss
 
-        fn = jax.jit(step, out_shardings=(shardings, opt_shardings, replicated), donate_argnums=(0, 1))
-        args = (params, opt_state, ids)
+        fn = jax.jit(step, out_shardings=(sharding.param_shardings(model), opt_shardings, sharding.replicated),
+                     donate_argnums=(0, 1))
+        args = (params, opt_state, tokens)
     elif task == "generate":
         # One decode step of a batch whose KV cache holds `seq` positions (the memory high point of generation).
-        from bloom_jax.generate import init_cache
-
-        # Keys and values [layers, b*n, T, h], the merged axis sharded as the rules say.
-        kv_spec = jax.sharding.PartitionSpec(None, dict(rule_set)["activation_batch_heads"], None, None)
-        row_spec = jax.sharding.PartitionSpec(batch_axes)
-        cache_shardings = {"k": kv_spec, "v": kv_spec, "mask": row_spec, "index": jax.sharding.PartitionSpec()}
-        cache = jax.eval_shape(lambda: init_cache(config, batch, seq, jnp.bfloat16))
-        cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                         sharding=jax.sharding.NamedSharding(mesh, cache_shardings[k]))
-                 for k, v in cache.items()}
-        token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=batch_sharding)
+        cache = jax.eval_shape(lambda: KVCache.init(config, batch, seq, jnp.bfloat16))
+        cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             cache, sharding.shardings(KVCache.logical_axes(config)))
+        token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=sharding.batch_sharding())
 
         def decode(p, cache, token_b1):
             return model.apply({"params": p}, token_b1, cache=cache, last_only=True)
@@ -119,10 +103,10 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         fn = jax.jit(decode, donate_argnums=(1,))
         args = (params, cache, token)
     else:
-        fn = jax.jit(forward)
-        args = (params, ids)
+        fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
+        args = (params, jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding()))
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rule_set)):
+    with sharding.context():
         compiled = fn.lower(*args).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -139,10 +123,7 @@ def memory_limit_gib(hbm_gib: float | None, device: str | None) -> float | None:
         return hbm_gib
     if device is None:
         return None
-    key = device.lower().replace("tpu", "").replace(" ", "").strip("-")
-    if key not in ACCELERATORS:
-        raise BloomJaxError(f"plan: unknown device {device!r} (known: {', '.join(ACCELERATORS)})")
-    return float(ACCELERATORS[key])
+    return float(accelerator(device).hbm_gib)
 
 
 def devices_for(mesh_spec: str) -> int:

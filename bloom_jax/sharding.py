@@ -3,10 +3,14 @@
 A mesh is named by a spec such as `data=2,fsdp=-1,tensor=4` (axes outermost first: `slice`, `data`, `fsdp`,
 `tensor`; -1 takes the devices left over). Rules map the logical axis names that `bloom_jax.model` puts on every
 parameter and block-boundary activation to mesh axes; the presets live in `configs/sharding/*.yaml`.
+`ShardingPlan` joins a mesh and its rules: every sharding of a run, and the context of its compiled calls.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -14,11 +18,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import yaml
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bloom_jax.config import configs_dir
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.model import BloomForCausalLM, abstract_params
+from bloom_jax.model import BloomForCausalLM, abstract_params, init_params
 
 MESH_AXES = ("slice", "data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
@@ -90,66 +94,106 @@ def fit_rules(rules: Rules, mesh: Mesh) -> Rules:
     preset also serves a user's own mesh, say one with a single `data` axis."""
     fitted = []
     for logical, axes in rules:
-        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
+        kept = tuple(a for a in _axes_tuple(axes) if a in mesh.axis_names)
         fitted.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
     return tuple(fitted)
 
 
-def fit_batch(rules: Rules, mesh: Mesh, batch: int) -> Rules:
-    """`rules` (fitted to `mesh`) for a batch of `batch` rows. A batch that does not divide over the batch's mesh
-    axes (generation at batch 1 on a data-parallel mesh) is replicated, and the KV cache's batch x heads axis is
-    then split as the heads alone."""
-    by_name = dict(rules)
-    axes = by_name.get("activation_batch")
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    if batch % math.prod(mesh.shape[a] for a in axes) == 0:
-        return rules
-    replace = {"activation_batch": None, "activation_batch_heads": by_name.get("activation_heads")}
-    return tuple((name, replace.get(name, value)) for name, value in rules)
+def _axes_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def logical_to_sharding(specs: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for a pytree of logical PartitionSpecs."""
-    return nn.logical_to_mesh_sharding(specs, mesh, list(fit_rules(rules, mesh)))
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """Where everything goes on a mesh: the logical rules fitted to it, the parameters' shardings, the batch's,
+    and the context that compiled calls run in.
+
+    >>> plan = ShardingPlan.create(make_mesh("fsdp=2,tensor=4"), "fsdp_tensor")
+    >>> params = jax.device_put(params, plan.param_shardings(model))
+    >>> with plan.for_batch(1).context():
+    ...     logits = jax.jit(forward)(params, input_ids)
+
+    `rules` are already fitted to `mesh` (use `create`). A plan is hashable; parameter shardings are computed once
+    per model.
+    """
+
+    mesh: Mesh
+    rules: Rules
+
+    @classmethod
+    def create(cls, mesh: Mesh, rules: str | Sequence = "fsdp_tensor") -> ShardingPlan:
+        """The plan for `mesh` under `rules`: a preset name of `configs/sharding/` or (logical, mesh axes) pairs."""
+        return cls(mesh, fit_rules(load_rules(rules) if isinstance(rules, str) else tuple(rules), mesh))
+
+    def for_batch(self, batch: int) -> ShardingPlan:
+        """This plan for a batch of `batch` rows. A batch that does not divide over the batch's mesh axes
+        (generation at batch 1 on a data-parallel mesh) is replicated, and the KV cache's batch x heads axis is
+        then split as the heads alone."""
+        by_name = dict(self.rules)
+        if batch % math.prod(self.mesh.shape[a] for a in _axes_tuple(by_name.get("activation_batch"))) == 0:
+            return self
+        replace = {"activation_batch": None, "activation_batch_heads": by_name.get("activation_heads")}
+        return ShardingPlan(self.mesh, tuple((name, replace.get(name, axes)) for name, axes in self.rules))
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """The mesh and the logical rules, around tracing and running compiled calls."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(list(self.rules)))
+        return stack
+
+    def shardings(self, logical_specs: Any) -> Any:
+        """NamedShardings for a pytree of logical PartitionSpecs."""
+        return nn.logical_to_mesh_sharding(logical_specs, self.mesh, list(self.rules))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        """The sharding of an array [b, ...] of `ndim` axes split by rows, such as token ids [b, s]."""
+        return self.shardings(PartitionSpec("activation_batch", *(None,) * (ndim - 1)))
+
+    def param_shardings(self, model: BloomForCausalLM) -> Any:
+        """The NamedSharding of every parameter, checked: each sharded dimension divides by its mesh axes."""
+        return _param_shardings(self, model)
+
+    def abstract_params(self, model: BloomForCausalLM) -> Any:
+        """The parameters' shapes and dtypes, each with its sharding (what an AOT compile or a restore takes)."""
+        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            nn.unbox(abstract_params(model)), self.param_shardings(model))
 
 
-def param_shardings(model: BloomForCausalLM, mesh: Mesh, rules: Rules) -> Any:
-    """The NamedSharding of every parameter, checked: each sharded dimension divides by its mesh axes."""
+@functools.lru_cache(maxsize=64)
+def _param_shardings(plan: ShardingPlan, model: BloomForCausalLM) -> Any:
     boxed = abstract_params(model)
-    shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    shapes = nn.unbox(boxed)
-    for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes),
+    shardings = plan.shardings(nn.get_partition_spec(boxed))
+    for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)),
                                        jax.tree.leaves(shardings)):
         for dim, axes in zip(shape.shape, sharding.spec):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            size = math.prod(mesh.shape[a] for a in axes)
+            size = math.prod(plan.mesh.shape[a] for a in _axes_tuple(axes))
             if dim % size:
                 name = "/".join(str(getattr(k, "key", k)) for k in path)
-                raise BloomJaxError(
-                    f"sharding: {name} has a dimension of {dim}, not divisible by mesh axes {'x'.join(axes)} = {size}"
-                )
+                raise BloomJaxError(f"sharding: {name} has a dimension of {dim}, not divisible by mesh axes "
+                                    f"{'x'.join(_axes_tuple(axes))} = {size}")
     return shardings
 
 
-def init_sharded(model: BloomForCausalLM, rng: jax.Array, mesh: Mesh, rules: Rules) -> Any:
+def init_sharded(model: BloomForCausalLM, rng: jax.Array, mesh: Mesh, rules: str | Rules = "fsdp_tensor") -> Any:
     """Random parameters born sharded: `jax.jit` of init with the rules' out_shardings (never whole on a device)."""
-    import jax.numpy as jnp
-
-    shardings = param_shardings(model, mesh, rules)
-
-    def init(rng):
-        return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(fit_rules(rules, mesh))):
-        return jax.jit(init, out_shardings=shardings)(rng)
+    plan = ShardingPlan.create(mesh, rules)
+    shardings = plan.param_shardings(model)
+    with plan.context():
+        return jax.jit(init_params, static_argnums=0, out_shardings=shardings)(model, rng)
 
 
-def sharded_forward(model: BloomForCausalLM, mesh: Mesh, rules: Rules):
-    """A jitted `(params, input_ids_bs, attention_mask_bs) -> logits_bsv` whose activations follow `rules`."""
-    forward = jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, mask))
+def sharded_forward(model: BloomForCausalLM, mesh: Mesh, rules: str | Rules = "fsdp_tensor"):
+    """A jitted `(params, input_ids, attention_mask) -> logits` whose activations follow `rules`."""
+    plan = ShardingPlan.create(mesh, rules)
+    forward = jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, attention_mask=mask))
 
-    def run(params, input_ids_bs, attention_mask_bs):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(list(fit_rules(rules, mesh))):
-            return forward(params, input_ids_bs, attention_mask_bs)
+    def run(params, input_ids, attention_mask=None):
+        with plan.for_batch(input_ids.shape[0]).context():
+            return forward(params, input_ids, attention_mask)
 
     return run

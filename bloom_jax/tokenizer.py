@@ -1,4 +1,4 @@
-"""BLOOM's tokenizer through the `tokenizers` library: left-padded batches and streaming decoding.
+"""BLOOM's tokenizer through the `tokenizers` library: left-padded batches, streaming decoding, BPE training.
 
 The checkpoint's `tokenizer.json` (byte-level BPE) is used as is, its own normaliser, pre-tokeniser and
 post-processor included, so ids equal transformers' `AutoTokenizer` on the same file.
@@ -7,14 +7,12 @@ post-processor included, so ids equal transformers' `AutoTokenizer` on the same 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from bloom_jax.errors import BloomJaxError
-
-_INCOMPLETE = "\ufffd"  # what a decoder yields for the first bytes of an unfinished UTF-8 character
+from bloom_jax.errors import BloomJaxError, one_line
 
 
 class Tokenizer:
@@ -43,8 +41,7 @@ class Tokenizer:
             text = data.decode() if isinstance(data, bytes) else data
             return cls(HfTokenizer.from_str(text), pad_token_id, eos_token_id)
         except Exception as e:
-            raise BloomJaxError(f"cannot read {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                                ) from None
+            raise BloomJaxError(f"cannot read {source}: {one_line(e)}") from None
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes `tokenizer.json` into `directory` (created if missing), for `from_dir` or transformers."""
@@ -52,6 +49,10 @@ class Tokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(path))
         return path
+
+    def to_json(self) -> str:
+        """The text of its `tokenizer.json`."""
+        return self.tokenizer.to_str()
 
     @property
     def vocab_size(self) -> int:
@@ -75,24 +76,21 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def stream(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def stream(self) -> TextStream:
+        return TextStream(self)
 
 
-def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, jsonl_field: str = "text") -> Tokenizer:
-    """A byte-level BPE of at most `vocab_size` tokens trained on the documents of `files`, built like BLOOM's:
-    its pre-tokeniser (regex split, then bytes), byte-level decoder and special tokens <unk>=0, <s>=1, </s>=2 (EOS),
-    <pad>=3. Files are read by `bloom_jax.data.iter_documents` (same rules as training data).
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of at most `vocab_size` tokens trained on `documents` (texts; for files,
+    `bloom_jax.data.iter_documents`), built like BLOOM's: its pre-tokeniser (regex split, then bytes),
+    byte-level decoder and special tokens <unk>=0, <s>=1, </s>=2 (EOS), <pad>=3.
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HfTokenizer
 
-    from bloom_jax.data import expand_files, iter_documents  # data imports this module
-
     special_tokens = ["<unk>", "<s>", "</s>", "<pad>"]  # in id order
     if vocab_size < len(special_tokens) + 256:
         raise BloomJaxError(f"vocab_size must be at least 260 (4 special tokens and 256 bytes), got {vocab_size}")
-    paths = expand_files(files)  # path errors now, not from inside the trainer
     tok = HfTokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         # A run of non-space, non-punctuation characters with its leading space; the rest split off as is.
@@ -102,7 +100,7 @@ def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, jsonl_f
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(iter_documents(paths, jsonl_field), trainer)
+    tok.train_from_iterator(documents, trainer)
     return Tokenizer(tok, pad_token_id=3, eos_token_id=2)
 
 
@@ -118,32 +116,27 @@ def left_pad(rows: list[list[int]], length: int, pad_token_id: int) -> tuple[np.
     return ids_bs, mask_bs
 
 
-class StreamDecoder:
-    """Turns ids arriving one by one into text pieces that never split a multi-byte character.
-
-    Each `push` decodes a short window of recent ids and returns the new text once it no longer ends in an
-    incomplete character; concatenated pieces equal `decode` of all ids.
-    """
+class TextStream:
+    """Turns ids arriving one by one into text pieces that never split a multi-byte character, through
+    `tokenizers`' own `DecodeStream`; the pieces and `flush()` concatenated equal `decode` of all the ids."""
 
     def __init__(self, tokenizer: Tokenizer):
+        from tokenizers.decoders import DecodeStream
+
         self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []
-        self._prefix = 0  # window start: ids before it are settled text
-        self._read = 0  # ids up to here have been emitted
+        self._emitted = 0  # characters of text returned so far
 
     def push(self, token_id: int) -> str:
+        """The new text that `token_id` settles ('' while a character is incomplete)."""
         self._ids.append(int(token_id))
-        decode = self._tokenizer.decode
-        emitted = decode(self._ids[self._prefix:self._read])
-        text = decode(self._ids[self._prefix:])
-        if len(text) <= len(emitted) or text.endswith(_INCOMPLETE):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(emitted):]
+        piece = self._stream.step(self._tokenizer.tokenizer, int(token_id)) or ""
+        self._emitted += len(piece)
+        return piece
 
     def flush(self) -> str:
-        """Whatever is left (an incomplete character decodes as U+FFFD, as `decode` would)."""
-        decode = self._tokenizer.decode
-        rest = decode(self._ids[self._prefix:])[len(decode(self._ids[self._prefix:self._read])):]
-        self._prefix = self._read = len(self._ids)
+        """Whatever is left: an unfinished character, decoded as U+FFFD as `decode` does."""
+        rest = self._tokenizer.decode(self._ids)[self._emitted:]
+        self._emitted += len(rest)
         return rest

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from reference import PROMPT_LENGTHS, hf_logits, hf_model, left_padded, save_hf, tiny_config  # noqa: E402
 
-from bloom_jax.checkpoint import from_pretrained  # noqa: E402
+from bloom_jax.checkpoints import from_pretrained  # noqa: E402
 from bloom_jax.config import BloomConfig  # noqa: E402
 
 

@@ -13,7 +13,7 @@ initialize(f"127.0.0.1:{port}", 2, int(process_id), cpu_devices_per_process=4)
 import jax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from bloom_jax.checkpoint import from_pretrained  # noqa: E402
+from bloom_jax.checkpoints import from_pretrained  # noqa: E402
 from bloom_jax.sharding import load_rules, make_mesh, sharded_forward  # noqa: E402
 
 assert jax.device_count() == 8 and jax.local_device_count() == 4

@@ -41,8 +41,9 @@ from reference import (
 )
 from safetensors.numpy import load_file as load_numpy
 
-from bloom_jax import BloomJaxError, hf
-from bloom_jax.checkpoint import TOKENIZER_FILES, OrbaxParamsWriter, convert, export, from_pretrained, is_converted
+from bloom_jax import BloomJaxError
+from bloom_jax.checkpoints import hf, hf_files
+from bloom_jax.checkpoints import TOKENIZER_FILES, OrbaxParamsWriter, convert, export, from_pretrained, is_converted
 from bloom_jax.cli import main
 from bloom_jax.config import BloomConfig
 
@@ -438,7 +439,7 @@ def test_non_empty_dst_needs_overwrite(tiny, source, converted, tmp_path, capsys
 def fail_on_read(monkeypatch, tmp_path: Path, error: type[BaseException], call: int = 5) -> dict:
     """Makes the `call`-th `WeightFiles.read` raise `error`; records the calls and the staging directories then."""
     seen = {"calls": 0, "staging": []}
-    original = hf.WeightFiles.read
+    original = hf_files.WeightFiles.read
 
     def read(self, name):
         seen["calls"] += 1
@@ -447,7 +448,7 @@ def fail_on_read(monkeypatch, tmp_path: Path, error: type[BaseException], call: 
             raise error("interrupted by the test")
         return original(self, name)
 
-    monkeypatch.setattr(hf.WeightFiles, "read", read)
+    monkeypatch.setattr(hf_files.WeightFiles, "read", read)
     return seen
 
 
@@ -515,7 +516,7 @@ def test_failed_conversion_leaves_no_write_in_flight(tiny, tmp_path, monkeypatch
     rewrite_safetensors(lambda tensors: tensors.update({PREFIX + "word_embeddings.weight": torch.ones(vocab, 64)}))(src)
     config_says(vocab_size=vocab)(src)
     futures, previous = [], []
-    write, read = OrbaxParamsWriter.write, hf.WeightFiles.read
+    write, read = OrbaxParamsWriter.write, hf_files.WeightFiles.read
 
     def recording_write(self, *args, **kwargs):
         result = write(self, *args, **kwargs)
@@ -529,7 +530,7 @@ def test_failed_conversion_leaves_no_write_in_flight(tiny, tmp_path, monkeypatch
         return read(self, name)
 
     monkeypatch.setattr(OrbaxParamsWriter, "write", recording_write)
-    monkeypatch.setattr(hf.WeightFiles, "read", read_fails_after_embedding)
+    monkeypatch.setattr(hf_files.WeightFiles, "read", read_fails_after_embedding)
     for attempt in range(3):  # the race shows on most attempts; once is a failure
         futures.clear(), previous.clear()
         out = tmp_path / f"out{attempt}"

@@ -42,7 +42,7 @@ def corpus_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus_dir):
-    return train_tokenizer([corpus_dir], vocab_size=320)
+    return train_tokenizer(iter_documents([corpus_dir]), vocab_size=320)
 
 
 @pytest.fixture(scope="module")
@@ -233,4 +233,4 @@ def test_train_tokenizer_special_ids_round_trip_and_save(tmp_path, tokenizer, co
     text = " ".join(WORDS)
     assert loaded.encode(text) == tokenizer.encode(text) and len(tokenizer.encode(text)) < len(text.encode())
     with pytest.raises(BloomJaxError, match="vocab_size must be at least 260"):
-        train_tokenizer([corpus_dir], vocab_size=100)
+        train_tokenizer(iter_documents([corpus_dir]), vocab_size=100)

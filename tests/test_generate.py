@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from reference import hf_model, left_padded, relative_max_error, save_hf, tiny_config
 
-from bloom_jax.checkpoint import from_pretrained
-from bloom_jax.generate import generate, init_cache
+from bloom_jax.checkpoints import from_pretrained
+from bloom_jax.cache import KVCache
+from bloom_jax.generate import generate
 
 NEW_TOKENS = 16
 
@@ -48,7 +49,7 @@ def test_cached_logits_equal_the_full_forward(setup):
     config, _, directory, ids, mask = setup
     model, params = from_pretrained(directory)
     full = np.asarray(model.apply({"params": params}, ids, mask))
-    cache = init_cache(config, ids.shape[0], ids.shape[1] + 1)
+    cache = KVCache.init(config, ids.shape[0], ids.shape[1] + 1)
     prefix = ids.shape[1] - 2  # prefill all but the last two positions, then decode them one at a time
     logits, cache = model.apply({"params": params}, ids[:, :prefix], mask[:, :prefix], cache=cache)
     steps = [np.asarray(logits)]

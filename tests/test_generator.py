@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from reference import config_says, hf_model, left_padded, relative_max_error, save_hf, tiny_config
 
-from bloom_jax.checkpoint import convert
+from bloom_jax.checkpoints import convert
 from bloom_jax.cli import main
 from bloom_jax.config import load_config
 from bloom_jax.errors import BloomJaxError
@@ -139,10 +139,10 @@ def test_sharded_generation_equals_transformers(setup, spec):
     # The KV cache is split over all 8 devices along its batch x heads axis: 4 rows (the bucket of 3 prompts)
     # x 8 heads, over the batch's mesh axis (data or fsdp), then tensor (heads).
     ids = np.ones((4, 8), np.int32)
-    with generator._sharding(4):
+    with generator.sharding.for_batch(4).context():
         state = prefill(generator.model, generator.params, ids, np.ones_like(ids), np.ones(4, bool),
                         jax.random.key(0), np.array([EOS], np.int32), 3, Sampling(), NEW_TOKENS)
-    keys_zth = state["cache"]["k"][0]
+    keys_zth = state["cache"].keys[0]
     assert keys_zth.shape[0] == 4 * setup["config"].n_head
     assert keys_zth.sharding.shard_shape(keys_zth.shape) == (keys_zth.shape[0] // 8, *keys_zth.shape[1:])
 

@@ -32,7 +32,7 @@ from reference import (
 )
 
 from bloom_jax import BloomJaxError
-from bloom_jax.checkpoint import from_pretrained
+from bloom_jax.checkpoints import from_pretrained
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -70,13 +70,14 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     interpreter (so the kernel is the test's Python, whatever `python` on PATH is)."""
     from reference import hf_model, save_hf, tiny_config
 
+    from bloom_jax.data import iter_documents
     from bloom_jax.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("notebook-assets")
     data = write_corpus(root / "data")
     config = tiny_config()  # vocab 512, hidden 64, 2 layers, 8 heads
     model_dir = save_hf(hf_model(config, linear_gain=3.0), root / "tiny-bloom")
-    train_tokenizer([data], vocab_size=config.vocab_size).save(model_dir)
+    train_tokenizer(iter_documents([data]), vocab_size=config.vocab_size).save(model_dir)
     kernel_dir = root / "jupyter" / "kernels" / "python3"
     kernel_dir.mkdir(parents=True)
     (kernel_dir / "kernel.json").write_text(json.dumps({

@@ -10,20 +10,19 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import flax.linen as nn
 import pytest
 from jax.sharding import AxisType
 from reference import relative_max_error, tiny_config
 
 from bloom_jax import BloomJaxError
-from bloom_jax.checkpoint import convert, from_pretrained
+from bloom_jax.checkpoints import convert, from_pretrained
 from bloom_jax.model import make_model
 from bloom_jax.sharding import (
-    fit_batch,
-    fit_rules,
+    ShardingPlan,
     init_sharded,
     load_rules,
     make_mesh,
-    param_shardings,
     parse_mesh_spec,
     rule_names,
     sharded_forward,
@@ -78,12 +77,21 @@ def test_the_kv_cache_axis_splits_as_batch_then_heads(name):
         as_tuple(rules["activation_batch"]) + as_tuple(rules["activation_heads"])
 
 
-def test_fit_batch_replicates_a_batch_the_data_axes_do_not_divide():
+def test_plan_fits_preset_rules_to_a_users_mesh():
+    # A mesh of the user's own with a single axis: the preset's other mesh axes act as size 1 and are dropped.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    rules = dict(ShardingPlan.create(mesh, "fsdp_tensor").rules)
+    assert rules["activation_batch"] == "data" and rules["embed"] is None and rules["heads"] is None
+    assert ShardingPlan.create(mesh, load_rules("fsdp_tensor")).rules == tuple(rules.items())
+
+
+def test_plan_for_batch_replicates_a_batch_the_data_axes_do_not_divide():
     mesh = make_mesh("data=2,tensor=4")
-    rules = fit_rules(load_rules("fsdp_tensor"), mesh)
-    assert fit_batch(rules, mesh, 4) == rules
+    plan = ShardingPlan.create(mesh, "fsdp_tensor")
+    rules = plan.rules
+    assert plan.for_batch(4) is plan
     assert dict(rules)["activation_batch_heads"] == ("slice", "data", "fsdp", "tensor")
-    alone = dict(fit_batch(rules, mesh, 1))  # generation at batch 1
+    alone = dict(plan.for_batch(1).rules)  # generation at batch 1
     assert alone["activation_batch"] is None and alone["activation_batch_heads"] == "tensor"
     assert {k: v for k, v in alone.items() if not k.startswith("activation_batch")} == \
         {k: v for k, v in dict(rules).items() if not k.startswith("activation_batch")}
@@ -93,7 +101,24 @@ def test_indivisible_heads_are_a_clear_error():
     model = make_model(tiny_config(n_head=6, hidden_size=48))
     message = r"self_attention/\w+/kernel has a dimension of 6, not divisible by mesh axes tensor = 4"
     with pytest.raises(BloomJaxError, match=message):
-        param_shardings(model, make_mesh("data=2,tensor=4"), load_rules("tensor"))
+        ShardingPlan.create(make_mesh("data=2,tensor=4"), "tensor").param_shardings(model)
+
+
+def test_plan_gives_params_batch_and_context():
+    model = make_model(tiny_config())
+    plan = ShardingPlan.create(make_mesh("fsdp=2,tensor=4"), "fsdp_tensor")
+    shardings = plan.param_shardings(model)
+    assert plan.param_shardings(model) is shardings  # computed once per model
+    kernel = shardings["h"]["self_attention"]["query_key_value"]["kernel"]
+    assert tuple(kernel.spec) == (None, "fsdp", "tensor", None, None)
+    abstract = plan.abstract_params(model)["h"]["self_attention"]["query_key_value"]["kernel"]
+    assert abstract.shape == (2, 64, 8, 3, 8) and abstract.sharding == kernel
+    assert tuple(plan.batch_sharding().spec) == (("slice", "data", "fsdp"), None)
+    assert tuple(plan.batch_sharding(3).spec) == (("slice", "data", "fsdp"), None, None)
+    assert tuple(plan.replicated.spec) == ()
+    with plan.context():
+        assert jax.sharding.get_abstract_mesh().shape == plan.mesh.shape
+        assert dict(nn.get_logical_axis_rules()) == dict(plan.rules)
 
 
 def test_init_is_born_sharded():
@@ -128,7 +153,7 @@ def test_restore_onto_any_mesh_gives_single_device_logits(converted, spec):
 
     mesh, rules = make_mesh(spec), load_rules("fsdp_tensor")
     model, sharded = from_pretrained(converted, mesh=mesh)
-    shardings = param_shardings(model, mesh, rules)
+    shardings = ShardingPlan.create(mesh, rules).param_shardings(model)
     assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), sharded, shardings))
     logits = np.asarray(sharded_forward(model, mesh, rules)(sharded, ids, mask))
     assert relative_max_error(logits, expected, mask) <= 1e-5

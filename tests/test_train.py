@@ -30,25 +30,24 @@ import optax
 import pytest
 import yaml
 from flax.traverse_util import flatten_dict
-from jax.sharding import NamedSharding, PartitionSpec
 from reference import hf_model, random_ids, save_hf, tiny_config
 
-from bloom_jax import BloomJaxError, Generator, from_pretrained, hf
+from bloom_jax import BloomJaxError, Generator, from_pretrained
+from bloom_jax.checkpoints import hf
 from bloom_jax.cli import main
 from bloom_jax.config import configs_dir, load_config
 from bloom_jax.data import expand_files, load_corpus, split_documents
 from bloom_jax.model import abstract_params, forward_flops, make_model
 from bloom_jax.runtime import enable_compilation_cache
-from bloom_jax.sharding import fit_rules, load_rules, logical_to_sharding, make_mesh, param_shardings
+from bloom_jax.sharding import ShardingPlan, load_rules, make_mesh
 from bloom_jax.tokenizer import Tokenizer
+from bloom_jax.losses import next_token_loss
+from bloom_jax.recipe import TrainConfig, data_files
 from bloom_jax.train import (
-    TrainConfig,
     Trainer,
-    data_files,
     decay_mask,
     learning_rate_schedule,
     make_optimizer,
-    next_token_loss,
     optimizer_shardings,
     peak_flops_per_device,
     train_step,
@@ -282,19 +281,19 @@ def test_sharded_step_equals_one_device():
     model, optimizer, step = plain_step(1)
     state = initial_state(model, optimizer)
     mesh = make_mesh(MESH)
-    rules = fit_rules(load_rules("fsdp_tensor"), mesh)
-    params_sh = param_shardings(model, mesh, rules)
+    plan = ShardingPlan.create(mesh, "fsdp_tensor")
+    params_sh = plan.param_shardings(model)
     opt_sh = optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, state["params"]), params_sh, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = plan.replicated
     state_sh = {"step": replicated, "params": params_sh, "opt_state": opt_sh}
-    data_sh = logical_to_sharding(PartitionSpec("activation_batch", None), mesh, rules)
+    data_sh = plan.batch_sharding()
     sharded_step = jax.jit(lambda s, t: train_step(model, optimizer, 1, 0, False, s, t),
                            in_shardings=(state_sh, data_sh), out_shardings=(state_sh, replicated))
 
     plain, sharded = state, jax.device_put(state, state_sh)
     for i, tokens in enumerate(batches(2)):
         plain, plain_metrics = step(plain, tokens)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        with plan.context():
             sharded, sharded_metrics = sharded_step(sharded, jax.device_put(tokens, data_sh))
         # Measured: loss ~1e-7 and grad norm ~1e-6 relative (reductions split over 8 devices).
         assert float(sharded_metrics["loss"]) == pytest.approx(float(plain_metrics["loss"]), rel=1e-5)

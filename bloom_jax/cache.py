@@ -1,0 +1,101 @@
+"""The KV cache of generation: its shapes, dtype, layouts, in-place update and logical axes, in one place.
+
+Each layer's keys and values are [b*n, T, h]: batch and heads merged, batch-major, as transformers' BLOOM lays out
+its keys. With [b, n, T, h], at batch 1 XLA:CPU squeezed the size-1 axis for the attention products and, to do
+so, copied every layer's cache several times per token (197 copies, 10% of a bloom-560m decode step).
+
+Two layouts of the layers: stacked [l, b*n, T, h] (for a scanned model, whose `nn.scan` slices it), or a tuple of
+l arrays (for an unrolled model: each updated in place, none sliced or restacked per token). The key mask [b, T]
+marks the positions written with real tokens: ALiBi positions count its ones, so left padding and cached tokens
+get the positions transformers gives them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from bloom_jax.config import BloomConfig
+
+# Logical axes of one layer's keys or values [b*n, T, h]: the rules shard the merged axis over the batch's mesh
+# axes, then the heads' (see configs/sharding).
+LAYER_AXES = ("activation_batch_heads", None, None)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `batch` sequences of up to `length` positions, the key mask and the
+    next position to write. A pytree: it passes through `jit`, `while_loop` and donation as is."""
+
+    keys: jax.Array | tuple[jax.Array, ...]  # [l, b*n, T, h], or l arrays [b*n, T, h]
+    values: jax.Array | tuple[jax.Array, ...]
+    mask: jax.Array  # int32 [b, T]: 1 where a real token was written
+    index: jax.Array  # int32 []: where the next tokens go
+
+    @classmethod
+    def init(cls, config: BloomConfig, batch: int, length: int, dtype=jnp.float32,
+             per_layer: bool = False) -> KVCache:
+        """An empty cache: stacked layers, or (`per_layer`, for unrolled models) one array per layer."""
+        layer_shape = (batch * config.n_head, length, config.head_dim)
+        if per_layer:
+            keys = tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.n_layer))
+            values = tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.n_layer))
+        else:
+            # Two buffers, not one twice: a donated state may not hold the same buffer twice.
+            keys, values = (jnp.zeros((config.n_layer, *layer_shape), dtype) for _ in range(2))
+        return cls(keys, values, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.keys, tuple)
+
+    @property
+    def length(self) -> int:
+        """T, the positions the cache has room for."""
+        return self.mask.shape[1]
+
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+        """Layer i's keys and values [b*n, T, h]."""
+        return self.keys[i], self.values[i]
+
+    def with_new_tokens(self, attention_mask: jax.Array) -> jax.Array:
+        """The key mask [b, T] once tokens with this mask [b, s] are written at `index`."""
+        return lax.dynamic_update_slice(self.mask, attention_mask.astype(self.mask.dtype), (0, self.index))
+
+    def advance(self, keys: jax.Array | tuple[jax.Array, ...], values: jax.Array | tuple[jax.Array, ...],
+                mask: jax.Array, steps: int) -> KVCache:
+        """The cache after `steps` tokens were written: the updated layers (stacked, or one array each, restacked
+        if this cache is stacked), their key mask and the index moved on."""
+        if isinstance(keys, (tuple, list)) and not self.per_layer:
+            keys, values = jnp.stack(keys), jnp.stack(values)
+        elif isinstance(keys, list):
+            keys, values = tuple(keys), tuple(values)
+        return KVCache(keys, values, mask, self.index + steps)
+
+    @staticmethod
+    def logical_axes(config: BloomConfig, per_layer: bool = False) -> KVCache:
+        """The logical `PartitionSpec` of every array of a cache of this layout (for explicit shardings)."""
+        layer = PartitionSpec(*LAYER_AXES)
+        if per_layer:
+            keys = values = (layer,) * config.n_layer
+        else:
+            keys = values = PartitionSpec(None, *LAYER_AXES)
+        return KVCache(keys, values, PartitionSpec("activation_batch", None), PartitionSpec())
+
+
+def write_layer(keys_zth: jax.Array, values_zth: jax.Array, k_bnsh: jax.Array, v_bnsh: jax.Array,
+                index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's cache [b*n, T, h] with the new keys and values [b, n, s, h] written at position `index`, in
+    place, and constrained to the cache's logical sharding (the attention heads', batch first)."""
+    b, n, s, h = k_bnsh.shape
+    start = (0, index, 0)
+    keys_zth = lax.dynamic_update_slice(keys_zth, k_bnsh.reshape(b * n, s, h).astype(keys_zth.dtype), start)
+    values_zth = lax.dynamic_update_slice(values_zth, v_bnsh.reshape(b * n, s, h).astype(values_zth.dtype), start)
+    return nn.with_logical_constraint(keys_zth, LAYER_AXES), nn.with_logical_constraint(values_zth, LAYER_AXES)
+
+
+__all__ = ["KVCache", "LAYER_AXES", "write_layer"]

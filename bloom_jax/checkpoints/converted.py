@@ -1,0 +1,258 @@
+"""The converted checkpoint format, its one owner: what `convert`, `save_pretrained` and the trainer write and
+what `from_pretrained` restores.
+
+A converted checkpoint is a directory or URL holding `config.json` (declaring the stored dtype), the tokenizer
+files, and `params/`: an Orbax PyTree checkpoint in the scanned parameter layout, one zarr array per parameter
+(no OCDBT, no compression, chunks of at most 64 MiB), that `orbax.checkpoint.StandardCheckpointer().restore`
+reads and that any mesh restores shard by shard. `params/_METADATA` is written last: without it nothing loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+
+from bloom_jax.checkpoints.storage import (
+    Destination,
+    has_file,
+    is_url,
+    join,
+    kvstore_url,
+    open_kvstore,
+    orbax_path,
+    read_bytes,
+    write_bytes,
+)
+from bloom_jax.config import BloomConfig
+from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax.model import BloomForCausalLM, abstract_params, stack_layers, unstack_layers
+from bloom_jax.sharding import ShardingPlan
+
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_CHUNK_BYTES = 64 * 2**20  # chunks small enough that one shard of a restore reads little it does not need
+
+
+def is_converted(location: str | os.PathLike) -> bool:
+    """True for a directory or URL holding a converted checkpoint (`params/_METADATA`)."""
+    return has_file(location, f"{PARAMS_DIR}/_METADATA")
+
+
+def read_config(location: str | os.PathLike) -> BloomConfig:
+    """The `config.json` of a converted checkpoint."""
+    data = read_bytes(location, "config.json")
+    if data is None:
+        raise BloomJaxError(f"{location} has parameters but no config.json")
+    try:
+        return BloomConfig.from_json_text(data.decode(), f"{location}/config.json")
+    except UnicodeDecodeError:
+        raise BloomJaxError(f"{location}/config.json is not UTF-8 text") from None
+
+
+def config_json(config: BloomConfig, dtype: np.dtype) -> bytes:
+    """config.json declaring the stored dtype (`dtype` for transformers v5, `torch_dtype` for v4)."""
+    out = config.replace(extra={**config.extra, "torch_dtype": np.dtype(dtype).name, "dtype": np.dtype(dtype).name})
+    return (json.dumps(out.to_dict(), indent=2) + "\n").encode()
+
+
+def _chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
+    """One layer per chunk for stacked arrays, then the largest axis halved until a chunk is <= 64 MiB."""
+    chunk = list(shape)
+    if stacked:
+        chunk[0] = 1
+    while math.prod(chunk) * itemsize > _CHUNK_BYTES:
+        axis = max(range(len(chunk)), key=lambda i: chunk[i])
+        chunk[axis] = -(-chunk[axis] // 2)
+    return chunk
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == ml_dtypes.bfloat16 else np.dtype(dtype).str
+
+
+class OrbaxParamsWriter:
+    """Writes a parameter pytree into an Orbax PyTree checkpoint piece by piece, as Orbax itself lays one out
+    without OCDBT (one zarr array per parameter; a test holds the metadata to what Orbax writes).
+
+    `open(path, shape, dtype, stacked)` creates one zarr array; `write(path, value, index)` fills it (a layer of
+    a stacked array, or all of it); `finish()` writes the metadata that makes the checkpoint restorable, last,
+    so an interrupted writer leaves nothing that Orbax would restore.
+    """
+
+    def __init__(self, location: str):
+        self.url = kvstore_url(location)
+        self._arrays: dict[tuple[str, ...], Any] = {}
+
+    def open(self, path: tuple[str, ...], shape: tuple[int, ...], dtype: np.dtype, stacked: bool) -> None:
+        import tensorstore as ts
+
+        spec = {
+            "driver": "zarr",
+            "kvstore": self.url + ".".join(path) + "/",
+            "metadata": {"shape": list(shape), "chunks": _chunk_shape(shape, np.dtype(dtype).itemsize, stacked),
+                         "dtype": _zarr_dtype(dtype), "compressor": None},
+            # No fsync per file, for speed: the metadata written last guards against interrupted runs, not
+            # against the OS losing recent writes in a crash.
+            "context": {"file_io_sync": False},
+        }
+        self._arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
+
+    def write(self, path: tuple[str, ...], value: np.ndarray, index: int | None = None) -> list:
+        """Starts writing `value` into the whole array, or into layer `index` of a stacked one, in pieces of at
+        most 64 MiB. Returns the pieces' futures; `value` must stay alive and unchanged until they are done."""
+        array = self._arrays[path]
+        if index is not None:
+            array = array[index]
+        if value.ndim == 0:
+            return [array.write(value)]
+        rows, futures = value.shape[0], []
+        step = max(1, _CHUNK_BYTES // max(1, value[0].nbytes))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)  # tensorstore does not clip slices as numpy does
+            futures.append(array[start:stop].write(value[start:stop]))
+        return futures
+
+    def finish(self) -> None:
+        kv = open_kvstore(self.url)
+        tree, shardings = {}, {}
+        for path, array in self._arrays.items():
+            name = ".".join(path)
+            tree[str(path)] = {
+                "key_metadata": [{"key": key, "key_type": 2} for key in path],
+                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                                   "write_shape": list(array.shape)},
+            }
+            shardings[base64.b64encode(name.encode()).decode()] = json.dumps(
+                {"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
+        kv.write("_sharding", json.dumps(shardings)).result()
+        metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        kv.write("_METADATA", json.dumps(metadata)).result()
+        # Orbax's own writer also names its handler's private class path here; restoring does not read it.
+        now = time.time_ns()
+        kv.write("_CHECKPOINT_METADATA", json.dumps({
+            "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
+            "custom_metadata": {}})).result()
+
+
+class StoredParams:
+    """A converted checkpoint's parameters, read one array (or one layer of a stacked one) at a time with
+    TensorStore: what streaming readers such as `export` use instead of a restore of the whole tree."""
+
+    def __init__(self, location: str | os.PathLike):
+        if not is_converted(location):
+            raise BloomJaxError(
+                f"no converted checkpoint at {location} (expected {PARAMS_DIR}/_METADATA; see bloom-jax convert)")
+        self.location = location
+        self._root = kvstore_url(orbax_path(location)) + PARAMS_DIR + "/"
+        self._arrays: dict[tuple[str, ...], Any] = {}
+
+    def _array(self, path: tuple[str, ...]):
+        import tensorstore as ts
+
+        if path not in self._arrays:
+            try:
+                spec = {"driver": "zarr", "kvstore": self._root + ".".join(path) + "/"}
+                self._arrays[path] = ts.open(spec, open=True).result()
+            except Exception as e:
+                raise BloomJaxError(f"cannot read parameter {'.'.join(path)} of {self.location}: {one_line(e)}"
+                                    ) from None
+        return self._arrays[path]
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self._array(path).shape)
+
+    def dtype(self, path: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self._array(path).dtype.numpy_dtype)
+
+    def read(self, path: tuple[str, ...], layer: int | None = None) -> np.ndarray:
+        """The array at `path` (with `layer`: that layer of a stacked array)."""
+        array = self._array(path)
+        return (array if layer is None else array[layer]).read().result()
+
+
+def restore_params(location: str | os.PathLike, model: BloomForCausalLM, sharding: ShardingPlan | None = None
+                   ) -> dict:
+    """A converted checkpoint's parameters, cast to `model.param_dtype`, each array read into its shards.
+
+    Without a plan every array lands on the first device; with one, each device reads only its shard, as the
+    plan's rules place it. The stored layout is scanned; an unrolled model gets it unstacked after the restore.
+    """
+    import orbax.checkpoint as ocp
+
+    stored = model.clone(scan_layers=True)
+    if sharding is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                              nn.unbox(abstract_params(stored)))
+    else:
+        target = sharding.abstract_params(stored)
+    try:
+        params = ocp.StandardCheckpointer().restore(join(orbax_path(location), PARAMS_DIR), target)
+    except Exception as e:
+        raise BloomJaxError(f"cannot restore {location}: {one_line(e)}") from None
+    return params if model.scan_layers else unstack_layers(params)
+
+
+def save_pretrained(params: Any, config: BloomConfig, dst: str | os.PathLike, tokenizer=None, *,
+                    overwrite: bool = False) -> None:
+    """Writes `params` (either layer layout, stored in their own dtype) as a converted checkpoint at `dst`, with
+    `config` and, if given, the `bloom_jax.tokenizer.Tokenizer`: what `from_pretrained`, `bloom-jax generate`
+    and `export` read.
+
+    A non-empty `dst` is refused without `overwrite`. On one process the checkpoint is staged beside a local
+    `dst` and renamed into place when complete. In a multi-process run every process must call this (each writes
+    its own shards, to a `dst` they share); it is then written in place, `params/` last.
+    """
+    if "h" not in params:
+        params = stack_layers(params, config.n_layer)
+    files = {"config.json": config_json(config, params["word_embeddings"]["embedding"].dtype)}
+    if tokenizer is not None:
+        files["tokenizer.json"] = tokenizer.to_json().encode()
+    if jax.process_count() == 1:
+        with Destination(dst, overwrite) as out:
+            for key, data in files.items():
+                out.write_bytes(key, data)
+            _save_params(join(out.root, PARAMS_DIR), params)
+        return
+    _save_in_place(params, files, dst, overwrite)
+
+
+def _save_in_place(params: Any, files: dict[str, bytes], dst: str | os.PathLike, overwrite: bool) -> None:
+    """`save_pretrained` across processes: the processes agree that `dst` may be written, process 0 writes the
+    files, then all write `params/`, which Orbax renames into place once every process is done."""
+    from jax.experimental import multihost_utils
+
+    location = orbax_path(dst)
+    if is_converted(dst) and not overwrite:
+        raise BloomJaxError(f"{dst} already holds a converted checkpoint (use overwrite to replace it)")
+    multihost_utils.sync_global_devices(f"bloom_jax.save_pretrained {location}: checked")
+    if jax.process_index() == 0:
+        if not is_url(dst):
+            shutil.rmtree(Path(location) / PARAMS_DIR, ignore_errors=True)
+            Path(location).mkdir(parents=True, exist_ok=True)
+        for key, data in files.items():
+            write_bytes(dst, key, data)
+    multihost_utils.sync_global_devices(f"bloom_jax.save_pretrained {location}: files")
+    _save_params(join(location, PARAMS_DIR), params)
+
+
+def _save_params(location: str, params: Any) -> None:
+    """Orbax writes `params` (sharded arrays: each process its own shards) in this module's layout."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(orbax_path(location), args=ocp.args.PyTreeSave(params, save_args=save_args), force=True)

@@ -1,0 +1,122 @@
+"""Where checkpoints live: local directories and URLs (`gs://...`, `file://...`) read and written through
+TensorStore's key-value stores, and destinations that never show a half-written checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from bloom_jax.errors import BloomJaxError, one_line
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return bool(_URL.match(str(location)))
+
+
+def kvstore_url(location: str | os.PathLike) -> str:
+    """A TensorStore kvstore URL ending in '/' for a local path or a URL (`gs://...`, `file://...`)."""
+    url = str(location) if is_url(location) else "file://" + str(Path(location).resolve())
+    return url.rstrip("/") + "/"
+
+
+def open_kvstore(location: str | os.PathLike):
+    """The TensorStore key-value store of a directory or URL."""
+    import tensorstore as ts
+
+    try:
+        return ts.KvStore.open(kvstore_url(location)).result()
+    except Exception as e:
+        raise BloomJaxError(f"cannot open {location}: {one_line(e)}") from None
+
+
+def read_bytes(location: str | os.PathLike, key: str) -> bytes | None:
+    """A file of a local directory or URL, exactly as stored; None if there is none."""
+    if not is_url(location):
+        path = Path(location) / key
+        return path.read_bytes() if path.is_file() else None
+    result = open_kvstore(location).read(key).result()
+    return bytes(result.value) if result.state == "value" else None
+
+
+def write_bytes(location: str | os.PathLike, key: str, data: bytes) -> None:
+    """Writes the file `key` of a local directory or URL."""
+    if is_url(location):
+        open_kvstore(location).write(key, data).result()
+    else:
+        (Path(location) / key).write_bytes(data)
+
+
+def has_file(location: str | os.PathLike, key: str) -> bool:
+    """Whether a directory or URL holds the file `key`; False for one that cannot be opened."""
+    if not is_url(location):
+        return (Path(location) / key).is_file()
+    try:
+        return open_kvstore(location).read(key).result().state == "value"
+    except BloomJaxError:
+        return False
+
+
+def orbax_path(location: str | os.PathLike) -> str:
+    """What Orbax takes: an absolute local path (also for `file://` URLs) or a cloud URL such as `gs://`."""
+    text = str(location)
+    if text.startswith("file://"):
+        return text[len("file://"):]
+    return text if is_url(text) else str(Path(text).resolve())
+
+
+def join(root: str | os.PathLike, key: str) -> str:
+    return str(root).rstrip("/") + "/" + key
+
+
+class Destination:
+    """Where a conversion, export or save writes: a local directory (staged beside it, then renamed into place)
+    or a URL (written in place, the files that make it loadable last). A non-empty destination needs
+    `overwrite`. Use as a context manager: on an error the staged data is removed."""
+
+    def __init__(self, location: str | os.PathLike, overwrite: bool):
+        self.location, self.overwrite = str(location), overwrite
+        if is_url(location):
+            self._kv = open_kvstore(location)
+            if self._kv.list().result() and not overwrite:
+                raise BloomJaxError(f"{location} is not empty (use --overwrite to replace it)")
+            self.root = self.location
+        else:
+            final = Path(location)
+            if final.exists() and not final.is_dir():
+                raise BloomJaxError(f"{final} exists and is not a directory")
+            if final.is_dir() and any(final.iterdir()) and not overwrite:
+                raise BloomJaxError(f"{final} is not empty (use --overwrite to replace it)")
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self.root = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
+            except OSError as e:
+                raise BloomJaxError(f"cannot write in {final.parent}: {e.strerror}") from None
+
+    def __enter__(self) -> Destination:
+        if is_url(self.location) and self.overwrite:
+            import tensorstore as ts
+
+            self._kv.delete_range(ts.KvStore.KeyRange()).result()
+        return self
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        write_bytes(self.root, key, data)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if is_url(self.location):
+            return  # an incomplete URL destination lacks the metadata written last, so nothing will load it
+        if exc_type is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        final = Path(self.location)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.root, 0o777 & ~umask)  # mkdtemp made it private
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.root, final)
