@@ -113,7 +113,7 @@ def torch_and_ours(config, seed: int = 0):
     passed through `save_pretrained` and our loader."""
     import tempfile
 
-    from bloom_jax.checkpoint import load_hf_params
+    from bloom_jax.checkpoints import load_hf_params
     from bloom_jax.model import make_model
 
     torch_model = torch_bloom(config, seed).eval()

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import log, machine, markdown_table  # noqa: E402
 
-from bloom_jax import hf  # noqa: E402
-from bloom_jax.checkpoint import hf_tensor_shapes, plan_hf_tensors  # noqa: E402
+from bloom_jax.checkpoints.hf import hf_tensor_shapes, plan_hf_tensors  # noqa: E402
+from bloom_jax.checkpoints.hf_files import WeightFiles, write_safetensors  # noqa: E402
 from bloom_jax.config import load_config  # noqa: E402
 from bloom_jax.model import make_model  # noqa: E402
 
@@ -48,7 +48,7 @@ def write_random_checkpoint(name: str, directory: Path) -> None:
         return (0.02 * rng.standard_normal(shapes[tensor_name], dtype=np.float32)).astype(np.float16)
 
     directory.mkdir(parents=True)
-    hf.write_safetensors(directory, list(shapes.items()), np.dtype(np.float16), SHARD_BYTES, read)
+    write_safetensors(directory, list(shapes.items()), np.dtype(np.float16), SHARD_BYTES, read)
     config.to_json(directory / "config.json")
 
 
@@ -107,7 +107,7 @@ def main() -> None:
             src, dst = workdir / f"{name}-hf", workdir / f"{name}-converted"
             log(f"{name}: writing a random fp16 checkpoint")
             write_random_checkpoint(name, src)
-            files = hf.WeightFiles(src)
+            files = WeightFiles(src)
             plan = plan_hf_tensors(files, make_model(load_config(src)))
             total = sum(t.nbytes for t in plan)
             largest = max(t.nbytes for t in plan)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import log, markdown_table  # noqa: E402
 
-from bloom_jax.plan import ACCELERATORS  # noqa: E402
+from bloom_jax.devices import ACCELERATORS  # noqa: E402
 
 CHIPS = {"TPU v4": "v4", "TPU v5p": "v5p", "H100": "h100"}
 RUNS = {  # name -> (task, batch or None, [mesh specs, smallest first])
@@ -40,12 +40,12 @@ def main() -> None:
         results = [plan(task, batch, mesh) for mesh in meshes]
         cells = [name, ", ".join(f"{r['devices']}: {r['per_device_gib']['total']:.1f}" for r in results)]
         for chip in CHIPS.values():
-            fitting = [r for r in results if r["per_device_gib"]["total"] <= ACCELERATORS[chip]]
+            fitting = [r for r in results if r["per_device_gib"]["total"] <= ACCELERATORS[chip].hbm_gib]
             cells.append(f"{fitting[0]['devices']} ({fitting[0]['mesh']['fsdp']}x{fitting[0]['mesh']['tensor']})"
                          if fitting else f"> {results[-1]['devices']}")
         rows.append(cells)
     print("BLOOM-176B: per-device GiB by device count, and the smallest fsdp x tensor mesh that fits")
-    print(markdown_table(["step", "devices: GiB per device"] + [f"{c} ({ACCELERATORS[k]} GiB)" for c, k in
+    print(markdown_table(["step", "devices: GiB per device"] + [f"{c} ({ACCELERATORS[k].hbm_gib:g} GiB)" for c, k in
                                                                 CHIPS.items()], rows))
 
 

@@ -1,20 +1,21 @@
-"""BLOOM in JAX and Flax: load, shard, generate with, fine-tune and pretrain BigScience's BLOOM."""
+"""BLOOM in JAX and Flax: load, shard, generate with, fine-tune and pretrain BigScience's BLOOM.
 
-from bloom_jax.config import BloomConfig, load_config, preset_names
-from bloom_jax.errors import BloomJaxError, RunFailed
-from bloom_jax.model import BloomForCausalLM, abstract_params, count_params, init_params, make_model
+The names below are loaded on first use, so that `import bloom_jax.recipe` (say) imports neither JAX nor the
+checkpoint readers.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BloomConfig", "BloomForCausalLM", "BloomJaxError", "Generator", "RunFailed", "abstract_params",
-    "count_params", "from_pretrained", "init_params", "load_config", "make_model", "preset_names",
-    "save_pretrained",
-]
+_LAZY = {  # public name -> the module that defines it
+    "BloomConfig": "bloom_jax.config", "load_config": "bloom_jax.config", "preset_names": "bloom_jax.config",
+    "BloomJaxError": "bloom_jax.errors", "RunFailed": "bloom_jax.errors",
+    "BloomForCausalLM": "bloom_jax.model", "abstract_params": "bloom_jax.model", "count_params": "bloom_jax.model",
+    "init_params": "bloom_jax.model", "make_model": "bloom_jax.model",
+    "from_pretrained": "bloom_jax.checkpoints", "save_pretrained": "bloom_jax.checkpoints",
+    "Generator": "bloom_jax.generate",
+}
 
-# Loaded on first use: they pull in the checkpoint readers, Orbax and the tokenizer.
-_LAZY = {"from_pretrained": "bloom_jax.checkpoints", "save_pretrained": "bloom_jax.checkpoints",
-         "Generator": "bloom_jax.generate"}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
@@ -23,3 +24,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'bloom_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

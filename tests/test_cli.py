@@ -45,3 +45,63 @@ def test_mistakes_are_one_line_and_exit_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bloom-jax: error:") and message in err[0]
+
+
+def test_version(capsys):
+    from bloom_jax import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"bloom-jax {__version__}"
+
+
+def test_debug_is_accepted_after_the_command_too(capsys):
+    for argv in (["--debug", "forward", "--dtype", "int8"], ["forward", "--dtype", "int8", "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.strip().splitlines()[-1].startswith("bloom-jax: error: unsupported dtype")
+    assert main(["forward", "--dtype", "int8"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("forward", ["--batch BATCH  sequences (default: 4)", "tokens per sequence (default: 64)",
+                 "(default: 0)", "(default: bloom-tiny)"]),
+    ("eval", ["tokens per scored window (default: 512)", "windows per batch (default: 8)"]),
+    ("export", ["split into shards above this size (default: 5GB)"]),
+])
+def test_help_shows_every_options_default(capsys, command, expected):
+    assert main([command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for text in expected:
+        assert " ".join(text.split()) in out, text
+
+
+def test_train_help_lists_the_recipe_keys(capsys):
+    import dataclasses
+
+    from bloom_jax.recipe import TrainConfig
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(TrainConfig):
+        assert f"  {field.name} (" in out, field.name
+    assert "seq_len (int, default 512): tokens per training window" in out
+    assert "init_from (str | None, default None):" in out and "train_data (list[str], default []):" in out
+
+
+def test_ctrl_c_exits_130():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # Waiting for prompts on stdin, which never come: interrupted there.
+    proc = subprocess.Popen([sys.executable, "-m", "bloom_jax.cli", "generate", "ckpt", "--prompts-file", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and out == "" and err.strip().splitlines() == ["bloom-jax: interrupted"]

@@ -461,3 +461,54 @@ def test_tokenizer_of_the_converted_checkpoint_is_the_trained_one(setup):
     ours = Tokenizer.from_dir(setup["converted"])
     assert ours.vocab_size <= setup["config"].vocab_size
     assert ours.decode(ours.encode(PROMPTS[2])) == PROMPTS[2]
+
+
+# -- generation_config.json ----------------------------------------------------------------------------------------
+def test_generation_config_sets_eos_pad_and_budget_as_transformers_reads_them(setup, tmp_path):
+    import torch
+
+    row0 = setup["expected"][0].tolist()
+    stop = next(t for i, t in enumerate(row0) if i >= 2 and row0.index(t) == i and t != EOS)  # a mid-row token
+    directory = tmp_path / "model"
+    shutil.copytree(setup["converted"], directory)
+    generation = {"eos_token_id": [stop, EOS], "pad_token_id": PAD, "max_new_tokens": 6}
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    generator = Generator.from_pretrained(directory)
+    assert generator.eos_token_ids == (stop, EOS) and generator.defaults.max_new_tokens == 6
+    completions = generator.generate(setup["prompts"])  # budget and stop ids from the file
+    with torch.no_grad():
+        reference = setup["torch_model"].generate(
+            input_ids=torch.as_tensor(setup["ids"], dtype=torch.long),
+            attention_mask=torch.as_tensor(setup["mask"], dtype=torch.long), do_sample=False, **generation)
+    reference = reference.numpy()[:, setup["ids"].shape[1]:]
+    expected = [[int(t) for t in row][: next((i + 1 for i, t in enumerate(row) if t in (stop, EOS)), len(row))]
+                for row in reference]
+    assert [c.completion_ids for c in completions] == expected
+    assert completions[0].completion_ids[-1] == stop and len(completions[0].completion_ids) <= 6
+
+
+def test_generation_config_sampling_defaults(setup, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(setup["converted"], directory)
+    (directory / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7,
+                                                                  "top_p": 0.9}))
+    generator = Generator.from_pretrained(directory)
+    assert generator.defaults.sampling == Sampling(0.7, 50, 0.9, 1.0)  # transformers' top-k default: 50
+    by_default = generator.generate(setup["prompts"], max_new_tokens=8, seed=3)
+    explicit = generator.generate(setup["prompts"], max_new_tokens=8, temperature=0.7, top_k=50, top_p=0.9, seed=3)
+    assert [c.completion_ids for c in by_default] == [c.completion_ids for c in explicit]
+    greedy = generator.generate(setup["prompts"], max_new_tokens=8, temperature=0.0)
+    assert [c.completion_ids for c in greedy] == [until_eos(row[:8], EOS) for row in setup["expected"]]
+
+
+def test_no_generation_config_means_the_models_ids_greedy_and_32_tokens(plain):
+    assert not (plain.defaults.sampling.temperature or plain.defaults.sampling.top_k)
+    assert plain.eos_token_ids == (EOS,) and plain.pad_token_id == PAD and plain.defaults.max_new_tokens == 32
+
+
+def test_a_broken_generation_config_is_a_clear_error(setup, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(setup["converted"], directory)
+    (directory / "generation_config.json").write_text("{not json")
+    with pytest.raises(BloomJaxError, match="generation_config.json is not valid JSON"):
+        Generator.from_pretrained(directory)

@@ -244,3 +244,16 @@ def test_gradient_barrier_is_the_identity_and_cuts_the_backward_pass_at_each_blo
     loss = lambda p: model.apply({"params": p}, ids).sum()  # noqa: E731
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     assert hlo.count(" conditional(") == config.n_layer
+
+
+def test_called_with_the_ecosystems_keywords(tiny):
+    """`apply(variables, input_ids, attention_mask=...)`, as transformers' Flax models and JAX LLM code call it."""
+    apply = jax.jit(lambda p, ids, mask: tiny.model.apply({"params": p}, input_ids=ids, attention_mask=mask))
+    by_keyword = np.asarray(apply(tiny.params, tiny.ids, tiny.mask))
+    assert_parity(by_keyword, tiny.ref, tiny.mask)
+    positional = np.asarray(jax.jit(lambda p: tiny.model.apply({"params": p}, tiny.ids, tiny.mask))(tiny.params))
+    np.testing.assert_array_equal(by_keyword, positional)
+    # No mask: every token is real, as with a mask of ones.
+    full = np.ones_like(tiny.ids)
+    no_mask = jax.jit(lambda p: tiny.model.apply({"params": p}, input_ids=tiny.ids))(tiny.params)
+    np.testing.assert_array_equal(np.asarray(no_mask), np.asarray(apply(tiny.params, tiny.ids, full)))

@@ -86,6 +86,24 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "data": data, "model": model_dir, "jupyter": root / "jupyter"}
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_outside_a_clone_says_what_to_set(name, tmp_path):
+    """Opened on its own (no clone around it, bloom-jax not installed: `python -S` hides site-packages), the
+    install cell stops with one line saying what to set, not a traceback."""
+    import subprocess
+
+    notebook = json.loads((NOTEBOOKS_DIR / f"{name}.ipynb").read_text())
+    install = next("".join(c["source"]) for c in notebook["cells"]
+                   if c["cell_type"] == "code" and "".join(c["source"]).startswith("# Installs bloom-jax"))
+    (tmp_path / "nb").mkdir()
+    result = subprocess.run([sys.executable, "-S", "-c", f"CI, PIP_SPEC = False, ''\n{install}"],
+                            cwd=tmp_path / "nb", capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "bloom-jax is not installed: set PIP_SPEC in the first cell (or BLOOM_JAX_NOTEBOOK_PIP) to "
+        "'git+https://<its git host>/bloom-jax' or a clone's path, then run this cell again"]
+
+
 def run_notebook(name: str, assets: dict[str, Path], cwd: Path, monkeypatch):
     """Executes notebooks/NAME.ipynb top to bottom in `cwd` in CI mode; returns the executed notebook, or fails
     the test with the failing cell's source and error."""
@@ -142,6 +160,10 @@ def test_finetune(assets, tmp_path, monkeypatch):
     assert metrics[-1]["loss"] < metrics[0]["loss"] and "eval_loss" in metrics[-1]
     text = printed(notebook)
     assert "before fine-tuning" in text and "after fine-tuning" in text
+    # Progress bars are Jupyter widgets (tqdm.auto), not text nor hidden: tokenizing and training show one each.
+    widgets = [out for c in notebook.cells for out in c.get("outputs", [])
+               if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert len(widgets) >= 2 and "tokenizing" in str(widgets) and "training" in str(widgets)
     plotted = any(out.output_type == "display_data" for c in notebook.cells for out in c.get("outputs", []))
     assert plotted or "matplotlib is not installed" in text
 

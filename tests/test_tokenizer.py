@@ -73,3 +73,18 @@ def test_streaming_never_splits_a_character(tokenizer_dir):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(BloomJaxError, match="no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_streamed_pieces_of_any_ids_add_up_to_decode(tokenizer_dir):
+    """Random ids, as sampling makes them: byte tokens that split characters, special tokens, bytes that never
+    form a character. The pieces (tokenizers' DecodeStream) and the flush add up to `decode` exactly: text once
+    emitted is never revised, and a character that arrives in parts arrives whole."""
+    ours = Tokenizer.from_dir(tokenizer_dir)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = rng.integers(0, ours.vocab_size, rng.integers(1, 24)).tolist()
+        stream = ours.stream()
+        pieces = [stream.push(i) for i in ids]
+        rest = stream.flush()
+        full = ours.decode(ids)
+        assert "".join(pieces) + rest == full

@@ -455,6 +455,15 @@ def test_final_checkpoint_loads_and_generates(run_a):
     assert ids[0] == int(np.argmax(logits[0, -1]))
 
 
+def test_final_checkpoint_exports_to_hugging_face(run_a, tmp_path):
+    output_dir, _ = run_a
+    code, out, err = run_cli("export", output_dir / "final", tmp_path / "hf")
+    assert code == 0, err[-2000:]
+    _, exported = from_pretrained(tmp_path / "hf")
+    _, final = from_pretrained(output_dir / "final")
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), exported, final))
+
+
 # -- 6. kill and resume --------------------------------------------------------------------------------------------
 def test_sigterm_saves_and_stops(run_b):
     after_stop = run_b["after_stop"]
@@ -503,13 +512,15 @@ def nan_run(run_a, recipe_file, tmp_path_factory) -> dict:
                                     bias)  # d sqrt(0) = inf; 0 * inf: a real value, a NaN gradient
         return real_loss(model, params, tokens, dropout_rng) + nan_gradient
 
-    cfg = TrainConfig.from_yaml(recipe_file, [f"output_dir={output_dir}", f"tokenizer={a_dir}",
-                                              f"data_cache={a_dir / 'data-cache'}", "save_every=1"])
+    overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}",
+                 "save_every=1"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bloom_jax.train, "next_token_loss", loss_with_nan_gradient)
-        with pytest.raises(BloomJaxError) as raised:
-            Trainer(cfg, progress=False).run()
-    return {"dir": output_dir, "message": str(raised.value)}
+        code, out, err = run_cli("train", recipe_file, *overrides)
+    # A run that failed, not a usage mistake: exit status 1, one line (the progress bar aside), no result.
+    lines = [line for line in err.splitlines() if line.startswith("bloom-jax: error: ")]
+    assert code == 1 and out == "" and len(lines) == 1, err[-3000:]
+    return {"dir": output_dir, "message": lines[0].removeprefix("bloom-jax: error: ")}
 
 
 def test_nan_loss_stops_the_run(nan_run):
