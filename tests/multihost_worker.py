@@ -1,5 +1,6 @@
-"""One process of the 2-process test: restore a converted checkpoint onto a mesh spanning both processes and
-run a sharded forward. Usage: multihost_worker.py PORT PROCESS_ID CHECKPOINT IDS.npy MASK.npy OUT.npy"""
+"""One process of the 2-process test: restore a converted checkpoint onto a mesh spanning both processes, run a
+sharded forward, and save the sharded parameters again (each process its own shards).
+Usage: multihost_worker.py PORT PROCESS_ID CHECKPOINT IDS.npy MASK.npy OUT.npy SAVED_DIR"""
 
 import sys
 
@@ -7,13 +8,13 @@ import numpy as np
 
 from bloom_jax.distributed import initialize
 
-port, process_id, checkpoint, ids_path, mask_path, out_path = sys.argv[1:]
+port, process_id, checkpoint, ids_path, mask_path, out_path, saved_dir = sys.argv[1:]
 initialize(f"127.0.0.1:{port}", 2, int(process_id), cpu_devices_per_process=4)
 
 import jax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from bloom_jax.checkpoints import from_pretrained  # noqa: E402
+from bloom_jax.checkpoints import from_pretrained, save_pretrained  # noqa: E402
 from bloom_jax.sharding import load_rules, make_mesh, sharded_forward  # noqa: E402
 
 assert jax.device_count() == 8 and jax.local_device_count() == 4
@@ -27,3 +28,4 @@ logits = sharded_forward(model, mesh, rules)(params, ids_g, mask_g)
 logits = multihost_utils.process_allgather(logits, tiled=True)
 if jax.process_index() == 0:
     np.save(out_path, np.asarray(logits))
+save_pretrained(params, model.config, saved_dir)

@@ -32,6 +32,7 @@ from bloom_jax.checkpoints.storage import (
     open_kvstore,
     orbax_path,
     read_bytes,
+    refuse_non_empty,
     write_bytes,
 )
 from bloom_jax.config import BloomConfig
@@ -235,8 +236,7 @@ def _save_in_place(params: Any, files: dict[str, bytes], dst: str | os.PathLike,
     from jax.experimental import multihost_utils
 
     location = orbax_path(dst)
-    if is_converted(dst) and not overwrite:
-        raise BloomJaxError(f"{dst} already holds a converted checkpoint (use overwrite to replace it)")
+    refuse_non_empty(dst, overwrite)
     multihost_utils.sync_global_devices(f"bloom_jax.save_pretrained {location}: checked")
     if jax.process_index() == 0:
         if not is_url(dst):

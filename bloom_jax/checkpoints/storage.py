@@ -73,6 +73,19 @@ def join(root: str | os.PathLike, key: str) -> str:
     return str(root).rstrip("/") + "/" + key
 
 
+def refuse_non_empty(location: str | os.PathLike, overwrite: bool) -> None:
+    """An error unless `location` is absent, an empty directory, or may be overwritten."""
+    if is_url(location):
+        if not overwrite and open_kvstore(location).list().result():
+            raise BloomJaxError(f"{location} is not empty (use --overwrite to replace it)")
+        return
+    path = Path(location)
+    if path.exists() and not path.is_dir():
+        raise BloomJaxError(f"{path} exists and is not a directory")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise BloomJaxError(f"{path} is not empty (use --overwrite to replace it)")
+
+
 class Destination:
     """Where a conversion, export or save writes: a local directory (staged beside it, then renamed into place)
     or a URL (written in place, the files that make it loadable last). A non-empty destination needs
@@ -80,17 +93,12 @@ class Destination:
 
     def __init__(self, location: str | os.PathLike, overwrite: bool):
         self.location, self.overwrite = str(location), overwrite
+        refuse_non_empty(location, overwrite)
         if is_url(location):
             self._kv = open_kvstore(location)
-            if self._kv.list().result() and not overwrite:
-                raise BloomJaxError(f"{location} is not empty (use --overwrite to replace it)")
             self.root = self.location
         else:
             final = Path(location)
-            if final.exists() and not final.is_dir():
-                raise BloomJaxError(f"{final} exists and is not a directory")
-            if final.is_dir() and any(final.iterdir()) and not overwrite:
-                raise BloomJaxError(f"{final} is not empty (use --overwrite to replace it)")
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 self.root = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
