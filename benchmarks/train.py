@@ -6,9 +6,10 @@ fp32, random weights and tokens, no dropout, no activation checkpointing on eith
 process of its own, one after the other, so that one model with its gradients and AdamW state is alive at a
 time (both together peaked at 22.4 GiB on a 24 GiB machine, and were once killed). PyTorch runs twice: with
 glibc's default malloc, as a PyTorch user runs it, then after `bloom_jax.runtime.reuse_host_memory()`, which
-`bloom-jax train` calls first (freed memory kept mapped: no page faults on each step's fresh buffers). Prints
-tokens/s, the ratio to PyTorch, MFU (model FLOPs, 3 x the forward's matmuls, per second over the fp32 matmul
-FLOP/s that JAX measures now at 4096^3) and each process's peak resident memory.
+`bloom-jax train` calls first (freed memory kept mapped: no page faults on each step's fresh buffers). Each
+process first measures its library's fp32 matmul FLOP/s at 4096^3 (JAX's for ours, PyTorch's for PyTorch), so
+that every row has the limit of its own moment on a shared machine. Prints tokens/s, the ratio to PyTorch, MFU
+(model FLOPs, 3 x the forward's matmuls, per second over that peak) and each process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -81,18 +82,20 @@ def our_step_seconds(config, tokens, repeats: int) -> float:
 
 
 def run_side(args) -> None:
-    """One side's median step, printed as JSON with the process's peak resident memory."""
+    """One side's median step, printed as JSON with the matmul peaks measured just before and the process's
+    peak resident memory."""
     from bloom_jax.config import load_config
     from bloom_jax.runtime import reuse_host_memory
 
     config = load_config(args.model)
     tokens = random_ids(config.vocab_size, args.batch, args.seq + 1)
+    torch_side = args.side.startswith("torch")
+    matmul_peak = torch_matmul_peak() if torch_side else jax_matmul_peak()
     if args.side != "torch":
         reuse_host_memory()
-    seconds = (torch_step_seconds if args.side.startswith("torch") else our_step_seconds)(config, tokens,
-                                                                                           args.repeats)
+    seconds = (torch_step_seconds if torch_side else our_step_seconds)(config, tokens, args.repeats)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_gib}))
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_gib, "matmul_peak": matmul_peak}))
 
 
 def side_in_child(args, side: str) -> dict:
@@ -121,22 +124,20 @@ def main() -> None:
     from bloom_jax.model import forward_flops
 
     config = load_config(args.model)
-    log("measuring the fp32 matmul peaks")
-    peak, torch_peak = jax_matmul_peak(), torch_matmul_peak()
     results = {side: side_in_child(args, side) for side in SIDES}
     theirs = results["torch"]["seconds"]
     n_tokens, flops = args.batch * args.seq, 3 * forward_flops(config, args.batch, args.seq)
     rows = [[SIDES[side], f"{n_tokens / r['seconds']:.1f}", f"{theirs / r['seconds']:.2f}x",
-             f"{flops / r['seconds'] / 1e9:.0f}", f"{flops / r['seconds'] / peak:.2f}", f"{r['peak_rss_gib']:.1f}"]
+             f"{flops / r['seconds'] / 1e9:.0f}", f"{r['matmul_peak'] / 1e9:.0f}",
+             f"{flops / r['seconds'] / r['matmul_peak']:.2f}", f"{r['peak_rss_gib']:.1f}"]
             for side, r in (("ours", results["ours"]), ("torch", results["torch"]),
                             ("torch-reused", results["torch-reused"]))]
     print(f"Training step, {args.model} architecture, {args.batch} x {args.seq} tokens, fp32, AdamW, "
           f"median of {args.repeats} steps, each side in its own process")
     print(f"Machine: {machine()}; {versions()}")
-    print(f"fp32 matmul peak measured now (4096^3): JAX {peak / 1e9:.0f} GFLOP/s, PyTorch {torch_peak / 1e9:.0f}"
-          " GFLOP/s\n")
-    print(markdown_table(["step", "tokens/s", "vs PyTorch (default malloc)", "GFLOP/s", "MFU (of JAX matmul peak)",
-                          "peak RSS GiB"], rows))
+    print()
+    print(markdown_table(["step", "tokens/s", "vs PyTorch (default malloc)", "GFLOP/s",
+                          "own fp32 matmul peak GFLOP/s", "MFU (of that peak)", "peak RSS GiB"], rows))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     config = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
-    print(json.dumps({"converted": str(args.src), "to": str(args.dst), "dtype": args.dtype or "float32",
+    print(json.dumps({"converted": str(args.src), "to": str(args.dst), "dtype": args.dtype,
                       "layers": config.n_layer, "hidden_size": config.hidden_size,
                       "seconds": round(time.perf_counter() - start, 2)}))
 

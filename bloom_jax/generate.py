@@ -179,7 +179,7 @@ def prefill(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mas
 def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, sampling: Sampling) -> dict:
     """Continues the sequences of a `prefill` state until each has `stop` tokens (at most the room prefill made)
     or every one has produced EOS, in one compiled loop. The state is donated: its cache is updated in place."""
-    batch, room = state["tokens_bn"].shape
+    room = state["tokens_bn"].shape[1]
     stop = jnp.minimum(stop, room)
 
     def cond(state):

@@ -83,8 +83,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
                     out_bytes = math.prod(tensor.param_shape) * np_dtype.itemsize
                     while pending and sum(b for _, b in pending) + tensor.nbytes + out_bytes > budget:
                         _wait(pending.popleft()[0])
-                    value = to_param(files.read(tensor.name), tensor.target.mapping, tensor.param_shape,
-                                        np_dtype)
+                    value = to_param(files.read(tensor.name), tensor.target.mapping, tensor.param_shape, np_dtype)
                     pending.append((writer.write(tensor.target.path, value, tensor.target.layer), out_bytes))
                     del value  # the futures keep it alive until written
                     bar.update(tensor.nbytes)
