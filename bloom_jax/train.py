@@ -224,9 +224,9 @@ class Trainer:
         schedule = learning_rate_schedule(cfg)
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         metrics: dict = {}
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step", file=sys.stderr,
+                   disable=not self.progress or jax.process_index() != 0, dynamic_ncols=True)
         try:
-            bar = tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step", file=sys.stderr,
-                       disable=not self.progress or jax.process_index() != 0, dynamic_ncols=True)
             window_start, window_steps, done = time.perf_counter(), 0, start_step
             for step in range(start_step, cfg.steps):
                 tokens = self._global_batch(batches, step, data_sharding)
@@ -268,6 +268,7 @@ class Trainer:
                 save_pretrained(state["params"], self.model_config, final, self.tokenizer, overwrite=True)
                 log.info(f"final checkpoint: {final}")
         finally:
+            bar.close()  # idempotent; on a failed run it ends the bar's line, so the error starts one of its own
             signal.signal(signal.SIGTERM, previous)
             manager.close()
             writer.close()

@@ -517,8 +517,11 @@ def nan_run(run_a, recipe_file, tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bloom_jax.train, "next_token_loss", loss_with_nan_gradient)
         code, out, err = run_cli("train", recipe_file, *overrides)
-    # A run that failed, not a usage mistake: exit status 1, one line (the progress bar aside), no result.
-    lines = [line for line in err.splitlines() if line.startswith("bloom-jax: error: ")]
+    # A run that failed, not a usage mistake: exit status 1, one line (the progress bar aside), no result. The
+    # lines as a terminal shows them: the error must not trail the progress bar's last redraw (which ends in no
+    # newline until the bar is closed).
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    lines = [line for line in shown if line.startswith("bloom-jax: error: ")]
     assert code == 1 and out == "" and len(lines) == 1, err[-3000:]
     return {"dir": output_dir, "message": lines[0].removeprefix("bloom-jax: error: ")}
 
