@@ -32,7 +32,7 @@ import yaml
 from flax.traverse_util import flatten_dict
 from reference import hf_model, random_ids, save_hf, tiny_config
 
-from bloom_jax import BloomJaxError, Generator, from_pretrained
+from bloom_jax import Generator, from_pretrained
 from bloom_jax.checkpoints import hf
 from bloom_jax.cli import main
 from bloom_jax.config import configs_dir, load_config
