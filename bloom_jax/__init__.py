@@ -4,7 +4,12 @@ The names below are loaded on first use, so that `import bloom_jax.recipe` (say)
 checkpoint readers.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("bloom-jax")  # pyproject.toml's, the one place it is written
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 _LAZY = {  # public name -> the module that defines it
     "BloomConfig": "bloom_jax.config", "load_config": "bloom_jax.config", "preset_names": "bloom_jax.config",
@@ -19,10 +24,13 @@ __all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib.util
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    # The modules too, as a package that imports them eagerly would have them: `bloom_jax.model.stack_layers`.
+    if not name.startswith("_") and importlib.util.find_spec(f"bloom_jax.{name}") is not None:
+        return importlib.import_module(f"bloom_jax.{name}")
     raise AttributeError(f"module 'bloom_jax' has no attribute {name!r}")
 
 

@@ -379,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
+        if args.command is None:  # a usage mistake, answered with the help (`--help` is the asked-for one)
+            parser.print_help(sys.stderr)
+            return 2
         args.func(args)
     except SystemExit as e:  # --help and --version
         return e.code if isinstance(e.code, int) else 0

@@ -70,19 +70,36 @@ class GenerationDefaults:
 
     @classmethod
     def from_configs(cls, config: BloomConfig, generation: Mapping[str, Any] | None = None) -> GenerationDefaults:
-        """From the model's config and a `generation_config.json` dict (None: there is none). Sampling is on when
-        it says `do_sample`, then with transformers' defaults for what it leaves out (temperature 1, top-k 50)."""
-        generation = dict(generation or {})
-        eos = generation.get("eos_token_id", config.eos_token_id)
-        eos_ids = () if eos is None else tuple(int(i) for i in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-        pad = generation.get("pad_token_id", config.pad_token_id)
-        max_new_tokens = generation.get("max_new_tokens") or cls.max_new_tokens
-        penalty = float(generation.get("repetition_penalty") or 1.0)
+        """From the model's config and a `generation_config.json` dict (None: there is none; a null value: that
+        key is not set). Sampling is on when it says `do_sample`, then with transformers' defaults for what it
+        leaves out (temperature 1, top-k 50). A value of the wrong type is a `BloomJaxError`."""
+        given = {key: value for key, value in (generation or {}).items() if value is not None}
+        eos = given.get("eos_token_id", config.eos_token_id)
+        eos_list = [] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos]
+        eos_ids = tuple(_checked(i, "eos_token_id", int) for i in eos_list)
+        pad = _checked(given.get("pad_token_id", 3 if config.pad_token_id is None else config.pad_token_id),
+                       "pad_token_id", int)
+        max_new_tokens = _checked(given.get("max_new_tokens", cls.max_new_tokens), "max_new_tokens", int)
+        if max_new_tokens < 1:
+            raise BloomJaxError(f"generation_config.json: max_new_tokens must be >= 1, got {max_new_tokens}")
+        penalty = _checked(given.get("repetition_penalty", 1.0), "repetition_penalty", float)
+        do_sample = given.get("do_sample", False)
+        if not isinstance(do_sample, bool):
+            raise BloomJaxError(f"generation_config.json: do_sample must be true or false, got {do_sample!r}")
         sampling = Sampling(repetition_penalty=penalty)
-        if generation.get("do_sample"):
-            sampling = Sampling(float(generation.get("temperature", 1.0)), int(generation.get("top_k", 50) or 0),
-                                float(generation.get("top_p", 1.0)), penalty)
-        return cls(eos_ids, 3 if pad is None else int(pad), int(max_new_tokens), sampling)
+        if do_sample:
+            sampling = Sampling(_checked(given.get("temperature", 1.0), "temperature", float),
+                                _checked(given.get("top_k", 50), "top_k", int),
+                                _checked(given.get("top_p", 1.0), "top_p", float), penalty)
+        return cls(eos_ids, pad, max_new_tokens, sampling)
+
+
+def _checked(value: Any, key: str, kind: type) -> Any:
+    """A generation_config.json value as `kind` (int or float), or a one-line error naming its key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value):
+        raise BloomJaxError(f"generation_config.json: {key} must be {'an integer' if kind is int else 'a number'}, "
+                            f"got {value!r}")
+    return kind(value)
 
 
 def process_logits(logits: jax.Array, seen: jax.Array | None = None, temperature: float = 1.0,
@@ -286,10 +303,12 @@ class Generator:
         """A converted checkpoint, Hugging Face directory or hub id (see `bloom_jax.from_pretrained`), with the
         tokenizer.json beside it (None if there is none: prompts must then be token ids) and its
         generation_config.json if it has one."""
-        from bloom_jax.checkpoints import from_pretrained, read_generation_config, read_tokenizer
+        from bloom_jax.checkpoints import checkpoint_location, from_pretrained, read_generation_config, read_tokenizer
 
-        model, params = from_pretrained(path, mesh=mesh, dtype=dtype, rules=rules, scan_layers=False)
-        return cls(model, params, read_tokenizer(path), decode_weights, mesh, rules, read_generation_config(path))
+        location = checkpoint_location(path)  # a hub id resolved once, not for each file
+        model, params = from_pretrained(location, mesh=mesh, dtype=dtype, rules=rules, scan_layers=False)
+        return cls(model, params, read_tokenizer(location), decode_weights, mesh, rules,
+                   read_generation_config(location))
 
     def _context(self, batch: int) -> contextlib.AbstractContextManager:
         """The mesh and logical rules around compiled calls on `batch` rows (nothing without a mesh)."""

@@ -3,7 +3,7 @@
 Shape letters in names: b batch, s query length, t key length, d hidden size, n heads, h head size,
 f MLP size (4d), v vocabulary, l layers. So `x_bsd` is [batch, seq, hidden] and `kernel_dnh` is [d, n, h].
 
-Every parameter carries logical axis names (see `PARAM_AXES`) and the activations between blocks are constrained
+Every parameter carries logical axis names (`param_logical_axes`) and the activations between blocks are constrained
 to logical names (`ACT_BSD`); the mesh rules that turn them into shardings live in `configs/`.
 """
 

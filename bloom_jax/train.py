@@ -32,7 +32,14 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from bloom_jax import devices
-from bloom_jax.checkpoints import from_pretrained, read_model_config, read_tokenizer, save_pretrained
+from bloom_jax.checkpoints import (
+    checkpoint_location,
+    from_pretrained,
+    read_model_config,
+    read_side_file,
+    read_tokenizer,
+    save_pretrained,
+)
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
 from bloom_jax.errors import BloomJaxError, RunFailed
@@ -136,7 +143,8 @@ class Trainer:
         data_files(cfg)  # an empty train_data fails here, before anything is logged or built
         self.output_dir = Path(cfg.output_dir)
         self.sharding = ShardingPlan.create(make_mesh(cfg.mesh), cfg.rules)
-        self.model_config = read_model_config(cfg.init_from) if cfg.init_from else load_config(cfg.model)
+        self.init_from = checkpoint_location(cfg.init_from) if cfg.init_from else None  # a hub id resolved once
+        self.model_config = read_model_config(self.init_from) if self.init_from else load_config(cfg.model)
         self.model = make_model(self.model_config, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
                                 scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
         self.optimizer = make_optimizer(cfg)
@@ -148,8 +156,8 @@ class Trainer:
     def _tokenizer(self) -> Tokenizer:
         if self.cfg.tokenizer:
             return Tokenizer.from_dir(self.cfg.tokenizer)
-        if self.cfg.init_from:
-            tokenizer = read_tokenizer(self.cfg.init_from)
+        if self.init_from:
+            tokenizer = read_tokenizer(self.init_from)
             if tokenizer is None:
                 raise BloomJaxError(f"{self.cfg.init_from} has no tokenizer.json: set `tokenizer`")
             return tokenizer
@@ -164,6 +172,17 @@ class Trainer:
             tokenizer.save(self.output_dir)
         return tokenizer
 
+    def _carried_files(self) -> dict[str, bytes]:
+        """What the final checkpoint keeps of the base checkpoint's: its generation settings, and its tokenizer's
+        settings when the run uses its tokenizer."""
+        if self.init_from is None:
+            return {}
+        names = ["generation_config.json"]
+        if not self.cfg.tokenizer:
+            names += ["tokenizer_config.json", "special_tokens_map.json"]
+        found = {name: read_side_file(self.init_from, name) for name in names}
+        return {name: data for name, data in found.items() if data is not None}
+
     def _abstract_state(self) -> dict:
         """The train state's shapes and dtypes, each with its sharding (optimizer moments as their parameters)."""
         plan = self.sharding
@@ -176,12 +195,12 @@ class Trainer:
         return {"step": step, "params": params, "opt_state": opt_state}
 
     def _initial_state(self, state_shardings) -> dict:
-        if self.cfg.init_from is not None:  # restored straight into the rules' shardings (outside the context)
-            _, params = from_pretrained(self.cfg.init_from, mesh=self.sharding.mesh, dtype=self.cfg.compute_dtype,
+        if self.init_from is not None:  # restored straight into the rules' shardings (outside the context)
+            _, params = from_pretrained(self.init_from, mesh=self.sharding.mesh, dtype=self.cfg.compute_dtype,
                                         param_dtype=self.cfg.param_dtype, rules=self.sharding.rules,
                                         scan_layers=self.cfg.scan_layers)
         with self.sharding.context():
-            if self.cfg.init_from is None:
+            if self.init_from is None:
                 params = jax.jit(lambda: init_params(self.model, jax.random.key(self.cfg.seed)),
                                  out_shardings=state_shardings["params"])()
             opt_state = jax.jit(self.optimizer.init, out_shardings=state_shardings["opt_state"])(params)
@@ -265,7 +284,8 @@ class Trainer:
             manager.wait_until_finished()
             if done == cfg.steps:
                 final = self.output_dir / "final"
-                save_pretrained(state["params"], self.model_config, final, self.tokenizer, overwrite=True)
+                save_pretrained(state["params"], self.model_config, final, self.tokenizer,
+                                extra_files=self._carried_files(), overwrite=True)
                 log.info(f"final checkpoint: {final}")
         finally:
             bar.close()  # idempotent; on a failed run it ends the bar's line, so the error starts one of its own
@@ -353,10 +373,11 @@ def evaluate(checkpoint: str, data: Sequence[str], seq_len: int = 512, batch_siz
     document), in order, in full batches. Returns tokens scored, mean loss and perplexity."""
     import tempfile
 
-    tokenizer = read_tokenizer(checkpoint)
+    location = checkpoint_location(checkpoint)  # a hub id resolved once
+    tokenizer = read_tokenizer(location)
     if tokenizer is None:
         raise BloomJaxError(f"{checkpoint} has no tokenizer.json")
-    model, params = from_pretrained(checkpoint)
+    model, params = from_pretrained(location)
     with tempfile.TemporaryDirectory(prefix="bloom-jax-eval-") as cache:
         split = load_corpus(data, tokenizer, seq_len, cache, eval_fraction=0.0, jsonl_field=jsonl_field).train
         n_batches = split.n_sequences // batch_size

@@ -1,5 +1,5 @@
 """One process of the 2-process test: restore a converted checkpoint onto a mesh spanning both processes, run a
-sharded forward, and save the sharded parameters again (each process its own shards).
+sharded forward, and save the sharded parameters again (each process its own shards), twice.
 Usage: multihost_worker.py PORT PROCESS_ID CHECKPOINT IDS.npy MASK.npy OUT.npy SAVED_DIR"""
 
 import sys
@@ -29,3 +29,9 @@ logits = multihost_utils.process_allgather(logits, tiled=True)
 if jax.process_index() == 0:
     np.save(out_path, np.asarray(logits))
 save_pretrained(params, model.config, saved_dir)
+# Saved again over it: nothing of the first save's directory survives, not even a file it did not write.
+if jax.process_index() == 0:
+    with open(f"{saved_dir}/stale.json", "w") as f:
+        f.write("{}")
+multihost_utils.sync_global_devices("stale file written")
+save_pretrained(params, model.config, saved_dir, overwrite=True)

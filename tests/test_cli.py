@@ -11,10 +11,14 @@ from bloom_jax.cli import main
 
 
 def test_help_lists_the_commands(capsys):
-    assert main([]) == 0
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("presets", "forward", "convert", "export", "plan"):
+    for command in ("presets", "forward", "convert", "export", "plan", "train", "generate", "eval"):
         assert command in out
+    # No command at all: a usage mistake, the same help on stderr, exit 2.
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == out
 
 
 def test_presets_print_published_parameter_counts(capsys):

@@ -23,7 +23,7 @@ from bloom_jax.checkpoints import convert
 from bloom_jax.cli import main
 from bloom_jax.config import load_config
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.generate import Generator, Sampling, TextPiece, bucket, decode, prefill
+from bloom_jax.generate import GenerationDefaults, Generator, Sampling, TextPiece, bucket, decode, prefill
 from bloom_jax.model import abstract_params, make_model, to_decode_weights, unstack_layers
 from bloom_jax.tokenizer import Tokenizer
 
@@ -512,3 +512,26 @@ def test_a_broken_generation_config_is_a_clear_error(setup, tmp_path):
     (directory / "generation_config.json").write_text("{not json")
     with pytest.raises(BloomJaxError, match="generation_config.json is not valid JSON"):
         Generator.from_pretrained(directory)
+
+
+def test_a_null_in_generation_config_means_not_set():
+    config = load_config("bloom-560m")  # eos 2, pad 3
+    defaults = GenerationDefaults.from_configs(config, {"eos_token_id": None, "pad_token_id": None,
+                                                        "max_new_tokens": None, "do_sample": True,
+                                                        "temperature": None, "top_k": None, "top_p": None})
+    assert defaults == GenerationDefaults((2,), 3, 32, Sampling(1.0, 50, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("temperature", "hot", "temperature must be a number, got 'hot'"),
+    ("top_k", 2.5, "top_k must be an integer, got 2.5"),
+    ("max_new_tokens", "x", "max_new_tokens must be an integer, got 'x'"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1, got 0"),
+    ("eos_token_id", [2, "3"], "eos_token_id must be an integer, got '3'"),
+    ("pad_token_id", True, "pad_token_id must be an integer, got True"),
+    ("do_sample", "yes", "do_sample must be true or false, got 'yes'"),
+    ("top_p", 0, "top-p must be in"),
+])
+def test_a_wrong_value_in_generation_config_is_a_one_line_error(key, value, says):
+    with pytest.raises(BloomJaxError, match=re.escape(says)):
+        GenerationDefaults.from_configs(load_config("bloom-560m"), {"do_sample": True, key: value})

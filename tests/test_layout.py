@@ -82,3 +82,21 @@ def test_a_recipe_loads_without_jax():
     code = "import sys, bloom_jax.recipe; print('jax' in sys.modules, 'flax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.split() == ["False", "False"]
+
+
+def test_the_package_root_loads_its_modules_on_first_use():
+    # As a package that imported its modules eagerly would: `import bloom_jax` then `bloom_jax.model.X`.
+    code = ("import sys, bloom_jax; before = 'jax' in sys.modules; "
+            "print(before, bloom_jax.model.stack_layers.__name__, bloom_jax.distributed.initialize.__name__, "
+            "bloom_jax.from_pretrained.__module__, hasattr(bloom_jax, 'no_such_room'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "stack_layers", "initialize", "bloom_jax.checkpoints.pretrained", "False"]
+
+
+def test_the_version_is_the_declared_one():
+    import tomllib
+
+    import bloom_jax
+
+    declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert bloom_jax.__version__ == declared

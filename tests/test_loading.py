@@ -123,3 +123,45 @@ def test_malicious_pickle_does_not_run(tiny, tmp_path, legacy):
     # The payload is live: an unsafe load does run it (so the check above is not vacuous).
     torch.load(d / "pytorch_model.bin", weights_only=False)
     assert marker.exists()
+
+
+def test_a_hub_id_loads_from_the_hub_cache_resolved_once(tiny, tmp_path):
+    # A hub cache as huggingface_hub keeps it (refs/main -> a snapshot), read offline by snapshot_download itself,
+    # in a fresh process so that HF_HOME applies. One resolution per load: online, each one asks the hub.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    revision = "0" * 40
+    cached = tmp_path / "hf-home" / "hub" / "models--bloom-jax--tiny"
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text(revision)
+    shutil.copytree(tiny.checkpoint.directory, cached / "snapshots" / revision)
+    (cached / "snapshots" / revision / "generation_config.json").write_text('{"max_new_tokens": 7}')
+    code = """if True:
+        import json, sys
+        import huggingface_hub
+        calls = []
+        real = huggingface_hub.snapshot_download
+        huggingface_hub.snapshot_download = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+        import numpy as np
+        from bloom_jax import Generator, from_pretrained
+        model, params = from_pretrained("bloom-jax/tiny")
+        ids = np.load(sys.argv[1])
+        logits = np.asarray(model.apply({"params": params}, ids))
+        after_load = list(calls)
+        generator = Generator.from_pretrained("bloom-jax/tiny")
+        np.save(sys.argv[2], logits)
+        print(json.dumps([after_load, calls[len(after_load):], generator.defaults.max_new_tokens]))
+    """
+    ids = np.asarray(tiny.ids[:1])  # the longest prompt: no padding
+    np.save(tmp_path / "ids.npy", ids)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ids.npy"), str(tmp_path / "logits.npy")],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [["bloom-jax/tiny"], ["bloom-jax/tiny"], 7]
+    assert_parity(np.load(tmp_path / "logits.npy"), hf_logits(tiny.checkpoint.torch_model, ids))

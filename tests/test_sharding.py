@@ -191,6 +191,7 @@ def test_two_processes_give_single_process_logits(converted, tmp_path):
     logits = np.load(tmp_path / "out.npy")
     assert relative_max_error(logits, expected, mask) <= 1e-5
     # save_pretrained from both processes, each writing its shards: the parameters come back bit for bit.
+    assert not (tmp_path / "saved" / "stale.json").exists()
     _, saved = from_pretrained(tmp_path / "saved")
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), saved, params))
 

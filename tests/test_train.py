@@ -15,11 +15,13 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import flax.linen as nn
@@ -390,11 +392,11 @@ def test_weight_decay_spares_layernorms_and_biases():
 def test_peak_flops_from_the_config_or_the_device(monkeypatch):
     assert peak_flops_per_device(TrainConfig(peak_tflops=2.5)) == 2.5e12
 
-    class FakeTpu:
-        device_kind = "TPU v5p chip"
-
-    monkeypatch.setattr(jax, "devices", lambda *a, **k: [FakeTpu()])
-    assert peak_flops_per_device(TrainConfig()) == 459e12
+    # device_kind as the TPU compiler's topologies and a GPU runtime report it.
+    for kind, tflops in [("TPU v5", 459), ("TPU v5 lite", 197), ("TPU v6 lite", 918), ("TPU v4", 275),
+                         ("NVIDIA H100 80GB HBM3", 989)]:
+        monkeypatch.setattr(jax, "devices", lambda *a, **k: [types.SimpleNamespace(device_kind=kind)])
+        assert peak_flops_per_device(TrainConfig()) == tflops * 1e12, kind
 
 
 # -- 5. a run from scratch ---------------------------------------------------------------------------------------
@@ -462,6 +464,30 @@ def test_final_checkpoint_exports_to_hugging_face(run_a, tmp_path):
     _, exported = from_pretrained(tmp_path / "hf")
     _, final = from_pretrained(output_dir / "final")
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), exported, final))
+
+
+def test_fine_tuning_starts_from_the_base_and_keeps_its_settings(run_a, tmp_path):
+    # A base checkpoint with the generation and tokenizer settings a hub checkpoint has; learning rate 1e-9, so
+    # that AdamW moves each weight by at most about 2e-9 in the 2 steps: the fine-tune ends where the base is.
+    a_dir, _ = run_a
+    base = tmp_path / "base"
+    shutil.copytree(a_dir / "final", base)
+    side = {"generation_config.json": b'{"eos_token_id": 2, "max_new_tokens": 5}',
+            "tokenizer_config.json": b'{"padding_side": "left"}', "special_tokens_map.json": b'{"eos_token": "</s>"}'}
+    for name, data in side.items():
+        (base / name).write_bytes(data)
+    output_dir = tmp_path / "tuned"
+    recipe = {k: v for k, v in RECIPE.items() if k != "model"}
+    cfg = TrainConfig.from_dict({**recipe, "init_from": str(base), "output_dir": str(output_dir), "steps": 2,
+                                 "warmup_steps": 0, "learning_rate": 1e-9, "save_every": 100, "eval_every": 100,
+                                 "data_cache": str(a_dir / "data-cache")})
+    Trainer(cfg, progress=False).run()
+    assert {name: (output_dir / "final" / name).read_bytes() for name in side} == side
+    _, tuned = from_pretrained(output_dir / "final")
+    _, expected = from_pretrained(base)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), tuned, expected)
+    assert max(jax.tree.leaves(moved)) <= 1e-7, moved
+    assert Generator.from_pretrained(output_dir / "final").defaults.max_new_tokens == 5
 
 
 # -- 6. kill and resume --------------------------------------------------------------------------------------------

@@ -11,14 +11,16 @@ from bloom_jax.checkpoints.hf import load_hf_params
 from bloom_jax.checkpoints.hub import resolve_model_dir
 from bloom_jax.checkpoints.pipelines import convert, export
 from bloom_jax.checkpoints.pretrained import (
+    checkpoint_location,
     from_pretrained,
     read_generation_config,
     read_model_config,
+    read_side_file,
     read_tokenizer,
 )
 
 __all__ = [
-    "TOKENIZER_FILES", "OrbaxParamsWriter", "convert", "export", "from_pretrained", "is_converted",
-    "load_hf_params", "read_generation_config", "read_model_config", "read_tokenizer", "resolve_model_dir",
-    "save_pretrained",
+    "TOKENIZER_FILES", "OrbaxParamsWriter", "checkpoint_location", "convert", "export", "from_pretrained",
+    "is_converted", "load_hf_params", "read_generation_config", "read_model_config", "read_side_file",
+    "read_tokenizer", "resolve_model_dir", "save_pretrained",
 ]

@@ -14,9 +14,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +26,7 @@ import numpy as np
 
 from bloom_jax.checkpoints.storage import (
     Destination,
+    clear,
     has_file,
     is_url,
     join,
@@ -208,10 +209,11 @@ def restore_params(location: str | os.PathLike, model: BloomForCausalLM, shardin
 
 
 def save_pretrained(params: Any, config: BloomConfig, dst: str | os.PathLike, tokenizer=None, *,
-                    overwrite: bool = False) -> None:
+                    extra_files: Mapping[str, bytes] | None = None, overwrite: bool = False) -> None:
     """Writes `params` (either layer layout, stored in their own dtype) as a converted checkpoint at `dst`, with
     `config` and, if given, the `bloom_jax.tokenizer.Tokenizer`: what `from_pretrained`, `bloom-jax generate`
-    and `export` read.
+    and `export` read. `extra_files`: more files by name, written beside `config.json` as they are (a base
+    checkpoint's `generation_config.json`, `tokenizer_config.json`, ...).
 
     A non-empty `dst` is refused without `overwrite`. On one process the checkpoint is staged beside a local
     `dst` and renamed into place when complete. In a multi-process run every process must call this (each writes
@@ -222,6 +224,10 @@ def save_pretrained(params: Any, config: BloomConfig, dst: str | os.PathLike, to
     files = {"config.json": config_json(config, params["word_embeddings"]["embedding"].dtype)}
     if tokenizer is not None:
         files["tokenizer.json"] = tokenizer.to_json().encode()
+    for name, data in (extra_files or {}).items():
+        if name in files or name == PARAMS_DIR or "/" in name or name.startswith("."):
+            raise BloomJaxError(f"save_pretrained: {name!r} is not a file this may add beside the checkpoint")
+        files[name] = data
     if jax.process_count() == 1:
         with Destination(dst, overwrite) as out:
             for key, data in files.items():
@@ -240,8 +246,9 @@ def _save_in_place(params: Any, files: dict[str, bytes], dst: str | os.PathLike,
     refuse_non_empty(dst, overwrite)
     multihost_utils.sync_global_devices(f"bloom_jax.save_pretrained {location}: checked")
     if jax.process_index() == 0:
-        if not is_url(dst):
-            shutil.rmtree(Path(location) / PARAMS_DIR, ignore_errors=True)
+        if overwrite:  # nothing of what was there survives, as when one process renames a staged copy over it
+            clear(dst)
+        elif not is_url(dst):
             Path(location).mkdir(parents=True, exist_ok=True)
         for key, data in files.items():
             write_bytes(dst, key, data)

@@ -1,6 +1,6 @@
 """The files of Hugging Face checkpoints: readers for every layout, and a streaming safetensors writer.
 
-Layouts (see `../shared/bloom-facts.md`): `model.safetensors`; `model-0000k-of-0000n.safetensors` with
+Layouts: `model.safetensors`; `model-0000k-of-0000n.safetensors` with
 `model.safetensors.index.json`; `pytorch_model.bin`; `pytorch_model-0000k-of-0000n.bin` with
 `pytorch_model.bin.index.json`; BigScience's `pytorch_model_0000k-of-0000n.bin`, with or without an index.
 `.bin` files are read with `torch.load(weights_only=True)`, which refuses pickles that would run code.

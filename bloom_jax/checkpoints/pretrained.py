@@ -39,11 +39,13 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     dtype = parse_dtype(dtype)
     param_dtype = parse_dtype(param_dtype) if param_dtype is not None else dtype
     sharding = ShardingPlan.create(mesh, rules) if mesh is not None else None
-    converted = is_converted(path)
-    model = make_model(read_model_config(path, converted), dtype=dtype, param_dtype=param_dtype, **model_kwargs)
+    location = checkpoint_location(path)  # a hub id resolved once
+    converted = is_converted(location)
+    model = make_model(read_model_config(location, converted), dtype=dtype, param_dtype=param_dtype,
+                       **model_kwargs)
     if converted:
-        return model, restore_params(path, model, sharding)
-    params = load_hf_params(resolve_model_dir(path), model)
+        return model, restore_params(location, model, sharding)
+    params = load_hf_params(location, model)
     if sharding is None:
         return model, jax.device_put(params, jax.devices()[0])
     return model, jax.device_put(params, sharding.param_shardings(model))
@@ -64,7 +66,7 @@ def read_tokenizer(path: str | os.PathLike):
     directory, a hub id or a URL); None if there is none."""
     from bloom_jax.tokenizer import Tokenizer
 
-    data = read_bytes(_location(path), "tokenizer.json")
+    data = read_side_file(path, "tokenizer.json")
     return None if data is None else Tokenizer.from_json(data, f"{path}/tokenizer.json")
 
 
@@ -72,7 +74,7 @@ def read_generation_config(path: str | os.PathLike) -> dict | None:
     """The `generation_config.json` beside a checkpoint as a dict (transformers' names: `eos_token_id`,
     `pad_token_id`, `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`, `max_new_tokens`);
     None if there is none."""
-    data = read_bytes(_location(path), "generation_config.json")
+    data = read_side_file(path, "generation_config.json")
     if data is None:
         return None
     try:
@@ -84,6 +86,13 @@ def read_generation_config(path: str | os.PathLike) -> dict | None:
     return config
 
 
-def _location(path: str | os.PathLike) -> str | os.PathLike:
-    """Where a checkpoint's side files are: the converted checkpoint or URL itself, or the model directory."""
+def checkpoint_location(path: str | os.PathLike) -> str | os.PathLike:
+    """Where a checkpoint's files are: a converted checkpoint or URL itself, a Hugging Face directory, or a hub
+    id's directory in huggingface_hub's cache (fetched if need be). Resolve a hub id once with this and pass the
+    result on: each resolution of a hub id online asks the hub."""
     return path if is_converted(path) or is_url(path) else resolve_model_dir(path)
+
+
+def read_side_file(path: str | os.PathLike, name: str) -> bytes | None:
+    """A file beside a checkpoint's weights (`tokenizer_config.json`, ...), None if there is none."""
+    return read_bytes(checkpoint_location(path), name)

@@ -86,6 +86,18 @@ def refuse_non_empty(location: str | os.PathLike, overwrite: bool) -> None:
         raise BloomJaxError(f"{path} is not empty (use --overwrite to replace it)")
 
 
+def clear(location: str | os.PathLike) -> None:
+    """Removes everything at `location` (a local directory is left empty; a URL prefix, without its keys)."""
+    if is_url(location):
+        import tensorstore as ts
+
+        open_kvstore(location).delete_range(ts.KvStore.KeyRange()).result()
+        return
+    path = Path(location)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+
 class Destination:
     """Where a conversion, export or save writes: a local directory (staged beside it, then renamed into place)
     or a URL (written in place, the files that make it loadable last). A non-empty destination needs
@@ -95,7 +107,6 @@ class Destination:
         self.location, self.overwrite = str(location), overwrite
         refuse_non_empty(location, overwrite)
         if is_url(location):
-            self._kv = open_kvstore(location)
             self.root = self.location
         else:
             final = Path(location)
@@ -107,9 +118,7 @@ class Destination:
 
     def __enter__(self) -> Destination:
         if is_url(self.location) and self.overwrite:
-            import tensorstore as ts
-
-            self._kv.delete_range(ts.KvStore.KeyRange()).result()
+            clear(self.location)
         return self
 
     def write_bytes(self, key: str, data: bytes) -> None:
