@@ -28,7 +28,9 @@ from jax import lax
 from bloom_jax.cache import KVCache
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.model import BloomForCausalLM, to_decode_weights, unstack_layers
+from bloom_jax import kernels as ops
+from bloom_jax.kernels import Kernels
+from bloom_jax.model import BloomForCausalLM, stack_layers, to_decode_weights, unstack_layers
 from bloom_jax.sharding import ShardingPlan
 from bloom_jax.tokenizer import left_pad
 
@@ -127,34 +129,16 @@ def process_logits(logits: jax.Array, seen: jax.Array | None = None, temperature
     return logits_bv
 
 
-def argmax_last(x: jax.Array, block: int = 1024) -> jax.Array:
-    """`jnp.argmax(x, axis=-1)` of x [b, v] as int32 [b] (the first maximum), in two passes. Rows holding NaN get an
-    unspecified index (XLA:CPU's max reduction drops NaN); NaN logits leave no right token anyway.
-
-    XLA:CPU's argmax is a variadic (value, index) reduction that does not vectorise: over BLOOM's 250,880 logits
-    it took 1.2 ms at batch 1 and 4.9 ms at batch 8, against 0.1 and 1.7 ms for a max over blocks of `block`
-    entries, then an argmax over the block maxima and one within the winning block.
-    """
-    x_bv = x
-    b, v = x_bv.shape
-    block = min(block, v)
-    blocks = -(-v // block)
-    if blocks * block != v:  # -inf padding is never picked before a real entry (first index wins ties)
-        x_bv = jnp.pad(x_bv, ((0, 0), (0, blocks * block - v)), constant_values=-jnp.inf)
-    x_bkc = x_bv.reshape(b, blocks, block)
-    best_b = jnp.argmax(jnp.max(x_bkc, axis=-1), axis=-1)
-    best_bc = jnp.take_along_axis(x_bkc, best_b[:, None, None], axis=1)[:, 0]
-    return (best_b * block + jnp.argmax(best_bc, axis=-1)).astype(jnp.int32)
-
-
-def _pick(logits_bv: jax.Array, seen_bv: jax.Array | None, key: jax.Array | None, sampling: Sampling) -> jax.Array:
+def _pick(kernels: Kernels, logits_bv: jax.Array, seen_bv: jax.Array | None, key: jax.Array | None,
+          sampling: Sampling) -> jax.Array:
     """The next token int32 [b] (`key` None when greedy)."""
     if sampling.greedy:
-        return argmax_last(process_logits(logits_bv, seen_bv, repetition_penalty=sampling.repetition_penalty))
+        return ops.argmax(kernels, process_logits(logits_bv, seen_bv,
+                                                  repetition_penalty=sampling.repetition_penalty))
     logits_bv = process_logits(logits_bv, seen_bv, sampling.temperature, sampling.top_k, sampling.top_p,
                                sampling.repetition_penalty)
-    # jax.random.categorical's Gumbel-max draw, with the fast argmax: the same tokens for the same key.
-    return argmax_last(logits_bv + jax.random.gumbel(key, logits_bv.shape, logits_bv.dtype))
+    # jax.random.categorical's Gumbel-max draw, with the kernels' argmax: the same tokens for the same key.
+    return ops.argmax(kernels, logits_bv + jax.random.gumbel(key, logits_bv.shape, logits_bv.dtype))
 
 
 def _mark_seen(seen_bv: jax.Array | None, ids_bs: jax.Array) -> jax.Array | None:
@@ -184,7 +168,8 @@ def prefill(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mas
     logits_b1v, cache = model.apply({"params": params}, ids_bs, attention_mask=attention_mask, cache=cache,
                                     last_only=True)
     rng, key = (rng, None) if sampling.greedy else jax.random.split(rng)
-    token_b = jnp.where(active_b, _pick(logits_b1v[:, -1], seen_bv, key, sampling), pad_token_id)
+    token_b = jnp.where(active_b, _pick(model.resolved_kernels, logits_b1v[:, -1], seen_bv, key, sampling),
+                        pad_token_id)
     tokens_bn = jnp.full((batch, new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token_b)
     return {"tokens_bn": tokens_bn, "step": jnp.int32(1), "token_b": token_b,
             "done_b": ~active_b | jnp.isin(token_b, eos_token_ids), "cache": cache,
@@ -207,7 +192,7 @@ def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, 
                                         last_only=True)
         # Greedy draws nothing: no key split (XLA:CPU runs threefry as a loop of its own, every token).
         rng, key = (state["rng"], None) if sampling.greedy else jax.random.split(state["rng"])
-        picked_b = _pick(logits_b1v[:, -1], state["seen_bv"], key, sampling)
+        picked_b = _pick(model.resolved_kernels, logits_b1v[:, -1], state["seen_bv"], key, sampling)
         token_b = jnp.where(state["done_b"], state["pad"], picked_b)
         tokens_bn = lax.dynamic_update_slice(state["tokens_bn"], token_b[:, None], (0, state["step"]))
         return {**state, "tokens_bn": tokens_bn, "step": state["step"] + 1, "token_b": token_b,
@@ -273,21 +258,27 @@ class Generator:
     >>> for piece in gen.stream(["Once upon a time"], max_new_tokens=64, temperature=0.8, top_p=0.9):
     ...     print(piece.text, end="", flush=True)
 
-    Parameters are held in the unrolled layout (the decode loop then reads each layer's weights in place), in
-    `decode_weights` if given (see `bloom_jax.model.DECODE_WEIGHTS`: float32, bfloat16 or int8 out-major
+    Parameters are held unrolled on CPU (the decode loop then reads each layer's weights in place: 25% faster at
+    1 x 128 on 2 cores) and scanned on accelerators (one compiled block whatever the depth: an unrolled
+    BLOOM-176B compiles 70 of them), in `decode_weights` if given (see `bloom_jax.model.DECODE_WEIGHTS`: float32, bfloat16 or int8 out-major
     kernels, the fastest for decoding on CPU). Prompt lengths, batch sizes and token budgets are padded up to
     powers of two (at least 16 tokens), so most new requests reuse a compiled program.
     """
 
     def __init__(self, model: BloomForCausalLM, params, tokenizer=None, decode_weights: str | None = None,
                  mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor",
-                 generation_config: Mapping[str, Any] | None = None):
+                 generation_config: Mapping[str, Any] | None = None, scan_layers: bool | None = None):
         """`mesh` and `rules`: where `params` are sharded, and the rules that also shard the KV cache and the
         activations (a preset of configs/sharding or (logical, mesh axes) pairs). `generation_config`: a
-        `generation_config.json` dict, for the EOS and pad ids and the default sampling (`GenerationDefaults`)."""
+        `generation_config.json` dict, for the EOS and pad ids and the default sampling (`GenerationDefaults`).
+        `scan_layers`: the layer layout to decode with (None: unrolled on CPU, scanned elsewhere)."""
         self.sharding = ShardingPlan.create(mesh, rules) if mesh is not None else None
-        if model.scan_layers:
+        if scan_layers is None:
+            scan_layers = jax.default_backend() != "cpu"
+        if model.scan_layers and not scan_layers:
             model, params = model.clone(scan_layers=False), unstack_layers(params)
+        elif scan_layers and not model.scan_layers:
+            model, params = model.clone(scan_layers=True), stack_layers(params, model.config.n_layer)
         if decode_weights is not None:
             model, params = model.clone(decode_weights=decode_weights), to_decode_weights(params, decode_weights)
         self.model, self.params, self.tokenizer = model, params, tokenizer
@@ -299,16 +290,21 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, decode_weights: str | None = None, dtype: Any = None,
-                        mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor") -> Generator:
+                        mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor",
+                        scan_layers: bool | None = None, kernels: str = "auto", attention: str = "auto"
+                        ) -> Generator:
         """A converted checkpoint, Hugging Face directory or hub id (see `bloom_jax.from_pretrained`), with the
         tokenizer.json beside it (None if there is none: prompts must then be token ids) and its
-        generation_config.json if it has one."""
+        generation_config.json if it has one. `kernels`, `attention`: see `bloom_jax.kernels.Kernels.create`."""
         from bloom_jax.checkpoints import checkpoint_location, from_pretrained, read_generation_config, read_tokenizer
 
+        if scan_layers is None:
+            scan_layers = jax.default_backend() != "cpu"
         location = checkpoint_location(path)  # a hub id resolved once, not for each file
-        model, params = from_pretrained(location, mesh=mesh, dtype=dtype, rules=rules, scan_layers=False)
+        model, params = from_pretrained(location, mesh=mesh, dtype=dtype, rules=rules, scan_layers=scan_layers,
+                                        kernels=kernels, attention=attention)
         return cls(model, params, read_tokenizer(location), decode_weights, mesh, rules,
-                   read_generation_config(location))
+                   read_generation_config(location), scan_layers)
 
     def _context(self, batch: int) -> contextlib.AbstractContextManager:
         """The mesh and logical rules around compiled calls on `batch` rows (nothing without a mesh)."""
@@ -437,5 +433,5 @@ class Generator:
                     break
 
 
-__all__ = ["Sampling", "GenerationDefaults", "process_logits", "argmax_last", "prefill", "decode", "generate", "bucket",
+__all__ = ["Sampling", "GenerationDefaults", "process_logits", "prefill", "decode", "generate", "bucket",
            "Completion", "TextPiece", "Generator"]

@@ -17,12 +17,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from bloom_jax import kernels as ops
 from bloom_jax.cache import KVCache, write_layer
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
+from bloom_jax.kernels import Kernels
+from bloom_jax.kernels.attention import AttentionMask
+from bloom_jax.kernels.decode_matmul import DECODE_WEIGHTS
 
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
@@ -35,111 +38,6 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-# Storage formats of the decode weights (see `to_decode_weights`): matmul kernels out-major [*out, *in], which
-# XLA:CPU reads 1.1-3x faster in matrix-vector products than [*in, *out]; float32, bfloat16 (activations rounded
-# to bfloat16 for the product) or int8 with a float32 scale per output channel (activations quantized to int8
-# per token for the product, accumulated in int32).
-DECODE_WEIGHTS: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
-
-
-def decode_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """x [b, k] . kernel^T, float32 [b, n], for an out-major kernel [n, k] of float32, bfloat16 or int8 (times
-    `scale` [n]).
-
-    bfloat16 and int8 kernels are multiplied in their own type (XLA:CPU has native bf16 and int8 matrix kernels,
-    which read 1.6x and 2.5x fewer bytes than float32); their matrix-vector path is 15x slower than their
-    matrix-matrix one, so a single row is padded to two.
-    """
-    x_bk, kernel_nk, scale_n = x, kernel, scale
-    b = x_bk.shape[0]
-    if kernel_nk.dtype == jnp.float32:
-        y_nb = jnp.einsum("nk,bk->nb", kernel_nk, x_bk.astype(jnp.float32))  # weights on the left: fastest
-    else:
-        x_bk = jnp.pad(x_bk.astype(jnp.float32), ((0, max(0, 2 - b)), (0, 0)))
-        if kernel_nk.dtype == jnp.int8:
-            absmax_b1 = jnp.max(jnp.abs(x_bk), axis=-1, keepdims=True)
-            x_scale_b1 = jnp.where(absmax_b1 > 0, absmax_b1 / 127.0, 1.0)
-            x_bk = jnp.round(x_bk / x_scale_b1).astype(jnp.int8)
-            y_nb = jnp.einsum("nk,bk->nb", kernel_nk, x_bk, preferred_element_type=jnp.int32)
-            y_nb = y_nb.astype(jnp.float32) * x_scale_b1[:, 0]
-        else:
-            y_nb = jnp.einsum("nk,bk->nb", kernel_nk, x_bk.astype(kernel_nk.dtype),
-                              preferred_element_type=jnp.float32)
-        y_nb = y_nb[:, :b]
-    y_nb = lax.optimization_barrier(y_nb)  # else XLA folds the transpose below into the dot, 2-3x slower
-    if scale_n is not None:
-        y_nb = y_nb * scale_n[:, None]
-    return y_nb.T
-
-
-def alibi_slopes(n_head: int) -> np.ndarray:
-    """ALiBi slope of each head, float32 [n], for any head count (BLOOM-176B has 112).
-
-    With c the largest power of two <= n: base**1..base**c, then, if n > c, the first n - c odd powers of
-    extra_base, where base = 2**(-(2**-(log2(c) - 3))) and extra_base is the same for 2c.
-    """
-    c = 2 ** math.floor(math.log2(n_head))
-    base = np.float32(2 ** (-(2 ** -(math.log2(c) - 3))))
-    slopes = base ** np.arange(1, c + 1, dtype=np.float32)
-    if c != n_head:
-        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * c) - 3))))
-        odd_powers = np.arange(1, 2 * (n_head - c), 2, dtype=np.float32)
-        slopes = np.concatenate([slopes, extra_base**odd_powers])
-    return slopes.astype(np.float32)
-
-
-def alibi_bias(attention_mask: jax.Array, n_head: int) -> jax.Array:
-    """ALiBi bias per key, float32 [b, n, 1, t], for a key mask [b, t]: slope * position, the first real token at
-    position 0.
-
-    Positions count only unmasked tokens (`cumsum(mask) - 1`), so left padding does not shift them. The bias
-    does not depend on the query: softmax is invariant to a per-row constant.
-    """
-    mask_bt = attention_mask.astype(jnp.int32)
-    positions_bt = (jnp.cumsum(mask_bt, axis=-1) - 1) * mask_bt
-    slopes_n = jnp.asarray(alibi_slopes(n_head))
-    return slopes_n[None, :, None, None] * positions_bt[:, None, None, :].astype(jnp.float32)
-
-
-def causal_padding_mask(attention_mask: jax.Array, query_len: int | None = None,
-                        query_start: jax.Array | int = 0) -> jax.Array:
-    """Which keys each query may see, bool [b, 1, s, t], for a key mask [b, t]: earlier-or-same and not padding.
-
-    Query i sits at key position `query_start + i` (0 and s == t without a cache; the cache index with one).
-    """
-    attention_mask_bt = attention_mask
-    t = attention_mask_bt.shape[-1]
-    query_pos_s = query_start + jnp.arange(t if query_len is None else query_len)
-    causal_st = jnp.arange(t)[None, :] <= query_pos_s[:, None]
-    return causal_st[None, None] & (attention_mask_bt[:, None, None, :] > 0)
-
-
-@jax.custom_vjp
-def _gradient_barrier(x: jax.Array) -> jax.Array:
-    return x
-
-
-def _barrier_bwd(_, g: jax.Array) -> tuple[jax.Array]:
-    # XLA never fuses into or out of a conditional. Its predicate reads the data (false only for a NaN), so it
-    # cannot be folded away at compile time; both branches pass the gradient through.
-    first = g[(0,) * g.ndim]
-    return (lax.cond(first == first, lambda g: g, lambda g: g + 0, g),)
-
-
-_gradient_barrier.defvjp(lambda x: (x, None), _barrier_bwd)
-
-
-def gradient_barrier(x: jax.Array) -> jax.Array:
-    """The identity, whose gradient XLA:CPU must materialise here rather than fuse across (CPU only).
-
-    At block boundaries of the unrolled layers this stops XLA:CPU from recomputing the residual stream's
-    gradient, a chain of adds through every later layer, inside each fusion that reads it: without it the
-    backward pass of bloom-560m at 1 x 512 took 31 s instead of 16.5 (quadratic in depth). Accelerators fuse
-    differently and would pay a conditional per layer, so elsewhere this is the plain identity.
-    """
-    return _gradient_barrier(x) if jax.default_backend() == "cpu" else x
 
 
 def bloom_gelu(x: jax.Array) -> jax.Array:
@@ -175,8 +73,8 @@ class Linear(nn.Module):
     [*out_features]. `tp_slices > 1` reproduces transformers' `slow_but_exact` path: the flattened input is cut
     into `tp_slices` column blocks whose partial products are added one by one, and no bias is added.
     With `decode_weights` (a key of `DECODE_WEIGHTS`) the kernel is out-major [*out_features, *in_features] in
-    that dtype (int8 adds a float32 `scale` [*out_features]), multiplied by `decode_matmul`; `tp_slices` is then
-    ignored.
+    that dtype (int8 adds a float32 `scale` [*out_features]), multiplied by `kernels.decode_matmul`; `tp_slices`
+    is then ignored.
     """
 
     in_features: tuple[int, ...]
@@ -187,6 +85,7 @@ class Linear(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -217,7 +116,7 @@ class Linear(nn.Module):
                                self.out_features, jnp.float32).reshape(-1)
         size_in, size_out = math.prod(self.in_features), math.prod(self.out_features)
         lead = x.shape[: x.ndim - n_in]
-        y = decode_matmul(x.reshape(-1, size_in), kernel.reshape(size_out, size_in), scale)
+        y = ops.matmul(self.kernels, x.reshape(-1, size_in), kernel.reshape(size_out, size_in), scale)
         return y.reshape(*lead, *self.out_features).astype(self.dtype)
 
     def _tp_partial_sums(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -236,7 +135,7 @@ class Embed(nn.Module):
     """The word embedding [v, d], also the tied LM head (`attend`).
 
     With `decode_weights` the table is stored in that dtype (int8 with a float32 `scale` [v] per row) and the
-    LM head runs through `decode_matmul`: the table is already out-major.
+    LM head runs through `kernels.decode_matmul`: the table is already out-major.
     """
 
     vocab_size: int
@@ -245,6 +144,7 @@ class Embed(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
+    kernels: Kernels = Kernels()
 
     def setup(self):
         dtype, init = self.param_dtype, self.embedding_init
@@ -259,11 +159,7 @@ class Embed(nn.Module):
 
     def __call__(self, ids_bs: jax.Array) -> jax.Array:
         """Embeddings [b, s, d] in the compute dtype."""
-        # XLA:CPU gathers from a bf16 table through float32. Unbarriered, the decode loop hoisted that convert of
-        # the whole table out of the loop: 0.3 s and 1 GB on every call for BLOOM's vocabulary. Tied to the ids,
-        # the table stays in the loop, where the convert fuses into the gather of the rows read.
-        table_vd, ids_bs = lax.optimization_barrier((self.embedding, ids_bs))
-        rows_bsd = jnp.take(table_vd, ids_bs, axis=0).astype(jnp.float32)
+        rows_bsd = ops.gather(self.kernels, self.embedding, ids_bs)
         if self.scale is not None:
             rows_bsd = rows_bsd * jnp.take(self.scale, ids_bs, axis=0)[..., None]
         return rows_bsd.astype(self.dtype)
@@ -272,57 +168,50 @@ class Embed(nn.Module):
         """Logits float32 [b, s, v] = x . embedding^T, accumulated in float32."""
         if self.decode_weights is not None:
             b, s, d = x_bsd.shape
-            return decode_matmul(x_bsd.reshape(b * s, d), self.embedding, self.scale).reshape(b, s, -1)
+            return ops.matmul(self.kernels, x_bsd.reshape(b * s, d), self.embedding, self.scale).reshape(b, s, -1)
         return jnp.einsum("bsd,vd->bsv", x_bsd, self.embedding.astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with ALiBi and BLOOM's fused [n, 3, h] query-key-value projection."""
+    """Multi-head self-attention with ALiBi and BLOOM's fused [n, 3, h] query-key-value projection; the attention
+    itself is `kernels.attention`'s."""
 
     config: BloomConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array, deterministic: bool,
-                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+    def __call__(self, x_bsd: jax.Array, mask: AttentionMask, deterministic: bool,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None):
         """Attention output [b, s, d]; with `kv_cache` (keys, values [b*n, T, h], batch-major) the new keys and
-        values are written at `cache_index`, attention runs over all T cached positions, and the updated cache is
-        returned as a second output."""
+        values are written at `mask.query_start`, attention runs over all T cached positions, and the updated
+        cache is returned as a second output."""
         cfg = self.config
         d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
-        qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init,
-                           dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                           name="query_key_value")(x_bsd)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
+                  kernels=self.kernels)
+        qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init, name="query_key_value",
+                           **kw)(x_bsd)
         # Head-major [3, b, n, s, h] before the batched matmuls: XLA:CPU runs them 2-3x faster than on the
         # [b, s, n, h] slices (measured at 1x128 and 8x128 for the bloom-560m shapes).
         qkv_3bnsh = jnp.transpose(qkv_bsn3h, (3, 0, 2, 1, 4))
-        q_bnsh, k_bnth, v_bnth = qkv_3bnsh[0], qkv_3bnsh[1], qkv_3bnsh[2]
-        b, _, s, _ = q_bnsh.shape
-        if kv_cache is None:
-            scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k_bnth, preferred_element_type=jnp.float32)
-        else:  # the layer's cache, batch and heads merged (bloom_jax.cache)
-            kv_cache = write_layer(*kv_cache, k_bnth, v_bnth, cache_index)
-            k_zth, v_zth = (c.astype(self.dtype) for c in kv_cache)
-            scores_bnst = jnp.einsum("zsh,zth->zst", q_bnsh.reshape(b * n, s, h), k_zth,
-                                     preferred_element_type=jnp.float32).reshape(b, n, s, -1)
-        scores_bnst = scores_bnst * (1.0 / math.sqrt(h)) + alibi_bn1t
-        scores_bnst = jnp.where(mask_b1st, scores_bnst, jnp.finfo(jnp.float32).min)
-        probs_bnst = jax.nn.softmax(scores_bnst, axis=-1).astype(self.dtype)
-        probs_bnst = nn.Dropout(cfg.attention_dropout)(probs_bnst, deterministic=deterministic)
-        if kv_cache is None:
-            context_bnsh = jnp.einsum("bnst,bnth->bnsh", probs_bnst, v_bnth)
-        else:
-            context_bnsh = jnp.einsum("zst,zth->zsh", probs_bnst.reshape(b * n, s, -1), v_zth).reshape(b, n, s, h)
+        q_bnsh, k, v = qkv_3bnsh[0], qkv_3bnsh[1], qkv_3bnsh[2]
+        if kv_cache is not None:  # the layer's cache, batch and heads merged (bloom_jax.cache)
+            kv_cache = write_layer(*kv_cache, k, v, mask.query_start)
+            k, v = (c.astype(self.dtype) for c in kv_cache)
+        dropout = None
+        if cfg.attention_dropout > 0 and not deterministic:
+            dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=False)
+        context_bnsh = ops.attend(self.kernels, q_bnsh, k, v, mask, self.dtype, dropout)
         context_bsnh = context_bnsh.transpose(0, 2, 1, 3)
 
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
-        out_bsd = Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp, dtype=self.dtype,
-                         param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                         name="dense")(context_bsnh)
+        out_bsd = Linear((n, h), (d,), ("heads", "head_dim", "embed"), init, tp_slices=tp, name="dense",
+                         **kw)(context_bsnh)
         return out_bsd if kv_cache is None else (out_bsd, kv_cache)
 
 
@@ -333,13 +222,15 @@ class Mlp(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array) -> jax.Array:
         cfg = self.config
         d, f = cfg.hidden_size, cfg.mlp_dim
         init = nn.initializers.normal(cfg.initializer_range)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
+                  kernels=self.kernels)
         x_bsf = Linear((d,), (f,), ("embed", "mlp"), init, name="dense_h_to_4h", **kw)(x_bsd)
         x_bsf = bloom_gelu(x_bsf)
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
@@ -354,26 +245,27 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, x_bsd: jax.Array, alibi_bn1t: jax.Array, mask_b1st: jax.Array,
-                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+    def __call__(self, x_bsd: jax.Array, mask: AttentionMask, kv_cache: tuple[jax.Array, jax.Array] | None = None):
         """(x_bsd, updated kv_cache or None)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x_bsd = gradient_barrier(nn.with_logical_constraint(x_bsd, ACT_BSD))
+        x_bsd = ops.gradient_barrier(self.kernels, nn.with_logical_constraint(x_bsd, ACT_BSD))
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="input_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        attention = Attention(cfg, name="self_attention", decode_weights=self.decode_weights, **kw)
-        attn_bsd = attention(ln_bsd, alibi_bn1t, mask_b1st, self.deterministic, kv_cache, cache_index)
+        attention = Attention(cfg, name="self_attention", decode_weights=self.decode_weights, kernels=self.kernels,
+                              **kw)
+        attn_bsd = attention(ln_bsd, mask, self.deterministic, kv_cache)
         if kv_cache is not None:
             attn_bsd, kv_cache = attn_bsd
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(attn_bsd, deterministic=self.deterministic)
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="post_attention_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        mlp_bsd = Mlp(cfg, name="mlp", decode_weights=self.decode_weights, **kw)(ln_bsd)
+        mlp_bsd = Mlp(cfg, name="mlp", decode_weights=self.decode_weights, kernels=self.kernels, **kw)(ln_bsd)
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(mlp_bsd, deterministic=self.deterministic)
         return nn.with_logical_constraint(x_bsd, ACT_BSD), kv_cache
 
@@ -393,6 +285,8 @@ class BloomForCausalLM(nn.Module):
       decode_weights: None, or a key of `DECODE_WEIGHTS`: the inference-only weight formats that
         `to_decode_weights` makes (out-major kernels in float32, bfloat16 or int8), read at memory speed in
         matrix-vector products. LayerNorms and biases stay in `param_dtype`.
+      kernels: the implementations of attention, the decode matmul, the gradient barrier and the embedding
+        gather (`bloom_jax.kernels.Kernels`); None: `Kernels.create()` for JAX's default backend.
     """
 
     config: BloomConfig
@@ -401,62 +295,71 @@ class BloomForCausalLM(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     decode_weights: str | None = None
+    kernels: Kernels | None = None
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, deterministic: bool = True,
-                 cache: KVCache | None = None, last_only: bool = False):
+                 cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False):
         """Logits float32 [b, s, v] (or [b, 1, v] with `last_only`) of token ids int [b, s].
 
         `attention_mask` [b, s] is 1 for tokens and 0 for padding (left or right). With a `cache`
         (`bloom_jax.cache.KVCache`) the ids are the next positions after those cached: returns
-        `(logits, updated cache)`.
+        `(logits, updated cache)`. `return_hidden`: the final hidden states [b, s, d] (after `ln_f`) instead
+        of the logits, for a loss that applies the tied head itself (`bloom_jax.losses`).
         """
         cfg = self.config
+        kernels = self.resolved_kernels
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ids_bs = input_ids
         mask_bs = jnp.ones(ids_bs.shape, jnp.int32) if attention_mask is None else attention_mask
 
         embed = Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
-                      decode_weights=self.decode_weights, name="word_embeddings", **kw)
+                      decode_weights=self.decode_weights, kernels=kernels, name="word_embeddings", **kw)
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(ids_bs))
 
+        # The dense ALiBi bias and visibility are built once here, for every layer, only for the reference.
+        dense = kernels.attention == "reference"
         if cache is None:
-            alibi_bn1t = alibi_bias(mask_bs, cfg.n_head)
-            mask_b1st = causal_padding_mask(mask_bs)
-            for blocks in self._blocks(deterministic):
-                x_bsd, _ = blocks(x_bsd, alibi_bn1t, mask_b1st)
+            mask = AttentionMask.create(mask_bs, cfg.n_head, ids_bs.shape[1], 0, dense)
+            for blocks in self._blocks(deterministic, kernels):
+                x_bsd, _ = blocks(x_bsd, mask)
         else:
             mask_bt = cache.with_new_tokens(mask_bs)
-            alibi_bn1t = alibi_bias(mask_bt, cfg.n_head)
-            mask_b1st = causal_padding_mask(mask_bt, ids_bs.shape[1], cache.index)
-            x_bsd, keys, values = self._cached_blocks(deterministic, x_bsd, alibi_bn1t, mask_b1st, cache)
+            mask = AttentionMask.create(mask_bt, cfg.n_head, ids_bs.shape[1], cache.index, dense)
+            x_bsd, keys, values = self._cached_blocks(deterministic, kernels, x_bsd, mask, cache)
             cache = cache.advance(keys, values, mask_bt, ids_bs.shape[1])
 
         if last_only:
             x_bsd = x_bsd[:, -1:]
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(x_bsd)
+        if return_hidden:
+            return x_bsd if cache is None else (x_bsd, cache)
         logits_bsv = embed.attend(x_bsd)
         logits_bsv = nn.with_logical_constraint(
             logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
         return logits_bsv if cache is None else (logits_bsv, cache)
 
-    def _cached_blocks(self, deterministic, x_bsd, alibi_bn1t, mask_b1st, cache: KVCache):
+    @property
+    def resolved_kernels(self) -> Kernels:
+        """`kernels`, or the default backend's when None."""
+        return self.kernels if self.kernels is not None else Kernels.create()
+
+    def _cached_blocks(self, deterministic, kernels, x_bsd, mask: AttentionMask, cache: KVCache):
         """The blocks over the cache: (x_bsd, updated keys, updated values), stacked or one per layer."""
-        blocks = self._blocks(deterministic, with_cache=True)
+        blocks = self._blocks(deterministic, kernels, with_cache=True)
         if self.scan_layers:
             if cache.per_layer:
                 raise BloomJaxError("a scanned model needs a stacked KV cache (KVCache.init(per_layer=False))")
-            x_bsd, (keys, values) = blocks[0](x_bsd, alibi_bn1t, mask_b1st, (cache.keys, cache.values),
-                                              cache.index)
+            x_bsd, (keys, values) = blocks[0](x_bsd, mask, (cache.keys, cache.values))
             return x_bsd, keys, values
         keys, values = [], []
         for i, block in enumerate(blocks):
-            x_bsd, (k, v) = block(x_bsd, alibi_bn1t, mask_b1st, cache.layer(i), cache.index)
+            x_bsd, (k, v) = block(x_bsd, mask, cache.layer(i))
             keys.append(k)
             values.append(v)
         return x_bsd, keys, values
 
-    def _blocks(self, deterministic: bool, with_cache: bool = False) -> list[nn.Module]:
+    def _blocks(self, deterministic: bool, kernels: Kernels, with_cache: bool = False) -> list[nn.Module]:
         """The n_layer blocks: one `nn.scan` over stacked parameters, or n_layer separate modules."""
         if self.remat_policy not in REMAT_POLICIES:
             raise BloomJaxError(
@@ -465,7 +368,8 @@ class BloomForCausalLM(nn.Module):
         block_cls = Block
         if self.remat_policy != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
+                  kernels=kernels)
         if self.decode_weights is not None and self.decode_weights not in DECODE_WEIGHTS:
             raise BloomJaxError(f"unknown decode weights {self.decode_weights!r} "
                                 f"(choose from {', '.join(DECODE_WEIGHTS)})")
@@ -475,7 +379,7 @@ class BloomForCausalLM(nn.Module):
             block_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast) if with_cache else (nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, 0) if with_cache else (nn.broadcast,),
             length=self.config.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
@@ -569,15 +473,18 @@ def init_params(model: BloomForCausalLM, rng: jax.Array) -> Any:
 
 
 def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None,
-               **kwargs) -> BloomForCausalLM:
-    """The model for `config`; `param_dtype` defaults to `dtype`."""
+               kernels: Kernels | str = "auto", attention: str = "auto", **kwargs) -> BloomForCausalLM:
+    """The model for `config`; `param_dtype` defaults to `dtype`. `kernels` and `attention`: a `Kernels`, or the
+    names `Kernels.create` takes, resolved now for JAX's default backend."""
+    if not isinstance(kernels, Kernels):
+        kernels = Kernels.create(kernels, attention)
     return BloomForCausalLM(config, dtype=jnp.dtype(dtype),
-                            param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype), **kwargs)
+                            param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype),
+                            kernels=kernels, **kwargs)
 
 
 __all__: Sequence[str] = (
-    "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "alibi_slopes", "alibi_bias",
-    "causal_padding_mask", "bloom_gelu", "abstract_params", "param_logical_axes", "count_params", "init_params",
-    "make_model", "stack_layers", "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "DECODE_WEIGHTS",
-    "decode_matmul", "to_decode_weights", "forward_flops",
+    "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "bloom_gelu",
+    "abstract_params", "param_logical_axes", "count_params", "init_params", "make_model", "stack_layers",
+    "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "DECODE_WEIGHTS", "to_decode_weights", "forward_flops",
 )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
-from bloom_jax.model import alibi_bias, alibi_slopes
+from bloom_jax.kernels.attention import alibi_bias, alibi_slopes
 
 HEAD_COUNTS = (1, 2, 6, 8, 12, 16, 32, 112)
 

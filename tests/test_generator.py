@@ -121,7 +121,22 @@ def test_greedy_equals_transformers_through_the_buckets(setup, plain, gen, which
         assert generator.model.decode_weights is None
     else:
         assert generator.model.decode_weights == "float32" and generator.tokenizer is not None
-    assert not generator.model.scan_layers  # the unrolled layout, whatever was stored
+    assert not generator.model.scan_layers  # on CPU the unrolled layout, whatever was stored
+
+
+@pytest.mark.parametrize("decode_weights", [None, "int8"])
+def test_the_accelerators_layout_and_kernels_generate_the_same(setup, decode_weights):
+    # What a TPU or GPU gets: scanned layers, the reference kernels, blockwise attention for the prompt.
+    accelerator = Generator.from_pretrained(setup["converted"], decode_weights=decode_weights, scan_layers=True,
+                                            kernels="reference", attention="blockwise")
+    cpu = Generator.from_pretrained(setup["converted"], decode_weights=decode_weights)
+    assert accelerator.model.scan_layers and accelerator.model.kernels.attention == "blockwise"
+    assert not cpu.model.scan_layers and cpu.model.kernels.decode_matmul == "xla_cpu"
+    ours = accelerator.generate(setup["prompts"], max_new_tokens=NEW_TOKENS)
+    expected = cpu.generate(setup["prompts"], max_new_tokens=NEW_TOKENS)
+    assert [c.completion_ids for c in ours] == [c.completion_ids for c in expected]
+    if decode_weights is None:
+        assert [c.completion_ids for c in ours] == [until_eos(row, EOS) for row in setup["expected"]]
 
 
 @pytest.mark.parametrize("spec", ["data=2,tensor=4", "fsdp=4,tensor=2"])

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bloom_jax"
 LAYERS = [
     ["errors", "log"],
     ["config", "devices", "runtime", "distributed", "tokenizer"],
-    ["recipe", "cache"],
+    ["recipe", "cache", "kernels.attention", "kernels.decode_matmul", "kernels.pick", "kernels.barriers"],
+    ["kernels"],
     ["model"],
     ["losses", "sharding"],
     ["data", "checkpoints.storage", "checkpoints.hub", "checkpoints.hf_files"],
@@ -44,7 +45,8 @@ def imports_of(path: Path) -> list[tuple[str, str | None]]:
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bloom_jax"):
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
-                if (PACKAGE.parent / (submodule.replace(".", "/") + ".py")).is_file():
+                path = PACKAGE.parent / submodule.replace(".", "/")
+                if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
                     found.append((submodule, None))  # `from bloom_jax import devices`
                 else:
                     found.append((node.module, alias.name))
@@ -75,7 +77,8 @@ def test_the_model_loads_alone():
     code = "import sys, bloom_jax.model; print(sorted(m for m in sys.modules if m.startswith('bloom_jax')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert eval(loaded) == ["bloom_jax", "bloom_jax.cache", "bloom_jax.config", "bloom_jax.errors",
-                            "bloom_jax.model"]
+                            "bloom_jax.kernels", "bloom_jax.kernels.attention", "bloom_jax.kernels.barriers",
+                            "bloom_jax.kernels.decode_matmul", "bloom_jax.kernels.pick", "bloom_jax.model"]
 
 
 def test_a_recipe_loads_without_jax():

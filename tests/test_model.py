@@ -22,7 +22,6 @@ from reference import (
     padded,
     random_ids,
     relative_max_error,
-    tiny_config,
 )
 
 from bloom_jax import BloomJaxError
@@ -30,7 +29,6 @@ from bloom_jax.checkpoints import from_pretrained
 from bloom_jax.model import (
     LayerNorm,
     abstract_params,
-    gradient_barrier,
     make_model,
     param_logical_axes,
     stack_layers,
@@ -226,24 +224,6 @@ def test_no_mask_equals_all_ones(tiny):
     no_mask = jax_logits(tiny.model, tiny.params, ids)
     assert relative_max_error(no_mask, jax_logits(tiny.model, tiny.params, ids, np.ones_like(ids))) <= 1e-6
     assert_parity(no_mask, hf_logits(tiny.checkpoint.torch_model, ids))
-
-
-def test_gradient_barrier_is_the_identity_and_cuts_the_backward_pass_at_each_block():
-    x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
-    f = lambda x: jnp.sum(jnp.sin(gradient_barrier(x) * 3.0) ** 2)  # noqa: E731
-    g = lambda x: jnp.sum(jnp.sin(x * 3.0) ** 2)  # noqa: E731
-    np.testing.assert_array_equal(f(x), g(x))
-    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-6)
-    np.testing.assert_array_equal(jax.grad(f)(x.at[0, 0].set(jnp.nan))[1:], jax.grad(g)(x)[1:])  # NaN branch
-
-    # One conditional per block in the compiled gradient of the unrolled model: the cuts XLA:CPU cannot fuse over.
-    config = tiny_config(n_layer=3)
-    model = make_model(config, scan_layers=False)
-    ids = jnp.zeros((1, 5), jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
-    loss = lambda p: model.apply({"params": p}, ids).sum()  # noqa: E731
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    assert hlo.count(" conditional(") == config.n_layer
 
 
 def test_called_with_the_ecosystems_keywords(tiny):

@@ -31,7 +31,8 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
       dtype: compute dtype ("float32" when None, "bfloat16", "float16").
       param_dtype: storage dtype of the parameters, cast on load; defaults to `dtype`.
       rules: sharding rules with a mesh: a preset of `configs/sharding/` or (logical, mesh axes) pairs.
-      **model_kwargs: other `BloomForCausalLM` attributes (`scan_layers`, `remat_policy`).
+      **model_kwargs: other `BloomForCausalLM` attributes (`scan_layers`, `remat_policy`) and `make_model`'s
+        `kernels` and `attention`.
 
     Returns:
       The model and its parameters, a pytree of jax arrays.

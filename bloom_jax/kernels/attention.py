@@ -1,0 +1,275 @@
+"""Attention with ALiBi under BLOOM's masks: a reference that holds the scores [b, n, s, t], and a blockwise one
+that never does.
+
+Both take queries [b, n, s, h] and keys and values [b, n, t, h] (or, from the KV cache, [b*n, t, h]: batch and
+heads merged) with an `AttentionMask`: the key mask [b, t] and the key position of the first query. Query i sits at
+key position `query_start + i` and sees the keys at or before it that are not padding; each key's ALiBi bias is
+slope * (its position among the real tokens).
+
+The reference computes as transformers does: fp32 scores, the dtype's most negative value at masked keys,
+softmax, probabilities cast to the compute dtype, then the values. `blockwise` is online softmax over key blocks
+for each query block (flash attention's recurrence, in XLA), with a hand-written backward pass that recomputes
+each block's probabilities from the saved log-sum-exp: at 8 x 2048 with 16 heads the reference holds 2 GiB per
+fp32 [b, n, s, t] buffer and layer, the blockwise one [b, n, block_q, block_k] (32 MiB at 512 x 512).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+NEG = float(np.finfo(np.float32).min)  # what masked scores get, as transformers gives them
+
+
+def alibi_slopes(n_head: int) -> np.ndarray:
+    """ALiBi slope of each head, float32 [n], for any head count (BLOOM-176B has 112).
+
+    With c the largest power of two <= n: base**1..base**c, then, if n > c, the first n - c odd powers of
+    extra_base, where base = 2**(-(2**-(log2(c) - 3))) and extra_base is the same for 2c.
+    """
+    c = 2 ** math.floor(math.log2(n_head))
+    base = np.float32(2 ** (-(2 ** -(math.log2(c) - 3))))
+    slopes = base ** np.arange(1, c + 1, dtype=np.float32)
+    if c != n_head:
+        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * c) - 3))))
+        odd_powers = np.arange(1, 2 * (n_head - c), 2, dtype=np.float32)
+        slopes = np.concatenate([slopes, extra_base**odd_powers])
+    return slopes.astype(np.float32)
+
+
+def alibi_positions(attention_mask: jax.Array) -> jax.Array:
+    """Each key's ALiBi position, float32 [b, t]: its index among the real tokens (`cumsum(mask) - 1`), 0 at
+    padding, so that left padding shifts nothing."""
+    mask_bt = attention_mask.astype(jnp.int32)
+    return ((jnp.cumsum(mask_bt, axis=-1) - 1) * mask_bt).astype(jnp.float32)
+
+
+def alibi_bias(attention_mask: jax.Array, n_head: int) -> jax.Array:
+    """ALiBi bias per key, float32 [b, n, 1, t], for a key mask [b, t]: slope * position. It does not depend on the
+    query: softmax is invariant to a per-row constant."""
+    slopes_n = jnp.asarray(alibi_slopes(n_head))
+    return slopes_n[None, :, None, None] * alibi_positions(attention_mask)[:, None, None, :]
+
+
+def causal_padding_mask(attention_mask: jax.Array, query_len: int | None = None,
+                        query_start: jax.Array | int = 0) -> jax.Array:
+    """Which keys each query may see, bool [b, 1, s, t], for a key mask [b, t]: earlier-or-same and not padding.
+
+    Query i sits at key position `query_start + i` (0 and s == t without a cache; the cache index with one).
+    """
+    attention_mask_bt = attention_mask
+    t = attention_mask_bt.shape[-1]
+    query_pos_s = query_start + jnp.arange(t if query_len is None else query_len)
+    causal_st = jnp.arange(t)[None, :] <= query_pos_s[:, None]
+    return causal_st[None, None] & (attention_mask_bt[:, None, None, :] > 0)
+
+
+@flax.struct.dataclass
+class AttentionMask:
+    """What every layer's attention needs to know of the masks, built once per forward pass: the key mask [b, t]
+    and the first query's key position; with `dense` (for the reference) also the ALiBi bias [b, n, 1, t] and the
+    visibility [b, 1, s, t], shared by the layers."""
+
+    key_mask: jax.Array  # int [b, t], 1 for real tokens
+    query_start: jax.Array | int
+    alibi: jax.Array | None = None  # float32 [b, n, 1, t]
+    allowed: jax.Array | None = None  # bool [b, 1, s, t]
+
+    @classmethod
+    def create(cls, key_mask: jax.Array, n_head: int, query_len: int, query_start: jax.Array | int = 0,
+               dense: bool = True) -> AttentionMask:
+        if not dense:
+            return cls(key_mask, query_start)
+        return cls(key_mask, query_start, alibi_bias(key_mask, n_head),
+                   causal_padding_mask(key_mask, query_len, query_start))
+
+
+def reference(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dtype,
+              dropout=None) -> jax.Array:
+    """Context [b, n, s, h] through the full score matrix; `dropout`, when given, drops probabilities (a callable
+    on [b, n, s, t]). Keys and values [b, n, t, h], or [b*n, t, h] from the cache."""
+    b, n, s, h = q_bnsh.shape
+    if mask.alibi is None:
+        mask = AttentionMask.create(mask.key_mask, n, s, mask.query_start)
+    if k.ndim == 4:
+        scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k, preferred_element_type=jnp.float32)
+    else:  # batch and heads merged, as the cache keeps them (bloom_jax.cache)
+        scores_bnst = jnp.einsum("zsh,zth->zst", q_bnsh.reshape(b * n, s, h), k,
+                                 preferred_element_type=jnp.float32).reshape(b, n, s, -1)
+    scores_bnst = scores_bnst * (1.0 / math.sqrt(h)) + mask.alibi
+    scores_bnst = jnp.where(mask.allowed, scores_bnst, NEG)
+    probs_bnst = jax.nn.softmax(scores_bnst, axis=-1).astype(dtype)
+    if dropout is not None:
+        probs_bnst = dropout(probs_bnst)
+    if k.ndim == 4:
+        return jnp.einsum("bnst,bnth->bnsh", probs_bnst, v)
+    return jnp.einsum("zst,zth->zsh", probs_bnst.reshape(b * n, s, -1), v).reshape(b, n, s, h)
+
+
+def blockwise(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dtype,
+              block_q: int = 512, block_k: int = 512) -> jax.Array:
+    """Context [b, n, s, h] by online softmax over blocks of `block_q` queries and `block_k` keys (both cut to the
+    sequence when shorter); the reference's result, without its [b, n, s, t] buffers. Key blocks wholly after a
+    query block's last position are skipped, forward and backward."""
+    b, n, s, h = q_bnsh.shape
+    k_bnth, v_bnth = (x.reshape(b, n, -1, h) for x in (k, v))
+    t = k_bnth.shape[2]
+    bq, bk = min(block_q, s), min(block_k, t)
+    slopes_n = jnp.asarray(alibi_slopes(n))
+    positions_bt = alibi_positions(mask.key_mask)
+    query_start = jnp.asarray(mask.query_start, jnp.int32)
+    out = _flash(q_bnsh.astype(dtype), k_bnth.astype(dtype), v_bnth.astype(dtype), mask.key_mask.astype(jnp.int32),
+                 positions_bt, slopes_n, query_start, bq, bk)
+    return out.astype(dtype)
+
+
+# -- blockwise: forward and backward over padded blocks -------------------------------------------------------------
+def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _block_scores(q_bnqh, k_bnkh, key_mask_bk, positions_bk, slopes_n, query_pos_q, key_pos_k):
+    """Scores float32 [b, n, bq, bk] of one block pair with ALiBi, masked keys at NEG; and the visibility."""
+    h = q_bnqh.shape[-1]
+    scores = jnp.einsum("bnqh,bnkh->bnqk", q_bnqh, k_bnkh, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(h)) + slopes_n[None, :, None, None] * positions_bk[:, None, None, :]
+    allowed = (key_pos_k[None, :] <= query_pos_q[:, None])[None, None] & (key_mask_bk[:, None, None, :] > 0)
+    return jnp.where(allowed, scores, NEG)
+
+
+def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
+    """How many key blocks query block `qi` sees (the causal bound: keys after its last query are never seen)."""
+    last_query_pos = query_start + (qi + 1) * bq - 1
+    return jnp.clip(last_query_pos // bk + 1, 1, n_kblocks)
+
+
+def _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
+    """(out [b, n, s, h] in q's dtype, log-sum-exp float32 [b, n, s]) over padded blocks."""
+    b, n, s, h = q.shape
+    t = k.shape[2]
+    qp = _pad_to(q, 2, bq)
+    kp, vp = _pad_to(k, 2, bk), _pad_to(v, 2, bk)
+    maskp, posp = _pad_to(key_mask, 1, bk), _pad_to(positions, 1, bk)
+    n_qblocks, n_kblocks = qp.shape[2] // bq, kp.shape[2] // bk
+
+    def query_block(qi):
+        q_blk = lax.dynamic_slice_in_dim(qp, qi * bq, bq, axis=2)
+        query_pos = query_start + qi * bq + jnp.arange(bq)
+
+        def key_block(ki, carry):
+            m, l, acc = carry
+            k_blk = lax.dynamic_slice_in_dim(kp, ki * bk, bk, axis=2)
+            v_blk = lax.dynamic_slice_in_dim(vp, ki * bk, bk, axis=2)
+            scores = _block_scores(q_blk, k_blk, lax.dynamic_slice_in_dim(maskp, ki * bk, bk, axis=1),
+                                   lax.dynamic_slice_in_dim(posp, ki * bk, bk, axis=1), slopes_n, query_pos,
+                                   ki * bk + jnp.arange(bk))
+            m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+            p = jnp.exp(scores - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            l = l * correction + jnp.sum(p, axis=-1)
+            acc = acc * correction[..., None] + jnp.einsum("bnqk,bnkh->bnqh", p.astype(v.dtype), v_blk,
+                                                           preferred_element_type=jnp.float32)
+            return m_new, l, acc
+
+        init = (jnp.full((b, n, bq), -jnp.inf, jnp.float32), jnp.zeros((b, n, bq), jnp.float32),
+                jnp.zeros((b, n, bq, h), jnp.float32))
+        m, l, acc = lax.fori_loop(0, _key_blocks_seen(qi, bq, bk, query_start, n_kblocks), key_block, init)
+        return acc / l[..., None], m + jnp.log(l)
+
+    out, lse = lax.map(query_block, jnp.arange(n_qblocks))  # [nq, b, n, bq, h], [nq, b, n, bq]
+    out = jnp.moveaxis(out, 0, 2).reshape(b, n, n_qblocks * bq, h)[:, :, :s]
+    lse = jnp.moveaxis(lse, 0, 2).reshape(b, n, n_qblocks * bq)[:, :, :s]
+    del t
+    return out.astype(q.dtype), lse
+
+
+def _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out):
+    """(dq, dk, dv): each block's probabilities recomputed from the saved log-sum-exp, never the whole matrix."""
+    b, n, s, h = q.shape
+    t = k.shape[2]
+    scale = 1.0 / math.sqrt(h)
+    # delta_i = sum_j p_ij dp_ij = d_out_i . out_i (the softmax backward's row term)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    qp, dop = _pad_to(q, 2, bq), _pad_to(d_out, 2, bq)
+    lsep, deltap = _pad_to(lse, 2, bq), _pad_to(delta, 2, bq)
+    kp, vp = _pad_to(k, 2, bk), _pad_to(v, 2, bk)
+    maskp, posp = _pad_to(key_mask, 1, bk), _pad_to(positions, 1, bk)
+    n_qblocks, n_kblocks = qp.shape[2] // bq, kp.shape[2] // bk
+
+    def query_block(qi, carry):
+        dk_acc, dv_acc, dq_all = carry
+        q_blk = lax.dynamic_slice_in_dim(qp, qi * bq, bq, axis=2)
+        do_blk = lax.dynamic_slice_in_dim(dop, qi * bq, bq, axis=2)
+        lse_blk = lax.dynamic_slice_in_dim(lsep, qi * bq, bq, axis=2)
+        delta_blk = lax.dynamic_slice_in_dim(deltap, qi * bq, bq, axis=2)
+        query_pos = query_start + qi * bq + jnp.arange(bq)
+
+        def key_block(ki, inner):
+            dq_blk, dk_acc, dv_acc = inner
+            k_blk = lax.dynamic_slice_in_dim(kp, ki * bk, bk, axis=2)
+            v_blk = lax.dynamic_slice_in_dim(vp, ki * bk, bk, axis=2)
+            scores = _block_scores(q_blk, k_blk, lax.dynamic_slice_in_dim(maskp, ki * bk, bk, axis=1),
+                                   lax.dynamic_slice_in_dim(posp, ki * bk, bk, axis=1), slopes_n, query_pos,
+                                   ki * bk + jnp.arange(bk))
+            p = jnp.exp(scores - lse_blk[..., None])  # float32 [b, n, bq, bk]
+            dv_blk = jnp.einsum("bnqk,bnqh->bnkh", p.astype(do_blk.dtype), do_blk,
+                                preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bnqh,bnkh->bnqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_blk[..., None]) * scale
+            ds_c = ds.astype(q.dtype)
+            dq_blk = dq_blk + jnp.einsum("bnqk,bnkh->bnqh", ds_c, k_blk, preferred_element_type=jnp.float32)
+            dk_blk = jnp.einsum("bnqk,bnqh->bnkh", ds_c, q_blk, preferred_element_type=jnp.float32)
+            dk_acc = lax.dynamic_update_slice_in_dim(
+                dk_acc, lax.dynamic_slice_in_dim(dk_acc, ki * bk, bk, axis=2) + dk_blk, ki * bk, axis=2)
+            dv_acc = lax.dynamic_update_slice_in_dim(
+                dv_acc, lax.dynamic_slice_in_dim(dv_acc, ki * bk, bk, axis=2) + dv_blk, ki * bk, axis=2)
+            return dq_blk, dk_acc, dv_acc
+
+        init = (jnp.zeros((b, n, bq, h), jnp.float32), dk_acc, dv_acc)
+        dq_blk, dk_acc, dv_acc = lax.fori_loop(0, _key_blocks_seen(qi, bq, bk, query_start, n_kblocks), key_block,
+                                               init)
+        dq_all = lax.dynamic_update_slice_in_dim(dq_all, dq_blk, qi * bq, axis=2)
+        return dk_acc, dv_acc, dq_all
+
+    zeros_k = jnp.zeros(kp.shape, jnp.float32)
+    dk, dv, dq = lax.fori_loop(0, n_qblocks, query_block,
+                               (zeros_k, zeros_k, jnp.zeros(qp.shape, jnp.float32)))
+    return (dq[:, :, :s].astype(q.dtype), dk[:, :, :t].astype(k.dtype), dv[:, :, :t].astype(v.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
+    return _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
+    out, lse = _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)
+    return out, (q, k, v, key_mask, positions, slopes_n, query_start, out, lse)
+
+
+def _flash_bwd(bq, bk, residuals, d_out):
+    q, k, v, key_mask, positions, slopes_n, query_start, out, lse = residuals
+    dq, dk, dv = _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out)
+    # The masks, positions and slopes are data, not parameters: no gradient flows to them.
+    return (dq, dk, dv, np.zeros(key_mask.shape, jax.dtypes.float0), jnp.zeros_like(positions),
+            jnp.zeros_like(slopes_n), np.zeros((), jax.dtypes.float0))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise}
+
+__all__ = ["AttentionMask", "IMPLEMENTATIONS", "alibi_bias", "alibi_positions", "alibi_slopes",
+           "blockwise", "causal_padding_mask", "reference"]
