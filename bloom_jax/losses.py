@@ -1,24 +1,135 @@
 """The language-modelling objective: next-token cross-entropy, the one loss that training, evaluation, the
-`forward` command and the memory planner all compute."""
+`forward` command and the memory planner all compute.
+
+The tied head is applied inside the loss, a chunk of positions at a time, so that the logits [b, s, V] never
+exist whole: at 8 x 2048 with BLOOM's 250,880-token vocabulary they are 15.3 GiB in float32, more than a TPU v5e
+chip has. Each chunk's logits give its loss and, when differentiated, its gradients at once (softmax minus the
+one-hot target is known in the forward pass), so nothing is recomputed: the same matmuls as the plain path, with
+[b, c, V] alive instead of [b, s, V].
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
+import flax.linen as nn
 import jax
-import optax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from bloom_jax.model import BloomForCausalLM
 
+# Tokens per chunk on each device: the chunk's float32 logits are then 1024 x 250,880 x 4 B = 0.96 GiB, and its
+# products are large enough to keep a chip's matrix units busy.
+LOSS_CHUNK_TOKENS = 1024
+_LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
 
 def next_token_loss(model: BloomForCausalLM, params: Any, tokens: jax.Array,
-                    dropout_rng: jax.Array | None = None) -> jax.Array:
+                    dropout_rng: jax.Array | None = None, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> jax.Array:
     """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], for token windows int [b, s + 1]
-    (packed: no padding). Dropout runs when `dropout_rng` is given."""
+    (packed: no padding). Dropout runs when `dropout_rng` is given. The logits are made `chunk_tokens` tokens
+    per device at a time (`tied_head_cross_entropy`)."""
     inputs_bs, targets_bs = tokens[:, :-1], tokens[:, 1:]
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    logits_bsv = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_bsv, targets_bs).mean()
+    hidden_bsd = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs,
+                             return_hidden=True)
+    table_vd = params["word_embeddings"]["embedding"].astype(model.dtype)
+    b, s = targets_bs.shape
+    positions = max(1, min(s, chunk_tokens * _batch_shards(b) // b))
+    return tied_head_cross_entropy(hidden_bsd, table_vd, targets_bs, positions)
 
 
-__all__ = ["next_token_loss"]
+def tied_head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """Mean cross-entropy, float32 [], of logits = hidden [b, s, d] . table [V, d]^T (accumulated in float32)
+    against targets int [b, s], computed `chunk` positions at a time; differentiable in `hidden` and `table`."""
+    return _mean_cross_entropy(hidden, table, targets, chunk)
+
+
+def _batch_shards(batch: int) -> int:
+    """How many ways the current mesh and logical rules split a batch of `batch` rows (1 outside them)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = dict(nn.get_logical_axis_rules()).get("activation_batch")
+    if mesh.empty or axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    shards = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+    return shards if batch % shards == 0 else 1
+
+
+def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:
+    """[b, s, ...] as [s / chunk, b, chunk, ...], s padded up with `fill`."""
+    b, s = x.shape[:2]
+    extra = -s % chunk
+    if extra:
+        x = jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+
+
+def _chunk_terms(hidden_bcd, table_vd, targets_bc, weight_bc, with_gradients: bool):
+    """One chunk: its weighted loss, and (`with_gradients`) the gradients of that weighted sum, d_hidden float32 [b, c, d]
+    and d_table float32 [V, d]."""
+    logits_bcv = jnp.einsum("bcd,vd->bcv", hidden_bcd, table_vd, preferred_element_type=jnp.float32)
+    logits_bcv = nn.with_logical_constraint(logits_bcv, _LOGITS_AXES)
+    lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    picked_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
+    loss = jnp.sum((lse_bc - picked_bc) * weight_bc)
+    if not with_gradients:
+        return loss, None, None
+    one_hot_bcv = jax.nn.one_hot(targets_bc, table_vd.shape[0], dtype=jnp.float32)
+    d_logits_bcv = (jnp.exp(logits_bcv - lse_bc[..., None]) - one_hot_bcv) * weight_bc[..., None]
+    d_logits_bcv = d_logits_bcv.astype(hidden_bcd.dtype)  # as autodiff casts the cotangent of a mixed matmul
+    d_hidden_bcd = jnp.einsum("bcv,vd->bcd", d_logits_bcv, table_vd, preferred_element_type=jnp.float32)
+    d_table_vd = jnp.einsum("bcv,bcd->vd", d_logits_bcv, hidden_bcd, preferred_element_type=jnp.float32)
+    return loss, d_hidden_bcd, d_table_vd
+
+
+def _scan_chunks(hidden, table, targets, chunk, with_gradients):
+    """(mean loss, d_hidden [b, s, d] or None, d_table [V, d] or None) over all chunks."""
+    b, s, d = hidden.shape
+    # Each token weighs 1 / (b s), as in the mean whose gradient autodiff would take (the same roundings);
+    # padding positions weigh 0.
+    xs = (_chunked(hidden, chunk), _chunked(targets, chunk),
+          _chunked(jnp.full((b, s), 1.0 / (b * s), jnp.float32), chunk))
+
+    def body(carry, x):
+        total, d_table = carry
+        loss, d_hidden, d_table_chunk = _chunk_terms(table_vd=table, hidden_bcd=x[0], targets_bc=x[1],
+                                                     weight_bc=x[2], with_gradients=with_gradients)
+        if with_gradients:
+            d_table = d_table + d_table_chunk
+        return (total + loss, d_table), d_hidden
+
+    d_table0 = jnp.zeros(table.shape, jnp.float32) if with_gradients else None
+    (total, d_table), d_hidden = lax.scan(body, (jnp.float32(0), d_table0), xs)
+    if with_gradients:
+        d_hidden = jnp.moveaxis(d_hidden, 0, 1).reshape(b, -1, d)[:, :s]
+    return total, d_hidden, d_table
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mean_cross_entropy(hidden, table, targets, chunk):
+    return _scan_chunks(hidden, table, targets, chunk, with_gradients=False)[0]
+
+
+def _mean_cross_entropy_fwd(hidden, table, targets, chunk):
+    total, d_hidden, d_table = _scan_chunks(hidden, table, targets, chunk, with_gradients=True)
+    # Empty arrays carry the inputs' dtypes (residuals must be arrays); the targets' shape is static.
+    dtypes = (jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), table.dtype))
+    return total, (d_hidden, d_table, dtypes, targets.shape)
+
+
+def _mean_cross_entropy_bwd(chunk, residuals, g):
+    d_hidden, d_table, (hidden_dtype, table_dtype), targets_shape = residuals
+    del chunk
+    return ((g * d_hidden).astype(hidden_dtype.dtype), (g * d_table).astype(table_dtype.dtype),
+            np.zeros(targets_shape, jax.dtypes.float0))
+
+
+_mean_cross_entropy.defvjp(_mean_cross_entropy_fwd, _mean_cross_entropy_bwd)
+
+
+__all__ = ["LOSS_CHUNK_TOKENS", "next_token_loss", "tied_head_cross_entropy"]

@@ -37,6 +37,9 @@ class TrainConfig:
     scan_layers: bool = _setting(True, "one compiled block under nn.scan (false: unrolled, faster on CPU)")
     remat_policy: str = _setting("none", "activation checkpointing: none, full, dots, dots_no_batch")
     dropout: bool = _setting(False, "apply the config's hidden and attention dropout")
+    kernels: str = _setting("auto", "kernel set: auto (the platform's), xla_cpu or reference (bloom_jax.kernels)")
+    attention: str = _setting("auto", "attention: auto (reference on CPU, blockwise elsewhere), reference, blockwise")
+    loss_chunk_tokens: int = _setting(1024, "tokens per device whose logits the loss makes at once")
     # Data.
     train_data: list[str] = _setting([], "text files (a document each) or JSONL, directories or globs")
     jsonl_field: str = _setting("text", "the field of a JSONL line that holds its document")
@@ -81,6 +84,7 @@ class TrainConfig:
             (self.batch_size % self.grad_accum == 0,
              f"batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})"),
             (self.steps >= 1, "steps must be >= 1"),
+            (self.loss_chunk_tokens >= 1, "loss_chunk_tokens must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 <= self.warmup_steps, "warmup_steps must be >= 0"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),

@@ -44,7 +44,7 @@ from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
 from bloom_jax.errors import BloomJaxError, RunFailed
 from bloom_jax.log import get_logger
-from bloom_jax.losses import next_token_loss
+from bloom_jax.losses import LOSS_CHUNK_TOKENS, next_token_loss
 from bloom_jax.model import BloomForCausalLM, forward_flops, init_params, make_model
 from bloom_jax.recipe import TrainConfig, data_files
 from bloom_jax.sharding import ShardingPlan, make_mesh
@@ -89,7 +89,8 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, opt_state: Any,
 
 
 def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation, grad_accum: int, seed: int,
-               dropout: bool, state: dict, tokens: jax.Array) -> tuple[dict, dict]:
+               dropout: bool, state: dict, tokens: jax.Array,
+               loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[dict, dict]:
     """One optimizer step on a global batch of token windows [b, s + 1], split into `grad_accum` equal
     micro-batches whose gradients are averaged (so equal to one batch k times as large). Returns the new state
     and metrics."""
@@ -102,7 +103,7 @@ def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation,
     def micro_step(grad_sum, inputs):
         tokens, index = inputs
         rng = jax.random.fold_in(step_key, index) if dropout else None
-        loss, grads = jax.value_and_grad(next_token_loss, argnums=1)(model, params, tokens, rng)
+        loss, grads = jax.value_and_grad(next_token_loss, argnums=1)(model, params, tokens, rng, loss_chunk_tokens)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -146,7 +147,8 @@ class Trainer:
         self.init_from = checkpoint_location(cfg.init_from) if cfg.init_from else None  # a hub id resolved once
         self.model_config = read_model_config(self.init_from) if self.init_from else load_config(cfg.model)
         self.model = make_model(self.model_config, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                                scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+                                scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, kernels=cfg.kernels,
+                                attention=cfg.attention)
         self.optimizer = make_optimizer(cfg)
         self.tokenizer = self._tokenizer()
         self._stop_signal: int | None = None
@@ -222,10 +224,11 @@ class Trainer:
         data_sharding, replicated = plan.batch_sharding(), plan.replicated
         step_fn = jax.jit(
             lambda state, tokens: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed, cfg.dropout,
-                                             state, tokens),
+                                             state, tokens, cfg.loss_chunk_tokens),
             in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
             donate_argnums=0)
-        eval_fn = jax.jit(lambda params, tokens: next_token_loss(self.model, params, tokens),
+        eval_fn = jax.jit(lambda params, tokens: next_token_loss(self.model, params, tokens,
+                                                                 chunk_tokens=cfg.loss_chunk_tokens),
                           in_shardings=(state_shardings["params"], data_sharding), out_shardings=replicated)
 
         manager = ocp.CheckpointManager(

@@ -532,11 +532,11 @@ def nan_run(run_a, recipe_file, tmp_path_factory) -> dict:
     output_dir = tmp_path_factory.mktemp("nan") / "out"
     real_loss = bloom_jax.train.next_token_loss
 
-    def loss_with_nan_gradient(model, params, tokens, dropout_rng=None):
+    def loss_with_nan_gradient(model, params, tokens, dropout_rng=None, chunk_tokens=1024):
         bias = params["ln_f"]["bias"]  # zero at init, moved by step 1's update
         nan_gradient = jax.lax.cond(jnp.all(bias == 0), lambda b: 0.0, lambda b: 0.0 * jnp.sqrt(jnp.sum(b * 0.0)),
                                     bias)  # d sqrt(0) = inf; 0 * inf: a real value, a NaN gradient
-        return real_loss(model, params, tokens, dropout_rng) + nan_gradient
+        return real_loss(model, params, tokens, dropout_rng, chunk_tokens) + nan_gradient
 
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}",
                  "save_every=1"]
