@@ -6,6 +6,10 @@ checkpoint readers.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from bloom_jax.platforms import skip_absent_tpu
+
+skip_absent_tpu()  # before JAX starts its backends, whatever imports it next
+
 try:
     __version__ = version("bloom-jax")  # pyproject.toml's, the one place it is written
 except PackageNotFoundError:  # a source tree on sys.path, not installed

@@ -73,10 +73,11 @@ def cmd_forward(args: argparse.Namespace) -> None:
     dtype = parse_dtype(args.dtype)
     if args.model in preset_names() and not Path(args.model).exists():
         log.info(f"initialising {args.model} with random weights (seed {args.seed})")
-        model = make_model(load_config(args.model), dtype=dtype)
+        model = make_model(load_config(args.model), dtype=dtype, kernels=args.kernels, attention=args.attention)
         params, source = init_params(model, jax.random.key(args.seed)), "random init"
     else:
-        (model, params), source = from_pretrained(args.model, dtype=dtype), "checkpoint"
+        (model, params), source = from_pretrained(args.model, dtype=dtype, kernels=args.kernels,
+                                                  attention=args.attention), "checkpoint"
     config = model.config
 
     # One more token than --seq: the model reads --seq of them and predicts each next one.
@@ -171,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         mesh = make_mesh(args.mesh)
     log.info(f"loading {args.checkpoint}")
     generator = Generator.from_pretrained(args.checkpoint, decode_weights=args.decode_weights, dtype=args.dtype,
-                                          mesh=mesh)
+                                          mesh=mesh, kernels=args.kernels, attention=args.attention)
     if generator.tokenizer is None:
         raise BloomJaxError(f"{args.checkpoint} has no tokenizer.json: cannot encode text prompts")
     if sampling.keys() & {"top_k", "top_p"} and "temperature" not in sampling and generator.defaults.sampling.greedy:
@@ -247,15 +248,30 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     from bloom_jax import plan
     from bloom_jax.config import load_config
+    from bloom_jax.devices import accelerator
 
     limit = plan.memory_limit_gib(args.hbm_gib, args.device)
     devices = args.devices or plan.devices_for(args.mesh)
-    # Before JAX starts its backends: this process gets `devices` CPU devices to compile for.
+    tpu = None
+    if args.device is not None and accelerator(args.device).name in plan.TPU_TOPOLOGIES:
+        tpu = accelerator(args.device).name
+    if args.compiler == "xla-cpu" or (tpu is not None and not plan.tpu_compiler_available()):
+        if tpu is not None and args.compiler == "tpu":
+            raise BloomJaxError("plan: the TPU compiler needs libtpu (pip install 'bloom-jax[tpu]')")
+        if tpu is not None and args.compiler == "auto":
+            log.info("libtpu is not installed (pip install 'bloom-jax[tpu]'): XLA:CPU stands in for the TPU compiler")
+        tpu = None
+    elif args.compiler == "tpu" and tpu is None:
+        raise BloomJaxError("plan: --compiler tpu needs --device v4, v5e, v5p or v6e")
+    # Before JAX starts its backends: this process gets `devices` CPU devices to compile for (or, for the TPU
+    # compiler, none beyond the host's: the slice's devices come from libtpu's topology).
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", devices)
+    jax.config.update("jax_num_cpu_devices", 1 if tpu else devices)
     config = load_config(args.model)
-    log.info(f"compiling a {args.task} step of {args.model} for {devices} devices ({args.mesh})")
-    result = plan.plan_step(config, args.mesh, args.task, args.batch, args.seq, rules=args.rules)
+    target = f"{devices} {tpu} chips" if tpu else f"{devices} devices"
+    log.info(f"compiling a {args.task} step of {args.model} for {target} ({args.mesh})")
+    result = plan.plan_step(config, args.mesh, args.task, args.batch, args.seq, rules=args.rules, tpu=tpu,
+                            chips=devices, kernels=args.kernels, attention=args.attention)
     print(json.dumps({"model": args.model, **plan.describe(result, limit)}))
 
 
@@ -294,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=_positive_int, default=64, help="tokens per sequence")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+    _kernel_flags(p)
 
     p = command("convert", "convert a Hugging Face BLOOM checkpoint to a sharded Orbax checkpoint", cmd_convert)
     p.add_argument("src", help="Hugging Face directory (any layout) or hub id such as bigscience/bloom-560m")
@@ -326,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    _kernel_flags(p)
     p.add_argument("--compilation-cache", default=None,
                    help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
 
@@ -369,7 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=_positive_int, default=None, help="device count, if the mesh uses -1")
     p.add_argument("--hbm-gib", type=float, default=None, help="per-device memory to check against, GiB")
     p.add_argument("--device", default=None, help="or a known accelerator: v4, v5e, v5p, v6e, h100, h200")
+    p.add_argument("--compiler", choices=("auto", "tpu", "xla-cpu"), default="auto",
+                   help="who compiles the step: auto (the TPU compiler for a TPU --device when libtpu is installed, "
+                        "else XLA:CPU as a stand-in)")
+    _kernel_flags(p)
     return parser
+
+
+def _kernel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=("auto", "xla_cpu", "reference"), default="auto",
+                   help="kernel set (bloom_jax.kernels): auto is the platform's")
+    p.add_argument("--attention", choices=("auto", "reference", "blockwise"), default="auto",
+                   help="attention: auto is the reference on CPU, blockwise elsewhere")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,8 +92,10 @@ def _scan_chunks(hidden, table, targets, chunk, with_gradients):
     b, s, d = hidden.shape
     # Each token weighs 1 / (b s), as in the mean whose gradient autodiff would take (the same roundings);
     # padding positions weigh 0.
-    xs = (_chunked(hidden, chunk), _chunked(targets, chunk),
-          _chunked(jnp.full((b, s), 1.0 / (b * s), jnp.float32), chunk))
+    weight_bs = jnp.full((b, s), 1.0 / (b * s), jnp.float32)
+    if chunk >= s:  # one chunk: no loop (which would keep XLA from fusing across the chunk's edges)
+        return _chunk_terms(hidden, table, targets, weight_bs, with_gradients)
+    xs = (_chunked(hidden, chunk), _chunked(targets, chunk), _chunked(weight_bs, chunk))
 
     def body(carry, x):
         total, d_table = carry

@@ -1,17 +1,20 @@
-"""Memory planning: lower and compile a step ahead of time on simulated devices, allocating no weights, and read
-per-device memory and FLOPs from XLA's own analyses.
+"""Memory planning: lower and compile a step ahead of time, allocating no weights, and read per-device memory and
+FLOPs from the compiler's own analyses.
 
-The step is compiled for the CPU devices of this process (`jax_num_cpu_devices`, set by the `plan` command before
-JAX starts), sharded by the same rules a real run uses. XLA:CPU's buffer assignment stands in for the
-accelerator's: layouts and fusion differ there. In particular XLA:CPU has no bf16 dot: it converts bf16 weights
-to fp32 ahead of the layer loop, so its temporaries include an fp32 copy of the bf16 weights that a TPU or GPU
-does not make. Treat the figures as upper estimates.
+For a TPU (`--device v4|v5e|v5p|v6e`) with `libtpu` installed (`pip install "bloom-jax[tpu]"`), the step is
+compiled by the TPU compiler itself for a slice of that generation, on this machine, with no TPU
+(`jax.experimental.topologies`, as MaxText's `train_compile.py` does): its buffer assignment, fusion and layouts
+are the chip's. Otherwise it is compiled for the CPU devices of this process (`jax_num_cpu_devices`, set by the
+`plan` command before JAX starts), sharded by the same rules, and XLA:CPU stands in: it has no bf16 dot, so it
+converts bf16 weights to fp32 ahead of the layer loop and its temporaries include an fp32 copy of the weights
+that a TPU or GPU does not make. Treat those figures as upper estimates. Every result says which compiler made it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -21,7 +24,8 @@ import optax
 from bloom_jax.cache import KVCache
 from bloom_jax.config import BloomConfig
 from bloom_jax.devices import accelerator
-from bloom_jax.errors import BloomJaxError
+from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax.kernels import Kernels
 from bloom_jax.losses import next_token_loss
 from bloom_jax.model import make_model
 from bloom_jax.recipe import TrainConfig
@@ -45,30 +49,90 @@ class Plan:
     alias_bytes: int  # outputs that reuse donated arguments
     temp_bytes: int
     flops_per_device: float
+    compiler: str = "XLA:CPU (stand-in)"
+    hbm_gib: float | None = None  # what the TPU compiler said a chip has, when it refused the step
 
     @property
     def total_bytes(self) -> int:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
     def fits(self, gib: float) -> bool:
-        return self.total_bytes <= gib * 2**30
+        return self.hbm_gib is None and self.total_bytes <= gib * 2**30
+
+
+# --device -> (the topology's name for get_topology_desc, its physical dimensions, the chip configuration).
+# "megacore" joins a v4 or v5p chip's two TensorCores into one device, as on the real chips.
+TPU_TOPOLOGIES = {"v4": ("v4", 3, "megacore"), "v5p": ("v5p", 3, "megacore"), "v5e": ("v5e", 2, "default"),
+                  "v6e": ("v6e", 2, "default")}
+
+
+def tpu_compiler_available() -> bool:
+    """Whether libtpu, the TPU compiler, is installed here."""
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def slice_shape(chips: int, dims: int) -> tuple[int, int, int]:
+    """The chip grid of a slice of `chips` (a power of two): as square (2D: v5e, v6e) or cubic (3D: v4, v5p) as
+    the generation's slices are, e.g. 8 -> 2x4 on a v5e, 64 -> 4x4x4 on a v5p."""
+    if chips < 1 or chips & (chips - 1):
+        raise BloomJaxError(f"plan: a TPU slice has a power-of-two chip count, not {chips}")
+    shape = [1, 1, 1]
+    for i in range(chips.bit_length() - 1):
+        shape[i % dims] *= 2
+    return tuple(sorted(shape[:dims])) + (1,) * (3 - dims)
+
+
+def tpu_devices(device: str, chips: int) -> list:
+    """The devices of a `chips`-chip slice of TPU `device` (v4, v5e, v5p, v6e), from the TPU compiler: things to
+    compile for, not to run on."""
+    import os
+
+    from jax.experimental import topologies
+
+    name, dims, chip_config = TPU_TOPOLOGIES[device]
+    shape = slice_shape(chips, dims)
+    # One host holds up to 8 v5e/v6e chips (a 2x4 "-8" slice) or 4 v4/v5p chips (2x2x1); bigger slices have more.
+    single_host = chips <= (8 if dims == 2 else 4)
+    hosts = shape if single_host else (2, 2, 1)
+    # libtpu looks for these to describe a real slice; set, it stays quiet about their absence.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{device}-{chips}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    topology = "x".join(str(n) for n in shape[:dims])
+    try:
+        description = topologies.get_topology_desc(platform="tpu", topology_name=f"{name}:{topology}",
+                                                   chip_config_name=chip_config, chips_per_host_bounds=hosts,
+                                                   num_slices=1, wrap=(False, False, False))
+    except Exception as e:  # noqa: BLE001 - libtpu's own errors
+        raise BloomJaxError(f"plan: the TPU compiler has no {name}:{topology} slice: {one_line(e)}") from None
+    return list(description.devices)
 
 
 def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None, seq: int,
-              rules: str = "fsdp_tensor", remat_policy: str = "full") -> Plan:
-    """Compiles one step for `config` on a mesh of this process's devices and returns its analysed memory.
+              rules: str = "fsdp_tensor", remat_policy: str = "full", tpu: str | None = None,
+              chips: int | None = None, kernels: str = "auto", attention: str = "auto") -> Plan:
+    """Compiles one step for `config` and returns its analysed memory: with `tpu` (v4, v5e, v5p, v6e) by the TPU
+    compiler for a slice of `chips` chips (default: the mesh's size), else on a mesh of this process's devices.
 
     train: bf16 compute, fp32 master weights and AdamW state, activation checkpointing (`remat_policy`),
       state donated. forward: bf16 weights and compute, logits of every position. generate: one decode step
-      with a bf16 KV cache of `seq` positions (donated), bf16 weights.
+      with a bf16 KV cache of `seq` positions (donated), bf16 weights. `kernels` and `attention` are those of
+      the target (`bloom_jax.kernels.Kernels.create` for its platform).
     """
     if task not in TASKS:
         raise BloomJaxError(f"plan: unknown task {task!r} (choose from {', '.join(TASKS)})")
-    mesh = make_mesh(mesh_spec)
+    devices, compiler, platform = None, "XLA:CPU (stand-in)", "cpu"
+    if tpu is not None:
+        devices = tpu_devices(tpu, chips or devices_for(mesh_spec))
+        compiler, platform = f"TPU compiler ({devices[0].device_kind})", "tpu"
+    mesh = make_mesh(mesh_spec, devices)
     batch = batch or mesh.shape["slice"] * mesh.shape["data"] * mesh.shape["fsdp"]  # one sequence per data shard
     training = task == "train"
     model = make_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32 if training else jnp.bfloat16,
-                       remat_policy=remat_policy if training else "none")
+                       remat_policy=remat_policy if training else "none",
+                       kernels=Kernels.create(kernels, attention, platform))
     # Generation at batch 1: every data shard sees the whole batch.
     sharding = ShardingPlan.create(mesh, rules).for_batch(batch)
     params = sharding.abstract_params(model)
@@ -106,15 +170,35 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
         args = (params, jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding()))
 
+    common = dict(task=task, devices=mesh.size, mesh=dict(mesh.shape), batch=batch, seq=seq, compiler=compiler)
     with sharding.context():
-        compiled = fn.lower(*args).compile()
+        lowered = fn.lower(*args)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a step that does not fit its HBM
+            exhausted = _OUT_OF_HBM.search(str(e))
+            if exhausted is None:
+                raise
+            needed, available = (float(g) * 2**30 for g in exhausted.groups())
+            return Plan(**common, argument_bytes=_argument_bytes(args), output_bytes=0, alias_bytes=0,
+                        temp_bytes=int(needed), flops_per_device=0.0, hbm_gib=available / 2**30)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return Plan(task=task, devices=mesh.size, mesh=dict(mesh.shape), batch=batch, seq=seq,
-                argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+    return Plan(**common, argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                 alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                 flops_per_device=float((cost or {}).get("flops", 0.0)))
+
+
+# "Ran out of memory on HBM, the total memory required for HLO temporaries (30.60G) exceeds available HBM
+# (15.75G)": the TPU compiler's refusal, the only place it gives the figure (G: GiB).
+_OUT_OF_HBM = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def _argument_bytes(args) -> int:
+    """Per-device bytes of abstract sharded arguments."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(args))
 
 
 def memory_limit_gib(hbm_gib: float | None, device: str | None) -> float | None:
@@ -138,12 +222,18 @@ def describe(plan: Plan, limit_gib: float | None) -> dict[str, Any]:
     gib = 2**30
     out = {
         "task": plan.task, "devices": plan.devices, "mesh": plan.mesh, "batch": plan.batch, "seq": plan.seq,
+        "compiler": plan.compiler,
         "per_device_gib": {name: round(value / gib, 3) for name, value in (
             ("arguments", plan.argument_bytes), ("outputs", plan.output_bytes), ("aliased", plan.alias_bytes),
             ("temporaries", plan.temp_bytes), ("total", plan.total_bytes))},
         "tflops_per_device": round(plan.flops_per_device / 1e12, 3),
     }
-    if limit_gib is not None:
-        out["limit_gib"] = limit_gib
-        out["fits"] = plan.fits(limit_gib)
+    if plan.hbm_gib is not None:  # refused by the TPU compiler: only the temporaries are known
+        out["per_device_gib"] = {"arguments": round(plan.argument_bytes / gib, 3),
+                                 "temporaries": round(plan.temp_bytes / gib, 3),
+                                 "total_at_least": round((plan.argument_bytes + plan.temp_bytes) / gib, 3)}
+        out["compiler_hbm_gib"] = plan.hbm_gib
+    if limit_gib is not None or plan.hbm_gib is not None:
+        out["limit_gib"] = limit_gib if limit_gib is not None else plan.hbm_gib
+        out["fits"] = plan.fits(out["limit_gib"])
     return out

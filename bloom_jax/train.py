@@ -118,6 +118,14 @@ def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation,
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
+@jax.jit
+def _note_health(health: dict, step_metrics: dict, step: int) -> dict:
+    """`health` with `step` (and its loss) recorded if it is the first non-finite one."""
+    first = (health["bad_step"] == 0) & ~step_metrics["finite"]
+    return {"bad_step": jnp.where(first, jnp.int32(step), health["bad_step"]),
+            "bad_loss": jnp.where(first, step_metrics["loss"], health["bad_loss"])}
+
+
 def peak_flops_per_device(cfg: TrainConfig) -> float:
     """Per-device peak FLOP/s for MFU: the config's, a known accelerator's (bf16 dense), or an fp32 matmul
     measured now on CPU."""
@@ -248,37 +256,43 @@ class Trainer:
         metrics: dict = {}
         bar = tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step", file=sys.stderr,
                    disable=not self.progress or jax.process_index() != 0, dynamic_ncols=True)
+        # The first non-finite step (0: none) and its loss, kept on the devices: the loop reads them, and the
+        # metrics, only when it logs or saves, so that it never waits for a step to finish just to dispatch the
+        # next one. A bad step is thus caught at the next log or save point, before any checkpoint of it.
+        health = jax.device_put({"bad_step": jnp.int32(0), "bad_loss": jnp.float32(0)}, replicated)
         try:
             window_start, window_steps, done = time.perf_counter(), 0, start_step
             for step in range(start_step, cfg.steps):
-                tokens = self._global_batch(batches, step, data_sharding)
-                with plan.context():
-                    state, step_metrics = step_fn(state, tokens)
-                loss = float(step_metrics["loss"])  # a sync per step: also how a NaN is caught at once
-                if not bool(step_metrics["finite"]):
-                    manager.wait_until_finished()
-                    last = manager.latest_step()
-                    kept = (f"The last good checkpoint is step {last} in {self.output_dir / 'checkpoints'}"
-                            if last is not None else "No checkpoint had been saved")
-                    raise RunFailed(f"non-finite loss, gradients or weights at step {step + 1} (loss {loss}); "
-                                    f"stopping. {kept}")
+                # An implicit device-to-host transfer here (a float() of a metric, say) would be a sync per step.
+                with jax.transfer_guard_device_to_host("disallow"):
+                    tokens = self._global_batch(batches, step, data_sharding)
+                    with plan.context():
+                        state, step_metrics = step_fn(state, tokens)
+                        health = _note_health(health, step_metrics, step + 1)
                 done = step + 1
                 window_steps += 1
-                manager.save(done, args=ocp.args.StandardSave(state))  # when due (save_every)
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                logging, saving = done % cfg.log_every == 0 or done == cfg.steps, done % cfg.save_every == 0
+                # One process alone may stop only when it runs alone; together they stop at a log or save point.
+                sync_point = logging or saving or (self._stop_signal is not None and jax.process_count() == 1)
+                if sync_point:
+                    self._raise_if_unhealthy(jax.device_get(health), manager)
+                if saving:
+                    manager.save(done, args=ocp.args.StandardSave(state))
+                if logging:
+                    fetched = jax.device_get(step_metrics)
                     seconds = time.perf_counter() - window_start
-                    metrics = {"step": done, "loss": loss, "grad_norm": float(step_metrics["grad_norm"]),
+                    metrics = {"step": done, "loss": float(fetched["loss"]), "grad_norm": float(fetched["grad_norm"]),
                                "learning_rate": float(schedule(done - 1)),
                                "tokens_per_s": window_steps * tokens_per_step / seconds,
                                "mfu": window_steps * flops_per_step / seconds / peak}
                     if done % cfg.eval_every == 0 or done == cfg.steps:
                         metrics.update(self._evaluate(eval_fn, state["params"], corpus, data_sharding))
                     writer.write(metrics)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                     mfu=f"{metrics['mfu']:.1%}")
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
-                if self._stopping():
+                if self._stopping(at_sync_point=sync_point):
                     log.info(f"signal {self._stop_signal}: saving step {done} and stopping")
                     if manager.latest_step() != done:
                         manager.save(done, args=ocp.args.StandardSave(state), force=True)
@@ -332,14 +346,29 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def _stopping(self) -> bool:
-        """Whether any process got SIGTERM (every process must stop at the same step)."""
+    def _stopping(self, at_sync_point: bool) -> bool:
+        """Whether any process got SIGTERM. Every process must stop at the same step, so across processes they
+        agree only at log and save points (agreeing is a collective, which waits for the step in flight)."""
         local = self._stop_signal is not None
         if jax.process_count() == 1:
             return local
+        if not at_sync_point:
+            return False
         from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+
+    def _raise_if_unhealthy(self, health: dict, manager) -> None:
+        """`RunFailed` if a step so far was not finite, naming it and the last good checkpoint."""
+        bad_step = int(health["bad_step"])
+        if not bad_step:
+            return
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        kept = (f"The last good checkpoint is step {last} in {self.output_dir / 'checkpoints'}"
+                if last is not None else "No checkpoint had been saved")
+        raise RunFailed(f"non-finite loss, gradients or weights at step {bad_step} "
+                        f"(loss {float(health['bad_loss'])}); stopping. {kept}")
 
 
 class _MetricsWriter:

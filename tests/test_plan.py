@@ -85,3 +85,52 @@ def test_generate_plan_holds_the_kv_cache():
     # Keys and values [layers, b*n, T, h] in bf16, split over data (batch) and tensor (heads).
     cache_bytes_per_position = 2 * config.n_layer * 2 * config.n_head * config.head_dim * 2 // 8
     assert long.argument_bytes - short.argument_bytes == pytest.approx(256 * cache_bytes_per_position, rel=0.05)
+
+
+# -- the TPU compiler (libtpu, no TPU) -------------------------------------------------------------------------------
+def test_slices_are_shaped_as_the_generations_are():
+    from bloom_jax.plan import slice_shape
+
+    assert [slice_shape(n, 2) for n in (1, 4, 8, 16, 256)] == [(1, 1, 1), (2, 2, 1), (2, 4, 1), (4, 4, 1),
+                                                                (16, 16, 1)]
+    assert [slice_shape(n, 3) for n in (4, 8, 64, 128)] == [(1, 2, 2), (2, 2, 2), (4, 4, 4), (4, 4, 8)]
+    with pytest.raises(BloomJaxError, match="power-of-two chip count, not 6"):
+        slice_shape(6, 2)
+
+
+def _plan_cli(*args, env=None) -> tuple[int, dict | None, str]:
+    out = subprocess.run([sys.executable, "-m", "bloom_jax.cli", "plan", *map(str, args)], capture_output=True,
+                         text=True, timeout=300, env=env)
+    return out.returncode, json.loads(out.stdout) if out.returncode == 0 else None, out.stderr
+
+
+@pytest.mark.slow
+def test_the_tpu_compiler_plans_a_v5e_slice_and_reports_what_does_not_fit(tmp_path):
+    pytest.importorskip("libtpu", reason="the TPU compiler is the tpu extra (pip install 'bloom-jax[tpu]')")
+    config = tmp_path / "config.json"
+    tiny_config().to_json(config)
+    code, result, err = _plan_cli("--model", config, "--mesh", "fsdp=4", "--seq", "64", "--device", "v5e")
+    assert code == 0, err[-2000:]
+    assert result["compiler"] == "TPU compiler (TPU v5 lite)" and result["devices"] == 4 and result["fits"] is True
+    assert 0 < result["per_device_gib"]["total"] < 0.1
+    # The reference attention's scores at 64 x 8192 (8 heads, fp32): 128 GiB, far over a chip's 15.75 GiB. The
+    # compiler refuses the step; the plan says so, with the figure from its refusal.
+    code, result, err = _plan_cli("--model", config, "--mesh", "fsdp=1", "--seq", "8192", "--batch", "64",
+                                  "--device", "v5e", "--attention", "reference", "--task", "forward")
+    assert code == 0, err[-2000:]
+    assert result["fits"] is False and result["compiler_hbm_gib"] == 15.75
+    assert result["per_device_gib"]["temporaries"] > 100
+    # The same step with XLA:CPU standing in says which compiler it was.
+    code, result, err = _plan_cli("--model", config, "--mesh", "fsdp=4", "--seq", "64", "--device", "v5e",
+                                  "--compiler", "xla-cpu")
+    assert code == 0 and result["compiler"] == "XLA:CPU (stand-in)", err[-2000:]
+
+
+def test_cpu_runs_stay_quiet_with_libtpu_installed():
+    pytest.importorskip("libtpu", reason="the TPU compiler is the tpu extra (pip install 'bloom-jax[tpu]')")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    code = "import bloom_jax, jax; print(jax.default_backend(), len(jax.devices()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["cpu", "1"] and out.stderr == "", out.stderr[-2000:]

@@ -522,14 +522,12 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(run_a, run_b):
 
 
 # -- 7. NaN stop ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def nan_run(run_a, recipe_file, tmp_path_factory) -> dict:
-    """RECIPE (save_every 1) with a loss whose value is the real one but whose gradient turns NaN at step 2, as when
-    the backward pass overflows: step 1 is good (saved); step 2's loss is finite but its gradients are not."""
+def run_with_a_nan_gradient(run_a, recipe_file, output_dir, *overrides) -> dict:
+    """RECIPE with a loss whose value is the real one but whose gradient turns NaN once the final LayerNorm's
+    bias has moved, as when the backward pass overflows, through the CLI: {"dir", "message"} (the error)."""
     import bloom_jax.train
 
     a_dir, _ = run_a
-    output_dir = tmp_path_factory.mktemp("nan") / "out"
     real_loss = bloom_jax.train.next_token_loss
 
     def loss_with_nan_gradient(model, params, tokens, dropout_rng=None, chunk_tokens=1024):
@@ -539,7 +537,7 @@ def nan_run(run_a, recipe_file, tmp_path_factory) -> dict:
         return real_loss(model, params, tokens, dropout_rng, chunk_tokens) + nan_gradient
 
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}",
-                 "save_every=1"]
+                 *overrides]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bloom_jax.train, "next_token_loss", loss_with_nan_gradient)
         code, out, err = run_cli("train", recipe_file, *overrides)
@@ -550,6 +548,23 @@ def nan_run(run_a, recipe_file, tmp_path_factory) -> dict:
     lines = [line for line in shown if line.startswith("bloom-jax: error: ")]
     assert code == 1 and out == "" and len(lines) == 1, err[-3000:]
     return {"dir": output_dir, "message": lines[0].removeprefix("bloom-jax: error: ")}
+
+
+@pytest.fixture(scope="module")
+def nan_run(run_a, recipe_file, tmp_path_factory) -> dict:
+    """save_every 1: step 1 is good (saved); step 2 moves the bias; step 3's loss is finite, its gradients not."""
+    return run_with_a_nan_gradient(run_a, recipe_file, tmp_path_factory.mktemp("nan") / "out", "save_every=1")
+
+
+def test_a_bad_step_is_caught_at_the_next_log_or_save_point_and_never_saved(run_a, recipe_file, tmp_path):
+    # The loop reads the health flag only every 8 steps here (log and save): step 3 goes bad, the run stops at
+    # step 8 naming step 3, and step 8 (whose state descends from it) is not saved.
+    failed = run_with_a_nan_gradient(run_a, recipe_file, tmp_path / "out", "save_every=8", "log_every=8",
+                                     "eval_every=8")
+    assert failed["message"].startswith("non-finite loss, gradients or weights at step 3 (loss ")
+    assert failed["message"].endswith("stopping. No checkpoint had been saved")
+    assert not (tmp_path / "out" / "checkpoints").exists() or checkpoint_steps(tmp_path / "out") == []
+    assert not (tmp_path / "out" / "final").exists()
 
 
 def test_nan_loss_stops_the_run(nan_run):

@@ -1,0 +1,115 @@
+"""What fits on TPUs, from the TPU compiler itself (libtpu, no TPU needed): each step compiled by `bloom-jax plan
+--device ...` for a slice of that generation, its per-chip memory from the compiler's buffer assignment.
+
+- Full fine-tunes (bf16 compute, fp32 master weights and AdamW moments, full remat, sequence 2048): bloom-560m on
+  one v5e chip (the largest micro-batch that fits), bloom-1b7 on a v5e-8 (fsdp=8), bloom-7b1 on a v5p-8 (4 chips).
+- BLOOM-176B training (sequence 2048, one sequence per fsdp shard) and generation (one decode step, batch 1 and
+  32, a bf16 KV cache of 2048 positions): per-chip memory by slice size on v4, v5p and v6e, and the smallest
+  slice that fits.
+
+    pip install "bloom-jax[tpu]" && python benchmarks/plan_tpu.py [--quick]
+
+Each plan runs in its own process (a process describes one TPU slice). Results: markdown tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import log, markdown_table  # noqa: E402
+
+from bloom_jax.devices import ACCELERATORS  # noqa: E402
+
+
+def plan(model: str, device: str, mesh: str, task: str, seq: int, batch: int | None = None) -> dict:
+    command = [sys.executable, "-m", "bloom_jax.cli", "plan", "--model", model, "--mesh", mesh, "--task", task,
+               "--seq", str(seq), "--device", device, "--compiler", "tpu"] + (["--batch", str(batch)] if batch else [])
+    start = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(command[2:])} failed: {out.stderr.strip().splitlines()[-1]}")
+    result = json.loads(out.stdout)
+    gib = result["per_device_gib"]
+    total = gib.get("total", gib.get("total_at_least"))
+    log(f"{model} {task} {device} {mesh} batch {result['batch']}: {total:.2f} GiB, fits {result['fits']} "
+        f"({time.perf_counter() - start:.0f} s)")
+    return {**result, "gib": total}
+
+
+def cell(result: dict) -> str:
+    gib = result["per_device_gib"]
+    if "total" in gib:
+        return f"{gib['total']:.2f} (temporaries {gib['temporaries']:.2f})"
+    return f"does not fit: temporaries {gib['temporaries']:.2f} > {result['compiler_hbm_gib']} HBM"
+
+
+def fine_tunes(quick: bool) -> None:
+    rows = []
+    batches = (1, 8) if quick else (1, 2, 4, 8, 16)
+    fitting = None
+    for batch in batches:
+        result = plan("bloom-560m", "v5e", "fsdp=1", "train", 2048, batch)
+        rows.append([f"bloom-560m, v5e-1, batch {batch}", cell(result), "yes" if result["fits"] else "no"])
+        if result["fits"]:
+            fitting = batch
+        else:
+            break
+    for model, device, mesh, name in (("bloom-1b7", "v5e", "fsdp=8", "v5e-8, fsdp=8"),
+                                      ("bloom-7b1", "v5p", "fsdp=4", "v5p-8 (4 chips), fsdp=4")):
+        result = plan(model, device, mesh, "train", 2048)
+        hbm = ACCELERATORS[device].hbm_gib
+        margin = f", margin {hbm - result['gib']:.2f} of {hbm:g} GiB" if result["fits"] else ""
+        rows.append([f"{model}, {name}, batch {result['batch']}", cell(result) + margin,
+                     "yes" if result["fits"] else "no"])
+    print("Full fine-tunes at sequence 2048 (bf16 compute, fp32 master weights and AdamW, full remat), per chip "
+          f"GiB from the TPU compiler; bloom-560m on one v5e chip fits up to micro-batch {fitting}")
+    print(markdown_table(["step", "GiB per chip", "fits"], rows))
+
+
+BLOOM_176B = {  # name -> (task, batch or None, seq)
+    "train, seq 2048": ("train", None, 2048),
+    "generate, batch 1, cache 2048": ("generate", 1, 2048),
+    "generate, batch 32, cache 2048": ("generate", 32, 2048),
+}
+SLICES = {"v4": (16, 32, 64, 128, 256, 512), "v5p": (4, 8, 16, 32, 64, 128), "v6e": (8, 16, 32, 64, 128, 256)}
+
+
+def bloom_176b(quick: bool) -> None:
+    rows = []
+    for name, (task, batch, seq) in BLOOM_176B.items():
+        for device, sizes in SLICES.items():
+            tried, smallest = [], None
+            for chips in sizes[: 3 if quick else None]:
+                # tensor=4 divides 112 heads and maps onto every generation's physical axes.
+                result = plan("bloom-176b", device, f"fsdp={chips // 4},tensor=4", task, seq, batch)
+                tried.append(f"{chips}: {result['gib']:.1f}" + ("" if result["fits"] else "*"))
+                if result["fits"]:
+                    smallest = f"{chips} chips (fsdp={chips // 4}, tensor=4)"
+                    break
+            rows.append([name, f"{device} ({ACCELERATORS[device].hbm_gib:g} GiB)", ", ".join(tried),
+                         smallest or f"> {sizes[-1]} chips"])
+    print("BLOOM-176B per-chip GiB by slice size (chips: GiB; * does not fit) from the TPU compiler, and the "
+          "smallest slice that fits")
+    print(markdown_table(["step", "TPU", "chips: GiB per chip", "smallest that fits"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer batch and slice sizes")
+    parser.add_argument("--only", choices=("fine-tunes", "bloom-176b"), default=None)
+    args = parser.parse_args()
+    if args.only in (None, "fine-tunes"):
+        fine_tunes(args.quick)
+    if args.only in (None, "bloom-176b"):
+        bloom_176b(args.quick)
+
+
+if __name__ == "__main__":
+    main()
