@@ -68,8 +68,14 @@ def make_mesh(spec: str = "fsdp=-1", devices: Sequence[jax.Device] | None = None
     """A mesh over `devices` (default: all) from a spec string, with Auto axes for logical sharding rules."""
     devices = list(devices) if devices is not None else jax.devices()
     sizes = parse_mesh_spec(spec, len(devices))
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # a TPU slice whose physical axes the sizes do not match (tensor=4 on 8x8)
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def rule_names() -> list[str]:
