@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from bloom_jax.model import BloomForCausalLM
@@ -32,14 +33,17 @@ def next_token_loss(model: BloomForCausalLM, params: Any, tokens: jax.Array,
                     dropout_rng: jax.Array | None = None, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> jax.Array:
     """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], for token windows int [b, s + 1]
     (packed: no padding). Dropout runs when `dropout_rng` is given. The logits are made `chunk_tokens` tokens
-    per device at a time (`tied_head_cross_entropy`)."""
+    per device at a time (`tied_head_cross_entropy`); all at once when they are no more than that."""
     inputs_bs, targets_bs = tokens[:, :-1], tokens[:, 1:]
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    b, s = targets_bs.shape
+    positions = max(1, min(s, chunk_tokens * _batch_shards(b) // b))
+    if positions == s:  # one chunk would save nothing: the plain path, the program XLA:CPU runs fastest
+        logits_bsv = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_bsv, targets_bs).mean()
     hidden_bsd = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs,
                              return_hidden=True)
     table_vd = params["word_embeddings"]["embedding"].astype(model.dtype)
-    b, s = targets_bs.shape
-    positions = max(1, min(s, chunk_tokens * _batch_shards(b) // b))
     return tied_head_cross_entropy(hidden_bsd, table_vd, targets_bs, positions)
 
 

@@ -263,7 +263,8 @@ class Trainer:
         try:
             window_start, window_steps, done = time.perf_counter(), 0, start_step
             for step in range(start_step, cfg.steps):
-                # An implicit device-to-host transfer here (a float() of a metric, say) would be a sync per step.
+                # An implicit device-to-host read here (a float() of a metric, say) would be a sync per step: on
+                # TPUs and GPUs the guard makes it an error (XLA:CPU's arrays are read without a transfer).
                 with jax.transfer_guard_device_to_host("disallow"):
                     tokens = self._global_batch(batches, step, data_sharding)
                     with plan.context():
