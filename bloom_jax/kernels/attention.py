@@ -139,13 +139,25 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _block_scores(q_bnqh, k_bnkh, key_mask_bk, positions_bk, slopes_n, query_pos_q, key_pos_k):
-    """Scores float32 [b, n, bq, bk] of one block pair with ALiBi, masked keys at NEG; and the visibility."""
-    h = q_bnqh.shape[-1]
-    scores = jnp.einsum("bnqh,bnkh->bnqk", q_bnqh, k_bnkh, preferred_element_type=jnp.float32)
+def _key_block(keys, ki, bk, q_blk, slopes_n, query_pos):
+    """Key block `ki` of the padded keys: (its keys, its values, the scores float32 [b, n, bq, bk] of `q_blk`
+    against them with ALiBi, masked keys at NEG)."""
+    kp, vp, maskp, posp = keys
+    k_blk = lax.dynamic_slice_in_dim(kp, ki * bk, bk, axis=2)
+    v_blk = lax.dynamic_slice_in_dim(vp, ki * bk, bk, axis=2)
+    key_mask_bk = lax.dynamic_slice_in_dim(maskp, ki * bk, bk, axis=1)
+    positions_bk = lax.dynamic_slice_in_dim(posp, ki * bk, bk, axis=1)
+    h = q_blk.shape[-1]
+    scores = jnp.einsum("bnqh,bnkh->bnqk", q_blk, k_blk, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(h)) + slopes_n[None, :, None, None] * positions_bk[:, None, None, :]
-    allowed = (key_pos_k[None, :] <= query_pos_q[:, None])[None, None] & (key_mask_bk[:, None, None, :] > 0)
-    return jnp.where(allowed, scores, NEG)
+    key_pos_k = ki * bk + jnp.arange(bk)
+    allowed = (key_pos_k[None, :] <= query_pos[:, None])[None, None] & (key_mask_bk[:, None, None, :] > 0)
+    return k_blk, v_blk, jnp.where(allowed, scores, NEG)
+
+
+def _padded_keys(k, v, key_mask, positions, bk):
+    """Keys, values, key mask and ALiBi positions padded to whole blocks of `bk` (padding masked off)."""
+    return (_pad_to(k, 2, bk), _pad_to(v, 2, bk), _pad_to(key_mask, 1, bk), _pad_to(positions, 1, bk))
 
 
 def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
@@ -157,11 +169,9 @@ def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
 def _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
     """(out [b, n, s, h] in q's dtype, log-sum-exp float32 [b, n, s]) over padded blocks."""
     b, n, s, h = q.shape
-    t = k.shape[2]
     qp = _pad_to(q, 2, bq)
-    kp, vp = _pad_to(k, 2, bk), _pad_to(v, 2, bk)
-    maskp, posp = _pad_to(key_mask, 1, bk), _pad_to(positions, 1, bk)
-    n_qblocks, n_kblocks = qp.shape[2] // bq, kp.shape[2] // bk
+    keys = _padded_keys(k, v, key_mask, positions, bk)
+    n_qblocks, n_kblocks = qp.shape[2] // bq, keys[0].shape[2] // bk
 
     def query_block(qi):
         q_blk = lax.dynamic_slice_in_dim(qp, qi * bq, bq, axis=2)
@@ -169,11 +179,7 @@ def _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
 
         def key_block(ki, carry):
             m, l, acc = carry
-            k_blk = lax.dynamic_slice_in_dim(kp, ki * bk, bk, axis=2)
-            v_blk = lax.dynamic_slice_in_dim(vp, ki * bk, bk, axis=2)
-            scores = _block_scores(q_blk, k_blk, lax.dynamic_slice_in_dim(maskp, ki * bk, bk, axis=1),
-                                   lax.dynamic_slice_in_dim(posp, ki * bk, bk, axis=1), slopes_n, query_pos,
-                                   ki * bk + jnp.arange(bk))
+            _, v_blk, scores = _key_block(keys, ki, bk, q_blk, slopes_n, query_pos)
             m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
             p = jnp.exp(scores - m_new[..., None])
             correction = jnp.exp(m - m_new)
@@ -190,7 +196,6 @@ def _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
     out, lse = lax.map(query_block, jnp.arange(n_qblocks))  # [nq, b, n, bq, h], [nq, b, n, bq]
     out = jnp.moveaxis(out, 0, 2).reshape(b, n, n_qblocks * bq, h)[:, :, :s]
     lse = jnp.moveaxis(lse, 0, 2).reshape(b, n, n_qblocks * bq)[:, :, :s]
-    del t
     return out.astype(q.dtype), lse
 
 
@@ -203,9 +208,8 @@ def _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk,
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     qp, dop = _pad_to(q, 2, bq), _pad_to(d_out, 2, bq)
     lsep, deltap = _pad_to(lse, 2, bq), _pad_to(delta, 2, bq)
-    kp, vp = _pad_to(k, 2, bk), _pad_to(v, 2, bk)
-    maskp, posp = _pad_to(key_mask, 1, bk), _pad_to(positions, 1, bk)
-    n_qblocks, n_kblocks = qp.shape[2] // bq, kp.shape[2] // bk
+    keys = _padded_keys(k, v, key_mask, positions, bk)
+    n_qblocks, n_kblocks = qp.shape[2] // bq, keys[0].shape[2] // bk
 
     def query_block(qi, carry):
         dk_acc, dv_acc, dq_all = carry
@@ -217,11 +221,7 @@ def _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk,
 
         def key_block(ki, inner):
             dq_blk, dk_acc, dv_acc = inner
-            k_blk = lax.dynamic_slice_in_dim(kp, ki * bk, bk, axis=2)
-            v_blk = lax.dynamic_slice_in_dim(vp, ki * bk, bk, axis=2)
-            scores = _block_scores(q_blk, k_blk, lax.dynamic_slice_in_dim(maskp, ki * bk, bk, axis=1),
-                                   lax.dynamic_slice_in_dim(posp, ki * bk, bk, axis=1), slopes_n, query_pos,
-                                   ki * bk + jnp.arange(bk))
+            k_blk, v_blk, scores = _key_block(keys, ki, bk, q_blk, slopes_n, query_pos)
             p = jnp.exp(scores - lse_blk[..., None])  # float32 [b, n, bq, bk]
             dv_blk = jnp.einsum("bnqk,bnqh->bnkh", p.astype(do_blk.dtype), do_blk,
                                 preferred_element_type=jnp.float32)
@@ -242,7 +242,7 @@ def _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk,
         dq_all = lax.dynamic_update_slice_in_dim(dq_all, dq_blk, qi * bq, axis=2)
         return dk_acc, dv_acc, dq_all
 
-    zeros_k = jnp.zeros(kp.shape, jnp.float32)
+    zeros_k = jnp.zeros(keys[0].shape, jnp.float32)
     dk, dv, dq = lax.fori_loop(0, n_qblocks, query_block,
                                (zeros_k, zeros_k, jnp.zeros(qp.shape, jnp.float32)))
     return (dq[:, :, :s].astype(q.dtype), dk[:, :, :t].astype(k.dtype), dv[:, :, :t].astype(v.dtype))
