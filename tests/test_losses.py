@@ -86,3 +86,28 @@ def test_the_compiled_train_step_holds_no_logits_and_no_score_matrix():
     plain = make_model(config, attention="reference")
     text = jax.jit(jax.value_and_grad(lambda p, t: plain_loss(plain, p, t))).lower(params, tokens).compile()
     assert logits in text.as_text() and scores in text.as_text()
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_chunked_loss_on_a_mesh_equals_the_plain_path(setup):
+    # Rows over data x fsdp, the vocabulary over tensor: each device's chunk is its rows' positions, and the
+    # log-sum-exp spans the vocabulary's shards.
+    from bloom_jax.losses import _batch_shards
+    from bloom_jax.sharding import ShardingPlan, make_mesh
+
+    model, params, _, _, _ = setup
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, model.config.vocab_size, (4, 25)), jnp.int32)
+    expected_loss, expected_grads = jax.jit(jax.value_and_grad(lambda p: plain_loss(model, p, tokens)))(params)
+    plan = ShardingPlan.create(make_mesh("data=2,fsdp=2,tensor=2"), "fsdp_tensor")
+    sharded = jax.device_put(params, plan.param_shardings(model))
+    ids = jax.device_put(tokens, plan.batch_sharding())
+    with plan.context():
+        assert _batch_shards(4) == 4
+        # 6 tokens per device: 6 positions of each device's one row, so 24 positions in chunks of 6.
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, t: next_token_loss(model, p, t, chunk_tokens=6)))(
+            sharded, ids)
+    assert abs(float(loss) - float(expected_loss)) <= 1e-6 * float(expected_loss)
+    flat = flatten_dict(expected_grads)
+    for path, grad in flatten_dict(grads).items():
+        want = np.asarray(flat[path])
+        assert np.max(np.abs(np.asarray(grad) - want)) <= 1e-6 * np.max(np.abs(want)), path
