@@ -250,6 +250,11 @@ class TextPiece:
     text: str
 
 
+def _decode_layout(scan_layers: bool | None) -> bool:
+    """Whether to decode with scanned layers: as given, else unrolled on CPU and scanned elsewhere."""
+    return jax.default_backend() != "cpu" if scan_layers is None else scan_layers
+
+
 class Generator:
     """Generation for notebooks and the CLI: a model and its parameters, prepared for decoding, and a tokenizer.
 
@@ -260,8 +265,8 @@ class Generator:
 
     Parameters are held unrolled on CPU (the decode loop then reads each layer's weights in place: 25% faster at
     1 x 128 on 2 cores) and scanned on accelerators (one compiled block whatever the depth: an unrolled
-    BLOOM-176B compiles 70 of them), in `decode_weights` if given (see `bloom_jax.model.DECODE_WEIGHTS`: float32, bfloat16 or int8 out-major
-    kernels, the fastest for decoding on CPU). Prompt lengths, batch sizes and token budgets are padded up to
+    BLOOM-176B compiles 70 of them), in `decode_weights` if given (see `bloom_jax.model.DECODE_WEIGHTS`:
+    float32, bfloat16 or int8 out-major kernels, the fastest for decoding on CPU). Prompt lengths, batch sizes and token budgets are padded up to
     powers of two (at least 16 tokens), so most new requests reuse a compiled program.
     """
 
@@ -273,8 +278,7 @@ class Generator:
         `generation_config.json` dict, for the EOS and pad ids and the default sampling (`GenerationDefaults`).
         `scan_layers`: the layer layout to decode with (None: unrolled on CPU, scanned elsewhere)."""
         self.sharding = ShardingPlan.create(mesh, rules) if mesh is not None else None
-        if scan_layers is None:
-            scan_layers = jax.default_backend() != "cpu"
+        scan_layers = _decode_layout(scan_layers)
         if model.scan_layers and not scan_layers:
             model, params = model.clone(scan_layers=False), unstack_layers(params)
         elif scan_layers and not model.scan_layers:
@@ -298,8 +302,7 @@ class Generator:
         generation_config.json if it has one. `kernels`, `attention`: see `bloom_jax.kernels.Kernels.create`."""
         from bloom_jax.checkpoints import checkpoint_location, from_pretrained, read_generation_config, read_tokenizer
 
-        if scan_layers is None:
-            scan_layers = jax.default_backend() != "cpu"
+        scan_layers = _decode_layout(scan_layers)
         location = checkpoint_location(path)  # a hub id resolved once, not for each file
         model, params = from_pretrained(location, mesh=mesh, dtype=dtype, rules=rules, scan_layers=scan_layers,
                                         kernels=kernels, attention=attention)

@@ -64,18 +64,18 @@ def _batch_shards(batch: int) -> int:
     return shards if batch % shards == 0 else 1
 
 
-def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:
-    """[b, s, ...] as [s / chunk, b, chunk, ...], s padded up with `fill`."""
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+    """[b, s, ...] as [s / chunk, b, chunk, ...], s padded up with zeros."""
     b, s = x.shape[:2]
     extra = -s % chunk
     if extra:
-        x = jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        x = jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=0)
     return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
 
 
 def _chunk_terms(hidden_bcd, table_vd, targets_bc, weight_bc, with_gradients: bool):
-    """One chunk: its weighted loss, and (`with_gradients`) the gradients of that weighted sum, d_hidden float32 [b, c, d]
-    and d_table float32 [V, d]."""
+    """One chunk: its weighted loss, and (`with_gradients`) the gradients of that weighted sum, d_hidden float32
+    [b, c, d] and d_table float32 [V, d]."""
     logits_bcv = jnp.einsum("bcd,vd->bcv", hidden_bcd, table_vd, preferred_element_type=jnp.float32)
     logits_bcv = nn.with_logical_constraint(logits_bcv, _LOGITS_AXES)
     lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
@@ -103,8 +103,7 @@ def _scan_chunks(hidden, table, targets, chunk, with_gradients):
 
     def body(carry, x):
         total, d_table = carry
-        loss, d_hidden, d_table_chunk = _chunk_terms(table_vd=table, hidden_bcd=x[0], targets_bc=x[1],
-                                                     weight_bc=x[2], with_gradients=with_gradients)
+        loss, d_hidden, d_table_chunk = _chunk_terms(x[0], table, x[1], x[2], with_gradients)
         if with_gradients:
             d_table = d_table + d_table_chunk
         return (total + loss, d_table), d_hidden

@@ -118,7 +118,7 @@ def test_the_model_with_blockwise_attention_gives_the_reference_logits_and_gradi
     assert worst <= 2e-5
 
 
-def test_one_query_row_and_dropout_take_the_reference():
+def test_one_query_row_takes_the_reference():
     q, k, v, key_mask = attention_inputs(1, 2, 1, 9, 4)
     mask = AttentionMask.create(key_mask, 2, 1, 8, dense=False)
     kernels = Kernels.create(attention="blockwise")
