@@ -397,8 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=("auto", "xla_cpu", "reference"), default="auto",
                    help="kernel set (bloom_jax.kernels): auto is the platform's")
-    p.add_argument("--attention", choices=("auto", "reference", "blockwise"), default="auto",
-                   help="attention: auto is the reference on CPU, blockwise elsewhere")
+    # The choices of bloom_jax.kernels, spelled out here so that building the parser does not import JAX.
+    p.add_argument("--attention", choices=("auto", "reference", "blockwise", "cudnn"), default="auto",
+                   help="attention: auto is blockwise (the reference where one block holds it all); cudnn "
+                        "(NVIDIA GPUs) where cuDNN applies")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

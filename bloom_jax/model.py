@@ -318,16 +318,17 @@ class BloomForCausalLM(nn.Module):
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(ids_bs))
 
         # The dense ALiBi bias and visibility are built once here, for every layer, only for the reference.
-        dense = kernels.attention == "reference"
+        s = ids_bs.shape[1]
         if cache is None:
-            mask = AttentionMask.create(mask_bs, cfg.n_head, ids_bs.shape[1], 0, dense)
+            mask = AttentionMask.create(mask_bs, cfg.n_head, s, 0, kernels.attention_at(s, s) == "reference")
             for blocks in self._blocks(deterministic, kernels):
                 x_bsd, _ = blocks(x_bsd, mask)
         else:
             mask_bt = cache.with_new_tokens(mask_bs)
-            mask = AttentionMask.create(mask_bt, cfg.n_head, ids_bs.shape[1], cache.index, dense)
+            dense = kernels.attention_at(s, mask_bt.shape[1]) == "reference"
+            mask = AttentionMask.create(mask_bt, cfg.n_head, s, cache.index, dense)
             x_bsd, keys, values = self._cached_blocks(deterministic, kernels, x_bsd, mask, cache)
-            cache = cache.advance(keys, values, mask_bt, ids_bs.shape[1])
+            cache = cache.advance(keys, values, mask_bt, s)
 
         if last_only:
             x_bsd = x_bsd[:, -1:]

@@ -38,7 +38,8 @@ class TrainConfig:
     remat_policy: str = _setting("none", "activation checkpointing: none, full, dots, dots_no_batch")
     dropout: bool = _setting(False, "apply the config's hidden and attention dropout")
     kernels: str = _setting("auto", "kernel set: auto (the platform's), xla_cpu or reference (bloom_jax.kernels)")
-    attention: str = _setting("auto", "attention: auto (reference on CPU, blockwise elsewhere), reference, blockwise")
+    attention: str = _setting("auto", "attention: auto (blockwise, the reference where one block holds it all), "
+                                      "reference, blockwise, cudnn (NVIDIA GPUs)")
     loss_chunk_tokens: int = _setting(1024, "tokens per device whose logits the loss makes at once")
     # Data.
     train_data: list[str] = _setting([], "text files (a document each) or JSONL, directories or globs")

@@ -51,10 +51,9 @@ def real_queries(case) -> np.ndarray:
     return keep
 
 
-@pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("blocks", [(8, 8), (16, 4), (64, 64)])
-def test_blockwise_attention_equals_the_reference_forward_and_backward(name, blocks):
-    case = CASES[name]
+def assert_equals_the_reference(case, name, attend_fn, tolerance=2e-6):
+    """`attend_fn(q, k, v, mask)` against the reference on `case`: the output at real queries, and dq, dk, dv of a
+    loss that reads only those, within `tolerance` of the largest value (fp32)."""
     q, k, v, key_mask = attention_inputs(case["b"], case["n"], case["s"], case["t"], 8, seed=len(name),
                                          pad=case["pad"])
     mask = AttentionMask.create(key_mask, case["n"], case["s"], case["start"], dense=False)
@@ -68,11 +67,76 @@ def test_blockwise_attention_equals_the_reference_forward_and_backward(name, blo
         return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
     ref_out, ref_grads = run(lambda q, k, v: attention.reference(q, k, v, mask, jnp.float32))
-    out, grads = run(lambda q, k, v: attention.blockwise(q, k, v, mask, jnp.float32, *blocks))
+    out, grads = run(lambda q, k, v: attend_fn(q, k, v, mask))
     keep_np = np.broadcast_to(np.asarray(keep), out.shape)
-    assert relative_to_largest(np.where(keep_np, out, 0), np.where(keep_np, ref_out, 0)) <= 2e-6
+    assert relative_to_largest(np.where(keep_np, out, 0), np.where(keep_np, ref_out, 0)) <= tolerance
     for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
-        assert relative_to_largest(got, want) <= 2e-6, what
+        assert relative_to_largest(got, want) <= tolerance, what
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("blocks", [(8, 8), (16, 4), (64, 64)])
+def test_blockwise_attention_equals_the_reference_forward_and_backward(name, blocks):
+    assert_equals_the_reference(CASES[name], name,
+                                lambda q, k, v, mask: attention.blockwise(q, k, v, mask, jnp.float32, *blocks))
+
+
+# cuDNN itself needs a GPU; its call, bias and masks run here through the XLA implementation of the same
+# `jax.nn.dot_product_attention`, which cuDNN's tests in JAX hold it to.
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case["start"] == 0])
+def test_cudnn_attention_call_equals_the_reference_forward_and_backward(name):
+    assert_equals_the_reference(CASES[name], name,
+                                lambda q, k, v, mask: attention.cudnn(q, k, v, mask, jnp.float32, "xla"))
+
+
+def test_cudnn_attention_in_bfloat16_at_2048_positions_keeps_the_bias_exact_near_the_diagonal():
+    # slope 1/2 * position 2047 is 1023.5 in float32 and 1024 in bfloat16; relative to the query it is 0 on the
+    # diagonal. Measured: 0.0057 of the largest value from the float32 reference, as the reference itself on
+    # bfloat16 inputs with a float32 bias; the absolute bias rounded to bfloat16 gives 0.108.
+    b, n, s, h = 1, 2, 2048, 8
+    q, k, v, key_mask = attention_inputs(b, n, s, s, h, seed=5, pad=(100,), dtype=jnp.float32)
+    mask = AttentionMask.create(key_mask, n, s, 0)
+    keep = np.broadcast_to(np.asarray(key_mask)[:, None, :, None] > 0, q.shape)
+    ref = np.where(keep, attention.reference(q, k, v, mask, jnp.float32), 0)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    ours = relative_to_largest(np.where(keep, attention.cudnn(*bf16, mask, jnp.bfloat16, "xla"), 0), ref)
+    bf16_inputs = relative_to_largest(np.where(keep, attention.reference(*bf16, mask, jnp.bfloat16), 0), ref)
+    rounded = dataclasses.replace(mask, alibi=mask.alibi.astype(jnp.bfloat16).astype(jnp.float32))
+    rounded_bias = relative_to_largest(np.where(keep, attention.reference(*bf16, rounded, jnp.bfloat16), 0), ref)
+    assert ours <= 1.05 * bf16_inputs and ours <= 1e-2
+    assert rounded_bias >= 10 * ours
+
+
+def test_cudnn_applies_to_whole_even_sequences_in_half_precision_only():
+    q, k, _, key_mask = attention_inputs(1, 2, 6, 6, 8, dtype=jnp.bfloat16)
+    whole = AttentionMask.create(key_mask, 2, 6, 0, dense=False)
+    assert attention.cudnn_applies(q, k, whole, jnp.bfloat16)
+    assert attention.cudnn_applies(q, k, whole, jnp.float16)
+    assert not attention.cudnn_applies(q, k, whole, jnp.float32)
+    assert not attention.cudnn_applies(q[:, :, :5], k[:, :, :5], whole, jnp.bfloat16)  # odd length
+    assert not attention.cudnn_applies(q[:, :, :4], k, whole, jnp.bfloat16)  # a chunk into a cache
+    assert not attention.cudnn_applies(q, k, dataclasses.replace(whole, query_start=jnp.int32(0)), jnp.bfloat16)
+    assert not attention.cudnn_applies(q[..., :6], k[..., :6], whole, jnp.bfloat16)  # head size 6
+
+
+def test_the_model_with_cudnn_attention_gives_the_reference_logits(monkeypatch):
+    config = tiny_config(n_layer=2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (2, 20)), jnp.int32)
+    mask = jnp.ones_like(ids).at[1, :4].set(0)
+    cudnn = dataclasses.replace(Kernels.create(attention="cudnn", platform="gpu"), decode_matmul="reference")
+    reference_model = make_model(config, dtype=jnp.bfloat16, attention="reference")
+    cudnn_model = make_model(config, dtype=jnp.bfloat16, kernels=cudnn)
+    params = reference_model.init(jax.random.key(0), ids)["params"]
+    calls = []
+    monkeypatch.setattr(attention, "cudnn", lambda *args: calls.append(1) or CUDNN_CALL(*args, "xla"))
+    logits, ref_logits = (jax.jit(lambda p, m=model: m.apply({"params": p}, ids, attention_mask=mask))(params)
+                          for model in (cudnn_model, reference_model))
+    assert len(calls) == 2  # one trace of each of the two layers
+    keep = np.broadcast_to(np.asarray(mask)[..., None] > 0, logits.shape)
+    assert relative_to_largest(np.where(keep, logits, 0), np.where(keep, ref_logits, 0)) <= 2e-2
+
+
+CUDNN_CALL = attention.cudnn
 
 
 def test_blockwise_attention_on_the_cache_layout_and_in_bfloat16():
@@ -118,10 +182,13 @@ def test_the_model_with_blockwise_attention_gives_the_reference_logits_and_gradi
     assert worst <= 2e-5
 
 
-def test_one_query_row_takes_the_reference():
+def test_one_query_row_and_one_block_take_the_reference():
+    kernels = dataclasses.replace(Kernels.create(attention="blockwise"), block_q=8, block_k=16)
+    assert [kernels.attention_at(s, t) for s, t in ((1, 900), (8, 16), (9, 16), (8, 17))] == [
+        "reference", "reference", "blockwise", "blockwise"]
+    assert dataclasses.replace(kernels, attention="cudnn").attention_at(8, 16) == "cudnn"
     q, k, v, key_mask = attention_inputs(1, 2, 1, 9, 4)
     mask = AttentionMask.create(key_mask, 2, 1, 8, dense=False)
-    kernels = Kernels.create(attention="blockwise")
     np.testing.assert_array_equal(attend(kernels, q, k, v, mask, jnp.float32),
                                   attention.reference(q, k, v, mask, jnp.float32))
 
@@ -187,11 +254,14 @@ def test_gathers_agree():
 
 
 def test_kernels_by_platform_and_by_name():
-    assert Kernels.create(platform="cpu") == Kernels("reference", "xla_cpu", "xla_cpu", "xla_cpu", "xla_cpu")
+    assert Kernels.create(platform="cpu") == Kernels("blockwise", "xla_cpu", "xla_cpu", "xla_cpu", "xla_cpu")
     for platform in ("tpu", "gpu"):
         assert Kernels.create(platform=platform) == Kernels(attention="blockwise")
-    assert Kernels.create("reference", "blockwise", platform="cpu") == Kernels(attention="blockwise")
+    assert Kernels.create("reference", "reference", platform="tpu") == Kernels()
     assert Kernels.create("xla_cpu", platform="tpu").decode_matmul == "xla_cpu"
+    assert Kernels.create(attention="cudnn", platform="gpu").attention == "cudnn"
+    with pytest.raises(BloomJaxError, match="attention 'cudnn' needs an NVIDIA GPU; this platform is tpu"):
+        Kernels.create(attention="cudnn", platform="tpu")
     with pytest.raises(BloomJaxError, match="unknown attention 'flash'"):
         Kernels.create(attention="flash")
     with pytest.raises(BloomJaxError, match="unknown kernels 'cuda'"):

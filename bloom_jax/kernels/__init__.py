@@ -1,14 +1,16 @@
 """The operations BLOOM needs beyond plain `jnp`, each with a reference implementation and, where measured
 faster, backend-specific ones; `Kernels` says which a model uses.
 
-- `attention`: `reference` (the [b, n, s, t] scores, as transformers) or `blockwise` (online softmax, never
-  holding them); `alibi_*` and `AttentionMask` build what both read.
+- `attention`: `reference` (the [b, n, s, t] scores, as transformers), `blockwise` (online softmax, never
+  holding them) or, on NVIDIA GPUs, `cudnn` (cuDNN's flash attention, with the bias materialised); `alibi_*` and
+  `AttentionMask` build what they read.
 - `decode_matmul`: the products of the decode weight formats (float32, bfloat16, int8).
 - `pick`: the next token's argmax.
 - `barriers`: the gradient barrier at block boundaries and the embedding gather.
 
 The XLA:CPU tricks (barriers against fusions, padded matrix-vector products, a two-pass argmax) are the `xla_cpu`
-implementations, chosen on CPU; TPUs and GPUs get the plain XLA ones and blockwise attention.
+implementations, chosen on CPU; TPUs and GPUs get the plain XLA ones. Attention is blockwise everywhere by default
+(the reference where one block holds it all).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from bloom_jax.kernels import attention, barriers, decode_matmul, pick
 
 # `kernels=` choices: the set of one platform, or the references everywhere.
 KERNEL_SETS = ("auto", "xla_cpu", "reference")
-ATTENTION = ("auto", "reference", "blockwise")
+ATTENTION = ("auto", "reference", "blockwise", "cudnn")
+GPU_PLATFORMS = ("gpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +42,8 @@ class Kernels:
     @classmethod
     def create(cls, kernels: str = "auto", attention: str = "auto", platform: str | None = None) -> Kernels:
         """For `platform` (default: JAX's default backend): `kernels` "auto" takes XLA:CPU's implementations on CPU
-        and the references elsewhere; `attention` "auto" is the reference on CPU (faster there at the lengths
-        it runs) and blockwise on accelerators."""
+        and the references elsewhere; `attention` "auto" is blockwise everywhere (which takes the reference where
+        one block holds the whole score matrix, see `attention_at`); `cudnn` needs an NVIDIA GPU."""
         if kernels not in KERNEL_SETS:
             raise BloomJaxError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNEL_SETS)})")
         if attention not in ATTENTION:
@@ -49,19 +52,37 @@ class Kernels:
             import jax
 
             platform = jax.default_backend()
-        cpu = platform == "cpu"
-        tricks = ("xla_cpu" if cpu else "reference") if kernels == "auto" else kernels
-        if attention == "auto":
-            attention = "reference" if cpu else "blockwise"
-        return cls(attention, tricks, tricks, tricks, tricks)
+        if attention == "cudnn" and platform not in GPU_PLATFORMS:
+            raise BloomJaxError(f"attention 'cudnn' needs an NVIDIA GPU; this platform is {platform}")
+        tricks = ("xla_cpu" if platform == "cpu" else "reference") if kernels == "auto" else kernels
+        return cls("blockwise" if attention == "auto" else attention, tricks, tricks, tricks, tricks)
+
+    def attention_at(self, query_len: int, key_len: int) -> str:
+        """The attention that `query_len` queries over `key_len` keys take, before cuDNN's own conditions: the
+        reference for one query row (a decode step holds only [b, n, 1, t]) and, under `blockwise`, where one
+        block holds the whole score matrix: the same buffers, and the reference's plain arithmetic is faster there
+        (attention forward and backward on 2 CPU cores, `benchmarks/attention.py`: 1.25x at 8 x 16 heads x 128,
+        0.9-1.1x at 512; blockwise 2x faster at 1024 and 3.2x at 2048)."""
+        if self.attention == "reference" or query_len == 1:
+            return "reference"
+        if self.attention == "blockwise" and query_len <= self.block_q and key_len <= self.block_k:
+            return "reference"
+        return self.attention
 
 
 def attend(kernels: Kernels, q_bnsh, k, v, mask: attention.AttentionMask, dtype, dropout=None):
-    """Attention context [b, n, s, h] by `kernels.attention`. A single query row (a decode step) and dropped-out
-    probabilities take the reference: one row holds only [b, n, 1, t], and the blockwise form has no dropout."""
-    if kernels.attention == "blockwise" and dropout is None and q_bnsh.shape[2] > 1:
-        return attention.blockwise(q_bnsh, k, v, mask, dtype, kernels.block_q, kernels.block_k)
-    return attention.reference(q_bnsh, k, v, mask, dtype, dropout)
+    """Attention context [b, n, s, h] by `kernels.attention_at` its shape. Dropped-out probabilities take the
+    reference (the fused forms have no dropout); `cudnn` falls back to `blockwise` where cuDNN does not apply (a
+    prefill chunk into a cache, odd lengths, float32)."""
+    s, t = q_bnsh.shape[2], k.shape[-2]
+    chosen = kernels.attention_at(s, t)
+    if chosen == "cudnn" and not attention.cudnn_applies(q_bnsh, k, mask, dtype):
+        chosen = dataclasses.replace(kernels, attention="blockwise").attention_at(s, t)
+    if dropout is not None or chosen == "reference":
+        return attention.reference(q_bnsh, k, v, mask, dtype, dropout)
+    if chosen == "cudnn":
+        return attention.cudnn(q_bnsh, k, v, mask, dtype)
+    return attention.blockwise(q_bnsh, k, v, mask, dtype, kernels.block_q, kernels.block_k)
 
 
 def matmul(kernels: Kernels, x, kernel, scale=None):

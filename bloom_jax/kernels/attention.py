@@ -1,5 +1,5 @@
-"""Attention with ALiBi under BLOOM's masks: a reference that holds the scores [b, n, s, t], and a blockwise one
-that never does.
+"""Attention with ALiBi under BLOOM's masks: a reference that holds the scores [b, n, s, t], a blockwise one that
+never does, and cuDNN's fused attention on NVIDIA GPUs.
 
 Both take queries [b, n, s, h] and keys and values [b, n, t, h] (or, from the KV cache, [b*n, t, h]: batch and
 heads merged) with an `AttentionMask`: the key mask [b, t] and the key position of the first query. Query i sits at
@@ -10,7 +10,10 @@ The reference computes as transformers does: fp32 scores, the dtype's most negat
 softmax, probabilities cast to the compute dtype, then the values. `blockwise` is online softmax over key blocks
 for each query block (flash attention's recurrence, in XLA), with a hand-written backward pass that recomputes
 each block's probabilities from the saved log-sum-exp: at 8 x 2048 with 16 heads the reference holds 2 GiB per
-fp32 [b, n, s, t] buffer and layer, the blockwise one [b, n, block_q, block_k] (32 MiB at 512 x 512).
+fp32 [b, n, s, t] buffer and layer, the blockwise one [b, n, block_q, block_k] (32 MiB at 512 x 512). `cudnn` is
+`jax.nn.dot_product_attention`'s cuDNN flash attention, which takes BLOOM's bias only materialised: one
+[b, n, s, t] array in the compute dtype per layer (1 GiB at 8 x 2048 x 16 heads in bfloat16), and applies only
+where `cudnn_applies` says.
 """
 
 from __future__ import annotations
@@ -127,6 +130,46 @@ def blockwise(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask
     out = _flash(q_bnsh.astype(dtype), k_bnth.astype(dtype), v_bnth.astype(dtype), mask.key_mask.astype(jnp.int32),
                  positions_bt, slopes_n, query_start, bq, bk)
     return out.astype(dtype)
+
+
+# cuDNN's flash attention adds its masks as this bias (jax's `get_large_negative_number`): the dtype's most negative
+# value trips a cuDNN bug when two of them are subtracted.
+_CUDNN_MASKED = {jnp.dtype(jnp.bfloat16): -(2.0**41), jnp.dtype(jnp.float16): -(2.0**15)}
+CUDNN_DTYPES = tuple(_CUDNN_MASKED)
+
+
+def cudnn_applies(q_bnsh: jax.Array, k: jax.Array, mask: AttentionMask, dtype) -> bool:
+    """Whether `cudnn` takes these shapes: a whole sequence without a cache (s == t, static first position 0),
+    keys [b, n, t, h], a head size cuDNN supports (a multiple of 8, at most 128: 256 needs Hopper), an even
+    length (cuDNN's bias backward needs one) and bfloat16 or float16."""
+    s, h = q_bnsh.shape[2], q_bnsh.shape[3]
+    return (k.ndim == 4 and k.shape[2] == s and s % 2 == 0 and h % 8 == 0 and h <= 128
+            and isinstance(mask.query_start, int) and mask.query_start == 0 and jnp.dtype(dtype) in _CUDNN_MASKED)
+
+
+def relative_alibi_bias(key_mask: jax.Array, n_head: int, dtype) -> jax.Array:
+    """BLOOM's bias and padding as one array [b, n, s, s] in `dtype`: slope * (key position - query position) at
+    visible keys, a large negative number at padding (causality is cuDNN's `is_causal`). Relative to the query, so
+    that the values near the diagonal, which dominate the softmax, are small and exact in bfloat16 (slope * key
+    position alone reaches 1023 at 2048 tokens, where bfloat16 steps by 4); softmax does not see the shift."""
+    positions_bt = alibi_positions(key_mask)
+    slopes_n = jnp.asarray(alibi_slopes(n_head))
+    relative_bnst = slopes_n[None, :, None, None] * (positions_bt[:, None, None, :] - positions_bt[:, None, :, None])
+    masked = _CUDNN_MASKED.get(jnp.dtype(dtype), NEG)
+    return jnp.where(key_mask[:, None, None, :] > 0, relative_bnst, masked).astype(dtype)
+
+
+def cudnn(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dtype,
+          implementation: str = "cudnn") -> jax.Array:
+    """Context [b, n, s, h] by `jax.nn.dot_product_attention` (`implementation` "cudnn"; "xla" runs the same
+    call on any backend, for tests), causal, with `relative_alibi_bias` as the bias. Only where
+    `cudnn_applies`."""
+    b, n, s, h = q_bnsh.shape
+    bias_bnst = lax.stop_gradient(relative_alibi_bias(mask.key_mask, n, dtype))
+    q_bsnh, k_bsnh, v_bsnh = (jnp.swapaxes(x.astype(dtype), 1, 2) for x in (q_bnsh, k, v))
+    out_bsnh = jax.nn.dot_product_attention(q_bsnh, k_bsnh, v_bsnh, bias=bias_bnst, is_causal=True,
+                                            implementation=implementation)
+    return jnp.swapaxes(out_bsnh, 1, 2).astype(dtype)
 
 
 # -- blockwise: forward and backward over padded blocks -------------------------------------------------------------
@@ -269,7 +312,7 @@ def _flash_bwd(bq, bk, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise}
+IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise, "cudnn": cudnn}
 
-__all__ = ["AttentionMask", "IMPLEMENTATIONS", "alibi_bias", "alibi_positions", "alibi_slopes",
-           "blockwise", "causal_padding_mask", "reference"]
+__all__ = ["CUDNN_DTYPES", "AttentionMask", "IMPLEMENTATIONS", "alibi_bias", "alibi_positions", "alibi_slopes",
+           "blockwise", "causal_padding_mask", "cudnn", "cudnn_applies", "reference", "relative_alibi_bias"]
