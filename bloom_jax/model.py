@@ -26,6 +26,7 @@ from bloom_jax.errors import BloomJaxError
 from bloom_jax.kernels import Kernels
 from bloom_jax.kernels.attention import AttentionMask
 from bloom_jax.kernels.decode_matmul import DECODE_WEIGHTS
+from bloom_jax.lora import LoraConfig, lora_a_init
 
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
@@ -75,6 +76,10 @@ class Linear(nn.Module):
     With `decode_weights` (a key of `DECODE_WEIGHTS`) the kernel is out-major [*out_features, *in_features] in
     that dtype (int8 adds a float32 `scale` [*out_features]), multiplied by `kernels.decode_matmul`; `tp_slices`
     is then ignored.
+
+    With `lora` naming this layer among its targets, a low-rank adapter is added: `lora_a` [*in_features, r] and
+    `lora_b` [r, *out_features] in `lora.param_dtype`, y += scaling * (dropout(x) . lora_a) . lora_b, as peft's
+    LoRA computes it (`bloom_jax.lora`).
     """
 
     in_features: tuple[int, ...]
@@ -86,6 +91,8 @@ class Linear(nn.Module):
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
     kernels: Kernels = Kernels()
+    lora: LoraConfig | None = None
+    deterministic: bool = True  # no adapter dropout
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -93,16 +100,35 @@ class Linear(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
                           self.out_features, self.param_dtype)
         if self.decode_weights is not None:
-            return self._decode(x) + bias.astype(self.dtype)
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                            self.in_features + self.out_features, self.param_dtype)
-        x = x.astype(self.dtype)
-        kernel = kernel.astype(self.dtype)
-        if self.tp_slices > 1:
-            return self._tp_partial_sums(x, kernel)
+            y = self._decode(x) + bias.astype(self.dtype)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                                self.in_features + self.out_features, self.param_dtype)
+            x = x.astype(self.dtype)
+            kernel = kernel.astype(self.dtype)
+            if self.tp_slices > 1:
+                y = self._tp_partial_sums(x, kernel)
+            else:
+                contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+                y = lax.dot_general(x, kernel, (contract, ((), ()))) + bias.astype(self.dtype)
+        if self.lora is not None and self.name in self.lora.targets:
+            y = y + self._adapter(x.astype(self.dtype))
+        return y
+
+    def _adapter(self, x: jax.Array) -> jax.Array:
+        """The adapter's term scaling * (dropout(x) . lora_a) . lora_b, in the compute dtype."""
+        lora, n_in = self.lora, len(self.in_features)
+        lora_a = self.param("lora_a", nn.with_logical_partitioning(lora_a_init, self.axes[:n_in] + ("lora_rank",)),
+                            self.in_features + (lora.rank,), lora.param_dtype)
+        lora_b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   ("lora_rank",) + self.axes[n_in:]),
+                            (lora.rank,) + self.out_features, lora.param_dtype)
+        if lora.dropout > 0 and not self.deterministic:
+            x = nn.Dropout(lora.dropout)(x, deterministic=False)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = lax.dot_general(x, kernel, (contract, ((), ())))
-        return y + bias.astype(self.dtype)
+        x_r = lax.dot_general(x, lora_a.astype(self.dtype), (contract, ((), ())))
+        delta = lax.dot_general(x_r, lora_b.astype(self.dtype), (((x_r.ndim - 1,), (0,)), ((), ())))
+        return delta * jnp.asarray(lora.scaling, self.dtype)
 
     def _decode(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_features)
@@ -182,6 +208,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
     kernels: Kernels = Kernels()
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, mask: AttentionMask, deterministic: bool,
@@ -193,7 +220,7 @@ class Attention(nn.Module):
         d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=self.kernels)
+                  kernels=self.kernels, lora=self.lora, deterministic=deterministic)
         qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init, name="query_key_value",
                            **kw)(x_bsd)
         # Head-major [3, b, n, s, h] before the batched matmuls: XLA:CPU runs them 2-3x faster than on the
@@ -223,6 +250,8 @@ class Mlp(nn.Module):
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
     kernels: Kernels = Kernels()
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array) -> jax.Array:
@@ -230,7 +259,7 @@ class Mlp(nn.Module):
         d, f = cfg.hidden_size, cfg.mlp_dim
         init = nn.initializers.normal(cfg.initializer_range)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=self.kernels)
+                  kernels=self.kernels, lora=self.lora, deterministic=self.deterministic)
         x_bsf = Linear((d,), (f,), ("embed", "mlp"), init, name="dense_h_to_4h", **kw)(x_bsd)
         x_bsf = bloom_gelu(x_bsf)
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
@@ -246,6 +275,7 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
     decode_weights: str | None = None
     kernels: Kernels = Kernels()
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, mask: AttentionMask, kv_cache: tuple[jax.Array, jax.Array] | None = None):
@@ -257,7 +287,7 @@ class Block(nn.Module):
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="input_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
         attention = Attention(cfg, name="self_attention", decode_weights=self.decode_weights, kernels=self.kernels,
-                              **kw)
+                              lora=self.lora, **kw)
         attn_bsd = attention(ln_bsd, mask, self.deterministic, kv_cache)
         if kv_cache is not None:
             attn_bsd, kv_cache = attn_bsd
@@ -265,7 +295,8 @@ class Block(nn.Module):
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="post_attention_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        mlp_bsd = Mlp(cfg, name="mlp", decode_weights=self.decode_weights, kernels=self.kernels, **kw)(ln_bsd)
+        mlp_bsd = Mlp(cfg, name="mlp", decode_weights=self.decode_weights, kernels=self.kernels, lora=self.lora,
+                      deterministic=self.deterministic, **kw)(ln_bsd)
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(mlp_bsd, deterministic=self.deterministic)
         return nn.with_logical_constraint(x_bsd, ACT_BSD), kv_cache
 
@@ -287,6 +318,8 @@ class BloomForCausalLM(nn.Module):
         matrix-vector products. LayerNorms and biases stay in `param_dtype`.
       kernels: the implementations of attention, the decode matmul, the gradient barrier and the embedding
         gather (`bloom_jax.kernels.Kernels`); None: `Kernels.create()` for JAX's default backend.
+      lora: low-rank adapters on the linear layers it names (`bloom_jax.lora.LoraConfig`): parameters `lora_a`
+        and `lora_b` beside each targeted kernel.
     """
 
     config: BloomConfig
@@ -296,6 +329,7 @@ class BloomForCausalLM(nn.Module):
     remat_policy: str = "none"
     decode_weights: str | None = None
     kernels: Kernels | None = None
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, deterministic: bool = True,
@@ -370,7 +404,7 @@ class BloomForCausalLM(nn.Module):
         if self.remat_policy != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=kernels)
+                  kernels=kernels, lora=self.lora)
         if self.decode_weights is not None and self.decode_weights not in DECODE_WEIGHTS:
             raise BloomJaxError(f"unknown decode weights {self.decode_weights!r} "
                                 f"(choose from {', '.join(DECODE_WEIGHTS)})")

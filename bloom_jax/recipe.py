@@ -16,13 +16,22 @@ from bloom_jax.config import configs_dir
 from bloom_jax.errors import BloomJaxError
 
 SCHEDULES = ("cosine", "linear", "constant")
+# How a LoRA run stores its frozen base weights (`lora.base`): plain, or quantized for QLoRA.
+LORA_BASES = ("float32", "bfloat16")
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # = bloom_jax.lora.TARGETS
 
 
-def _setting(default: Any, help: str) -> Any:
-    """A recipe key: its default and the one line `bloom-jax train --help` shows for it."""
+def _setting(default: Any, help: str, key: str | None = None) -> Any:
+    """A recipe key: its default and the one line `bloom-jax train --help` shows for it; `key` is its name in
+    recipes when that is not the field's (`lora.rank` for `lora_rank`: a YAML mapping `lora:` holds them)."""
+    metadata = {"help": help, "key": key}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _recipe_key(field: dataclasses.Field) -> str:
+    return field.metadata["key"] or field.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +50,14 @@ class TrainConfig:
     attention: str = _setting("auto", "attention: auto (blockwise, the reference where one block holds it all), "
                                       "reference, blockwise, cudnn (NVIDIA GPUs)")
     loss_chunk_tokens: int = _setting(1024, "tokens per device whose logits the loss makes at once")
+    # LoRA (needs init_from): adapters trained, the base frozen.
+    lora_rank: int = _setting(0, "LoRA rank r (0: full fine-tuning)", "lora.rank")
+    lora_alpha: float = _setting(32.0, "LoRA alpha: the adapters' output is scaled by alpha / r", "lora.alpha")
+    lora_dropout: float = _setting(0.0, "dropout on the adapters' input", "lora.dropout")
+    lora_targets: list[str] = _setting(list(LORA_TARGETS), "layers given adapters: any of "
+                                       + ", ".join(LORA_TARGETS), "lora.targets")
+    lora_base: str = _setting("bfloat16", "storage of the frozen base weights: " + ", ".join(LORA_BASES),
+                              "lora.base")
     # Data.
     train_data: list[str] = _setting([], "text files (a document each) or JSONL, directories or globs")
     jsonl_field: str = _setting("text", "the field of a JSONL line that holds its document")
@@ -86,6 +103,12 @@ class TrainConfig:
              f"batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})"),
             (self.steps >= 1, "steps must be >= 1"),
             (self.loss_chunk_tokens >= 1, "loss_chunk_tokens must be >= 1"),
+            (self.lora_rank >= 0, "lora.rank must be >= 0"),
+            (0 <= self.lora_dropout < 1, "lora.dropout must be in [0, 1)"),
+            (bool(self.lora_targets) and all(t in LORA_TARGETS for t in self.lora_targets),
+             f"lora.targets must be some of {', '.join(LORA_TARGETS)}"),
+            (self.lora_base in LORA_BASES, f"lora.base must be one of {', '.join(LORA_BASES)}"),
+            (self.lora_rank == 0 or self.init_from is not None, "LoRA (lora.rank > 0) needs init_from, the base"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 <= self.warmup_steps, "warmup_steps must be >= 0"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
@@ -113,6 +136,7 @@ class TrainConfig:
             raise BloomJaxError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise BloomJaxError(f"{path} must be a mapping of settings")
+        data = _dotted(data)
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or not key:
@@ -122,15 +146,29 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "train config") -> TrainConfig:
+        """From recipe keys (`lora.rank`, or a mapping `lora:` of `rank` ...), values checked against the types."""
         hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
+        by_key = {_recipe_key(f): f.name for f in dataclasses.fields(cls)}
+        data = _dotted(data)
+        unknown = sorted(set(data) - set(by_key))
         if unknown:
-            raise BloomJaxError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
-        return cls(**{key: _typed(key, value, hints[key], source) for key, value in data.items()})
+            raise BloomJaxError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(by_key))})")
+        return cls(**{by_key[key]: _typed(key, value, hints[by_key[key]], source) for key, value in data.items()})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Recipe keys to values (`from_dict`'s inverse)."""
+        return {_recipe_key(f): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _dotted(data: dict) -> dict:
+    """A recipe with its nested mappings (`lora: {rank: 16}`) spelled as dotted keys (`lora.rank`)."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in _dotted(value).items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
@@ -166,7 +204,7 @@ def recipe_keys() -> list[str]:
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         hint = hints[field.name]
         kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "null")
-        lines.append(f"{field.name} ({kind}, default {default!r}): {field.metadata['help']}")
+        lines.append(f"{_recipe_key(field)} ({kind}, default {default!r}): {field.metadata['help']}")
     return lines
 
 

@@ -8,6 +8,9 @@
   master weights and optimizer state.
 - `Trainer`: state born sharded (or restored), data by step, Orbax `CheckpointManager` (async saves every N
   steps, the last K kept, a save on SIGTERM), exact resume, metrics (progress bar, JSONL, TensorBoard, eval).
+- LoRA (`lora.rank > 0`, `bloom_jax.lora`): the base of `init_from` is frozen in `lora.base`'s dtype and passed
+  to the step beside the state, whose parameters are the adapters alone: gradients, AdamW moments and checkpoints
+  hold only them, and the final output is a peft adapter directory naming its base.
 
 Exact resume: the batch of step k is a pure function of (data, seed, k) (`bloom_jax.data`) and so is the dropout
 key (`fold_in(key(seed), k)`), so a restored (params, optimizer state, step) continues the uninterrupted run.
@@ -15,6 +18,7 @@ key (`fold_in(key(seed), k)`), so a restored (params, optimizer state, step) con
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -42,8 +46,10 @@ from bloom_jax.checkpoints import (
 )
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
+from bloom_jax.checkpoints.peft import save_adapter
 from bloom_jax.errors import BloomJaxError, RunFailed
 from bloom_jax.log import get_logger
+from bloom_jax.lora import ADAPTER_LEAVES, LoraConfig, merge_trees, split_adapters
 from bloom_jax.losses import LOSS_CHUNK_TOKENS, next_token_loss
 from bloom_jax.model import BloomForCausalLM, forward_flops, init_params, make_model
 from bloom_jax.recipe import TrainConfig, data_files
@@ -67,9 +73,10 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for the weights that weight decay applies to: kernels and the embedding, not LayerNorms or biases."""
+    """True for the weights that weight decay applies to: kernels, the embedding and LoRA adapters, not LayerNorms or
+    biases."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding", *ADAPTER_LEAVES), params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -90,10 +97,11 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, opt_state: Any,
 
 def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation, grad_accum: int, seed: int,
                dropout: bool, state: dict, tokens: jax.Array,
-               loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[dict, dict]:
+               loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, frozen: dict | None = None) -> tuple[dict, dict]:
     """One optimizer step on a global batch of token windows [b, s + 1], split into `grad_accum` equal
     micro-batches whose gradients are averaged (so equal to one batch k times as large). Returns the new state
-    and metrics."""
+    and metrics. With `frozen` (a LoRA run's base weights) `state["params"]` are the adapters: the model runs on
+    both, and only the adapters get gradients and updates."""
     tokens_bs1 = tokens
     batch = tokens_bs1.shape[0]
     micro_mbs1 = tokens_bs1.reshape(grad_accum, batch // grad_accum, tokens_bs1.shape[1])
@@ -103,7 +111,11 @@ def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation,
     def micro_step(grad_sum, inputs):
         tokens, index = inputs
         rng = jax.random.fold_in(step_key, index) if dropout else None
-        loss, grads = jax.value_and_grad(next_token_loss, argnums=1)(model, params, tokens, rng, loss_chunk_tokens)
+        def loss_of(trained):
+            everything = trained if frozen is None else merge_trees(frozen, trained)
+            return next_token_loss(model, everything, tokens, rng, loss_chunk_tokens)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -154,9 +166,16 @@ class Trainer:
         self.sharding = ShardingPlan.create(make_mesh(cfg.mesh), cfg.rules)
         self.init_from = checkpoint_location(cfg.init_from) if cfg.init_from else None  # a hub id resolved once
         self.model_config = read_model_config(self.init_from) if self.init_from else load_config(cfg.model)
-        self.model = make_model(self.model_config, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                                scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, kernels=cfg.kernels,
-                                attention=cfg.attention)
+        self.lora = (LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets),
+                                param_dtype=jnp.dtype(cfg.param_dtype)) if cfg.lora_rank else None)
+        # The step gets a dropout key when any dropout is on; the config's own only with `dropout`.
+        self.dropout = cfg.dropout or (self.lora is not None and self.lora.dropout > 0)
+        config = (self.model_config if cfg.dropout
+                  else dataclasses.replace(self.model_config, hidden_dropout=0.0, attention_dropout=0.0))
+        self.model = make_model(config, dtype=cfg.compute_dtype, scan_layers=cfg.scan_layers,
+                                param_dtype=cfg.lora_base if self.lora else cfg.param_dtype,
+                                remat_policy=cfg.remat_policy, kernels=cfg.kernels, attention=cfg.attention,
+                                lora=self.lora)
         self.optimizer = make_optimizer(cfg)
         self.tokenizer = self._tokenizer()
         self._stop_signal: int | None = None
@@ -193,24 +212,35 @@ class Trainer:
         found = {name: read_side_file(self.init_from, name) for name in names}
         return {name: data for name, data in found.items() if data is not None}
 
-    def _abstract_state(self) -> dict:
-        """The train state's shapes and dtypes, each with its sharding (optimizer moments as their parameters)."""
+    def _abstract_state(self) -> tuple[dict, dict | None]:
+        """The train state's shapes and dtypes, each with its sharding (optimizer moments as their parameters), and
+        a LoRA run's frozen base likewise (None otherwise)."""
         plan = self.sharding
-        params = plan.abstract_params(self.model)
+        params, frozen = plan.abstract_params(self.model), None
+        param_shardings = plan.param_shardings(self.model)
+        if self.lora is not None:
+            frozen, params = split_adapters(params)
+            param_shardings = split_adapters(param_shardings)[1]
         opt_state = jax.eval_shape(self.optimizer.init, params)
-        opt_shardings = optimizer_shardings(self.optimizer, opt_state, plan.param_shardings(self.model), plan.mesh)
+        opt_shardings = optimizer_shardings(self.optimizer, opt_state, param_shardings, plan.mesh)
         opt_state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                                  opt_state, opt_shardings)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=plan.replicated)
-        return {"step": step, "params": params, "opt_state": opt_state}
+        return {"step": step, "params": params, "opt_state": opt_state}, frozen
+
+    def _pretrained(self, param_dtype) -> dict:
+        """init_from's parameters, restored straight into the rules' shardings (outside the mesh context)."""
+        return from_pretrained(self.init_from, mesh=self.sharding.mesh, dtype=self.cfg.compute_dtype,
+                               param_dtype=param_dtype, rules=self.sharding.rules, scan_layers=self.cfg.scan_layers)[1]
 
     def _initial_state(self, state_shardings) -> dict:
-        if self.init_from is not None:  # restored straight into the rules' shardings (outside the context)
-            _, params = from_pretrained(self.init_from, mesh=self.sharding.mesh, dtype=self.cfg.compute_dtype,
-                                        param_dtype=self.cfg.param_dtype, rules=self.sharding.rules,
-                                        scan_layers=self.cfg.scan_layers)
+        if self.init_from is not None and self.lora is None:
+            params = self._pretrained(self.cfg.param_dtype)
         with self.sharding.context():
-            if self.init_from is None:
+            if self.lora is not None:  # new adapters (jit drops the base's initialisation: only they are out)
+                params = jax.jit(lambda: split_adapters(init_params(self.model, jax.random.key(self.cfg.seed)))[1],
+                                 out_shardings=state_shardings["params"])()
+            elif self.init_from is None:
                 params = jax.jit(lambda: init_params(self.model, jax.random.key(self.cfg.seed)),
                                  out_shardings=state_shardings["params"])()
             opt_state = jax.jit(self.optimizer.init, out_shardings=state_shardings["opt_state"])(params)
@@ -227,17 +257,22 @@ class Trainer:
 
         cfg, plan = self.cfg, self.sharding
         corpus = self._corpus()
-        abstract_state = self._abstract_state()
+        abstract_state, abstract_frozen = self._abstract_state()
         state_shardings = jax.tree.map(lambda s: s.sharding, abstract_state)
+        frozen_shardings = jax.tree.map(lambda s: s.sharding, abstract_frozen)
+        # A LoRA run's base, frozen: an argument of every step, never donated, never checkpointed.
+        frozen = self._pretrained(self.cfg.lora_base) if self.lora is not None else None
         data_sharding, replicated = plan.batch_sharding(), plan.replicated
         step_fn = jax.jit(
-            lambda state, tokens: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed, cfg.dropout,
-                                             state, tokens, cfg.loss_chunk_tokens),
-            in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
-            donate_argnums=0)
-        eval_fn = jax.jit(lambda params, tokens: next_token_loss(self.model, params, tokens,
-                                                                 chunk_tokens=cfg.loss_chunk_tokens),
-                          in_shardings=(state_shardings["params"], data_sharding), out_shardings=replicated)
+            lambda state, tokens, frozen: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed,
+                                                     self.dropout, state, tokens, cfg.loss_chunk_tokens, frozen),
+            in_shardings=(state_shardings, data_sharding, frozen_shardings),
+            out_shardings=(state_shardings, replicated), donate_argnums=0)
+        eval_fn = jax.jit(
+            lambda params, tokens, frozen: next_token_loss(
+                self.model, params if frozen is None else merge_trees(frozen, params), tokens,
+                chunk_tokens=cfg.loss_chunk_tokens),
+            in_shardings=(state_shardings["params"], data_sharding, frozen_shardings), out_shardings=replicated)
 
         manager = ocp.CheckpointManager(
             (self.output_dir / "checkpoints").absolute(),
@@ -248,7 +283,9 @@ class Trainer:
         start_step = int(state["step"])
         batches = corpus.train.train_batches(cfg.batch_size)
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        flops_per_step = 3 * forward_flops(self.model_config, cfg.batch_size, cfg.seq_len)
+        # The backward pass of a frozen base makes the inputs' gradients only: 2 forward passes' FLOPs, not 3.
+        flops_per_step = (3 if self.lora is None else 2) * forward_flops(self.model_config, cfg.batch_size,
+                                                                           cfg.seq_len)
         peak = peak_flops_per_device(cfg) * jax.device_count()
         writer = _MetricsWriter(self.output_dir, enabled=jax.process_index() == 0)
         schedule = learning_rate_schedule(cfg)
@@ -268,7 +305,7 @@ class Trainer:
                 with jax.transfer_guard_device_to_host("disallow"):
                     tokens = self._global_batch(batches, step, data_sharding)
                     with plan.context():
-                        state, step_metrics = step_fn(state, tokens)
+                        state, step_metrics = step_fn(state, tokens, frozen)
                         health = _note_health(health, step_metrics, step + 1)
                 done = step + 1
                 window_steps += 1
@@ -287,7 +324,8 @@ class Trainer:
                                "tokens_per_s": window_steps * tokens_per_step / seconds,
                                "mfu": window_steps * flops_per_step / seconds / peak}
                     if done % cfg.eval_every == 0 or done == cfg.steps:
-                        metrics.update(self._evaluate(eval_fn, state["params"], corpus, data_sharding))
+                        metrics.update(self._evaluate(lambda p, t: eval_fn(p, t, frozen), state["params"],
+                                                      corpus, data_sharding))
                     writer.write(metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                     mfu=f"{metrics['mfu']:.1%}")
@@ -302,8 +340,11 @@ class Trainer:
             manager.wait_until_finished()
             if done == cfg.steps:
                 final = self.output_dir / "final"
-                save_pretrained(state["params"], self.model_config, final, self.tokenizer,
-                                extra_files=self._carried_files(), overwrite=True)
+                if self.lora is None:
+                    save_pretrained(state["params"], self.model_config, final, self.tokenizer,
+                                    extra_files=self._carried_files(), overwrite=True)
+                else:
+                    self._save_adapter(state["params"], final)
                 log.info(f"final checkpoint: {final}")
         finally:
             bar.close()  # idempotent; on a failed run it ends the bar's line, so the error starts one of its own
@@ -311,6 +352,16 @@ class Trainer:
             manager.close()
             writer.close()
         return metrics
+
+    def _save_adapter(self, adapters: dict, dst: Path) -> None:
+        """The adapters as a peft directory naming init_from, written by process 0 (they are small: gathered
+        whole to every process first)."""
+        with self.sharding.context():
+            whole = jax.jit(lambda x: x, out_shardings=self.sharding.replicated)(adapters)
+        if jax.process_index() == 0:
+            save_adapter(jax.tree.map(np.asarray, whole), self.lora, self.model_config, dst,
+                         base_model_name_or_path=self.cfg.init_from, overwrite=True)
+            self.tokenizer.save(dst)
 
     def _corpus(self):
         cache = Path(self.cfg.data_cache) if self.cfg.data_cache else self.output_dir / "data-cache"
