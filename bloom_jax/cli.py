@@ -120,6 +120,24 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps({"exported": str(args.src), "to": str(args.dst), "files": files}))
 
 
+def cmd_export_adapter(args: argparse.Namespace) -> None:
+    """A LoRA run's checkpoint -> a peft adapter directory."""
+    from bloom_jax.train import export_run_adapter
+
+    step = export_run_adapter(args.run_dir, args.dst, step=args.step, overwrite=args.overwrite)
+    print(json.dumps({"exported": str(args.run_dir), "step": step, "to": str(args.dst)}))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Base + LoRA adapter -> one checkpoint with the adapter folded in."""
+    from bloom_jax.checkpoints.peft import merge_adapter
+
+    merge_adapter(args.base, args.adapter, args.dst, hugging_face=args.hf, dtype=args.dtype,
+                  overwrite=args.overwrite)
+    print(json.dumps({"merged": str(args.adapter), "into": str(args.base), "to": str(args.dst),
+                      "format": "hugging_face" if args.hf else "converted"}))
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -172,7 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         mesh = make_mesh(args.mesh)
     log.info(f"loading {args.checkpoint}")
     generator = Generator.from_pretrained(args.checkpoint, decode_weights=args.decode_weights, dtype=args.dtype,
-                                          mesh=mesh, kernels=args.kernels, attention=args.attention)
+                                          mesh=mesh, kernels=args.kernels, attention=args.attention,
+                                          adapter=args.adapter, merge_adapter=not args.unmerged)
     if generator.tokenizer is None:
         raise BloomJaxError(f"{args.checkpoint} has no tokenizer.json: cannot encode text prompts")
     if sampling.keys() & {"top_k", "top_p"} and "temperature" not in sampling and generator.defaults.sampling.greedy:
@@ -325,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="split into shards above this size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
+    p = command("export-adapter", "write a LoRA run's adapters in peft's format", cmd_export_adapter)
+    p.add_argument("run_dir", help="the output_dir of a LoRA training run")
+    p.add_argument("dst", help="output directory; must be empty unless --overwrite")
+    p.add_argument("--step", type=_positive_int, default=None, help="the checkpoint's step (default: the newest)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+
+    p = command("merge", "fold a LoRA adapter into its base and write one checkpoint", cmd_merge)
+    p.add_argument("base", help="the base: converted checkpoint, Hugging Face directory or hub id")
+    p.add_argument("adapter", help="a peft LoRA adapter directory (or hub id)")
+    p.add_argument("dst", help="output directory; must be empty unless --overwrite")
+    p.add_argument("--hf", action="store_true", help="write a Hugging Face directory instead of a converted one")
+    p.add_argument("--dtype", default="float32", help="stored dtype: float32, bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+
     p = command("generate", "complete prompts with a checkpoint (streams text, or --json lines)", cmd_generate)
     p.add_argument("checkpoint", help="converted checkpoint, Hugging Face directory or hub id")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -343,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--adapter", default=None, help="a peft LoRA adapter directory (or hub id) for this checkpoint")
+    p.add_argument("--unmerged", action="store_true",
+                   help="apply the adapter beside the weights instead of folding it into them")
     _kernel_flags(p)
     p.add_argument("--compilation-cache", default=None,
                    help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")

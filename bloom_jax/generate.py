@@ -30,6 +30,7 @@ from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax import kernels as ops
 from bloom_jax.kernels import Kernels
+from bloom_jax.lora import fold, merge_trees, split_adapters
 from bloom_jax.model import BloomForCausalLM, stack_layers, to_decode_weights, unstack_layers
 from bloom_jax.sharding import ShardingPlan
 from bloom_jax.tokenizer import left_pad
@@ -255,6 +256,23 @@ def _decode_layout(scan_layers: bool | None) -> bool:
     return jax.default_backend() != "cpu" if scan_layers is None else scan_layers
 
 
+def with_adapter(model: BloomForCausalLM, params: dict, adapter: str | os.PathLike, merge: bool,
+                 sharding: ShardingPlan | None = None) -> tuple[BloomForCausalLM, dict]:
+    """(model, params) with a peft LoRA adapter: folded into the kernels (`merge`), or beside them (the model
+    given the adapters' `LoraConfig`, their weights placed by the rules' shardings)."""
+    from bloom_jax.checkpoints.peft import load_adapter
+
+    lora, adapters, _ = load_adapter(adapter, model.config, model.scan_layers)
+    if merge:
+        return model, fold(merge_trees(params, adapters), lora)
+    model = model.clone(lora=lora)
+    if sharding is None:
+        adapters = jax.device_put(adapters, jax.devices()[0])
+    else:
+        adapters = jax.device_put(adapters, split_adapters(sharding.param_shardings(model))[1])
+    return model, merge_trees(params, adapters)
+
+
 class Generator:
     """Generation for notebooks and the CLI: a model and its parameters, prepared for decoding, and a tokenizer.
 
@@ -295,17 +313,24 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, decode_weights: str | None = None, dtype: Any = None,
                         mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor",
-                        scan_layers: bool | None = None, kernels: str = "auto", attention: str = "auto"
-                        ) -> Generator:
+                        scan_layers: bool | None = None, kernels: str = "auto", attention: str = "auto",
+                        adapter: str | os.PathLike | None = None, merge_adapter: bool = True) -> Generator:
         """A converted checkpoint, Hugging Face directory or hub id (see `bloom_jax.from_pretrained`), with the
         tokenizer.json beside it (None if there is none: prompts must then be token ids) and its
-        generation_config.json if it has one. `kernels`, `attention`: see `bloom_jax.kernels.Kernels.create`."""
+        generation_config.json if it has one. `kernels`, `attention`: see `bloom_jax.kernels.Kernels.create`.
+
+        `adapter`: a peft LoRA adapter directory or hub id (`bloom_jax.checkpoints.peft`) for this base, folded
+        into the weights (`merge_adapter`, decoding at the base's speed) or applied beside them (the base's
+        weights left as they are, in any `decode_weights` format)."""
         from bloom_jax.checkpoints import checkpoint_location, from_pretrained, read_generation_config, read_tokenizer
 
         scan_layers = _decode_layout(scan_layers)
         location = checkpoint_location(path)  # a hub id resolved once, not for each file
         model, params = from_pretrained(location, mesh=mesh, dtype=dtype, rules=rules, scan_layers=scan_layers,
                                         kernels=kernels, attention=attention)
+        if adapter is not None:
+            model, params = with_adapter(model, params, adapter, merge_adapter,
+                                         ShardingPlan.create(mesh, rules) if mesh is not None else None)
         return cls(model, params, read_tokenizer(location), decode_weights, mesh, rules,
                    read_generation_config(location), scan_layers)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -46,7 +47,7 @@ from bloom_jax.checkpoints import (
 )
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
-from bloom_jax.checkpoints.peft import save_adapter
+from bloom_jax.checkpoints.peft import adapter_config_json, save_adapter
 from bloom_jax.errors import BloomJaxError, RunFailed
 from bloom_jax.log import get_logger
 from bloom_jax.lora import ADAPTER_LEAVES, LoraConfig, merge_trees, split_adapters
@@ -57,6 +58,7 @@ from bloom_jax.sharding import ShardingPlan, make_mesh
 from bloom_jax.tokenizer import Tokenizer, train_tokenizer
 
 log = get_logger(__name__)
+RUN_ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's settings in its output_dir, for export_run_adapter
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate`, then cosine or linear decay to `min_lr_ratio` of it at `steps`."""
@@ -288,6 +290,9 @@ class Trainer:
                                                                            cfg.seq_len)
         peak = peak_flops_per_device(cfg) * jax.device_count()
         writer = _MetricsWriter(self.output_dir, enabled=jax.process_index() == 0)
+        if self.lora is not None and jax.process_index() == 0:
+            (self.output_dir / RUN_ADAPTER_CONFIG).write_text(
+                json.dumps(adapter_config_json(self.lora, self.cfg.init_from), indent=2) + "\n")
         schedule = learning_rate_schedule(cfg)
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         metrics: dict = {}
@@ -449,6 +454,34 @@ class _MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def export_run_adapter(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None,
+                       overwrite: bool = False) -> int:
+    """A LoRA run's adapters at checkpoint `step` (default: the newest) as a peft adapter directory at `dst`,
+    naming the run's base. Returns the step."""
+    import orbax.checkpoint as ocp
+
+    from bloom_jax.checkpoints.peft import lora_config_of, read_adapter_config
+
+    run = Path(run_dir)
+    if not (run / "checkpoints").is_dir() or not (run / RUN_ADAPTER_CONFIG).is_file():
+        raise BloomJaxError(f"{run_dir} is not the output_dir of a LoRA run (no checkpoints/ and "
+                            f"{RUN_ADAPTER_CONFIG})")
+    peft_config = read_adapter_config(run)
+    lora = lora_config_of(peft_config, str(run / RUN_ADAPTER_CONFIG))
+    lora = LoraConfig(lora.rank, lora.alpha, lora.dropout, tuple(peft_config["target_modules"]), lora.use_rslora)
+    base = peft_config.get("base_model_name_or_path")
+    with ocp.CheckpointManager((run / "checkpoints").absolute(),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        steps = manager.all_steps()
+        step = max(steps) if step is None and steps else step
+        if step not in steps:
+            raise BloomJaxError(f"{run_dir} has no checkpoint of step {step} (it has {sorted(steps) or 'none'})")
+        adapters = manager.restore(step, args=ocp.args.StandardRestore())["params"]
+    save_adapter(jax.tree.map(np.asarray, adapters), lora, read_model_config(checkpoint_location(base)), dst,
+                 base_model_name_or_path=base, overwrite=overwrite)
+    return step
 
 
 def evaluate(checkpoint: str, data: Sequence[str], seq_len: int = 512, batch_size: int = 8,

@@ -791,6 +791,61 @@ def test_lora_step_leaves_the_frozen_base_bit_for_bit():
     assert min(jax.tree.leaves(moved)) > 0  # every adapter weight trains (lora_b from zero too)
 
 
+def test_lora_cli_exports_merges_and_generates_with_the_adapter(run_a, lora_runs, tmp_path):
+    import torch
+    import transformers
+
+    from bloom_jax.checkpoints.peft import load_adapter
+    from bloom_jax.lora import fold, merge_trees
+
+    a_dir, _ = run_a
+    base_dir, whole = a_dir / "final", lora_runs["whole"]
+    code, out, err = run_cli("export-adapter", whole, tmp_path / "exported")
+    assert code == 0, err
+    assert json.loads(out)["step"] == LORA_STEPS
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # the newest checkpoint is the final one
+        assert (tmp_path / "exported" / name).read_bytes() == (whole / "final" / name).read_bytes()
+    code, _, err = run_cli("export-adapter", whole, tmp_path / "nope", "--step", 3)
+    assert code == 2 and "has no checkpoint of step 3" in error_line(err)
+    code, _, err = run_cli("export-adapter", a_dir, tmp_path / "nope")
+    assert code == 2 and "is not the output_dir of a LoRA run" in error_line(err)
+
+    model, base = from_pretrained(base_dir)
+    lora, adapters, _ = load_adapter(whole / "final", model.config)
+    ids = np.array([[5, 6, 7, 8, 9]], np.int32)
+    adapted = model.clone(lora=lora).apply({"params": merge_trees(base, adapters)}, ids)
+    code, _, err = run_cli("merge", base_dir, whole / "final", tmp_path / "merged")
+    assert code == 0, err
+    merged_model, merged = from_pretrained(tmp_path / "merged")
+    assert relative_error(merged_model.apply({"params": merged}, ids), adapted) <= 1e-5
+    code, _, err = run_cli("merge", base_dir, whole / "final", tmp_path / "merged-hf", "--hf")
+    assert code == 0, err
+    hf = transformers.BloomForCausalLM.from_pretrained(tmp_path / "merged-hf").eval()
+    with torch.no_grad():
+        hf_logits = hf(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    assert relative_error(hf_logits, adapted) <= 1e-5
+    assert relative_error(model.apply({"params": fold(merge_trees(base, adapters), lora)}, ids), adapted) <= 1e-5
+
+    # Generation with the adapter: folded (the default) and beside the weights give the same greedy tokens,
+    # whose first is the adapted model's argmax; the CLI prints that completion.
+    prompt = "def "
+    merged_gen = Generator.from_pretrained(base_dir, adapter=whole / "final")
+    beside_gen = Generator.from_pretrained(base_dir, adapter=whole / "final", merge_adapter=False,
+                                           decode_weights="int8")
+    (folded,) = merged_gen.generate([prompt], max_new_tokens=6)
+    (beside,) = Generator.from_pretrained(base_dir, adapter=whole / "final", merge_adapter=False).generate(
+        [prompt], max_new_tokens=6)
+    assert folded.completion_ids == beside.completion_ids
+    assert beside_gen.model.lora == lora and len(beside_gen.generate([prompt], max_new_tokens=6)[0].completion_ids)
+    logits = model.clone(lora=lora).apply({"params": merge_trees(base, adapters)},
+                                          np.array([folded.prompt_ids], np.int32))
+    assert folded.completion_ids[0] == int(np.argmax(logits[0, -1]))
+    code, out, err = run_cli("generate", base_dir, "--adapter", whole / "final", "--prompt", prompt,
+                             "--max-new-tokens", 6, "--json")
+    assert code == 0, err
+    assert json.loads(out)["completion_ids"] == folded.completion_ids
+
+
 # -- 10. two processes ---------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

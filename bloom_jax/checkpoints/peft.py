@@ -110,7 +110,7 @@ def read_adapter_config(location: str | os.PathLike) -> dict:
     return data
 
 
-def _lora_config(data: dict, source: str) -> LoraConfig:
+def lora_config_of(data: dict, source: str) -> LoraConfig:
     """Our `LoraConfig` of a peft config, or a one-line error naming what it cannot express."""
     if data.get("peft_type", "LORA") != "LORA":
         raise BloomJaxError(f"{source}: peft_type {data.get('peft_type')!r} is not LORA")
@@ -141,7 +141,7 @@ def load_adapter(location: str | os.PathLike, config: BloomConfig, scan_layers: 
     every layer, with the shapes `config` implies."""
     directory = resolve_model_dir(location)
     data = read_adapter_config(directory)
-    lora = _lora_config(data, str(location))
+    lora = lora_config_of(data, str(location))
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         if (directory / "adapter_model.bin").is_file():
@@ -207,5 +207,40 @@ def _adapter_tree(stored: SafetensorsFile, found: dict, lora: LoraConfig, config
     return tree
 
 
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike, *,
+                  hugging_face: bool = False, dtype: Any = "float32", overwrite: bool = False) -> None:
+    """Folds a LoRA adapter into its base (`bloom_jax.lora.fold`) and writes the result at `dst`: a converted
+    checkpoint, or with `hugging_face` a Hugging Face directory; the base's tokenizer and generation settings
+    carried. Computed in float32, stored in `dtype`."""
+    import tempfile
+
+    import jax
+
+    from bloom_jax.checkpoints.converted import TOKENIZER_FILES, save_pretrained
+    from bloom_jax.checkpoints.pipelines import export
+    from bloom_jax.checkpoints.pretrained import (
+        checkpoint_location,
+        from_pretrained,
+        read_side_file,
+        read_tokenizer,
+    )
+    from bloom_jax.config import parse_dtype
+    from bloom_jax.lora import fold, merge_trees
+
+    location = checkpoint_location(base)
+    model, params = from_pretrained(location)
+    lora, adapters, _ = load_adapter(adapter, model.config, model.scan_layers)
+    merged = fold(merge_trees(jax.tree.map(np.asarray, params), adapters), lora)
+    merged = jax.tree.map(lambda x: x.astype(parse_dtype(dtype)), merged)
+    side = {name: read_side_file(location, name) for name in TOKENIZER_FILES if name != "tokenizer.json"}
+    side = {name: data for name, data in side.items() if data is not None}
+    if not hugging_face:
+        save_pretrained(merged, model.config, dst, read_tokenizer(location), extra_files=side, overwrite=overwrite)
+        return
+    with tempfile.TemporaryDirectory(prefix="bloom-jax-merge-") as staging:
+        save_pretrained(merged, model.config, Path(staging) / "merged", read_tokenizer(location), extra_files=side)
+        export(Path(staging) / "merged", dst, overwrite=overwrite, progress=False)
+
+
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "adapter_config_json", "is_adapter_dir", "load_adapter",
-           "peft_tensor_name", "read_adapter_config", "save_adapter"]
+           "merge_adapter", "peft_tensor_name", "read_adapter_config", "save_adapter"]
