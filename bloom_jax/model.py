@@ -27,6 +27,7 @@ from bloom_jax.kernels import Kernels
 from bloom_jax.kernels.attention import AttentionMask
 from bloom_jax.kernels.decode_matmul import DECODE_WEIGHTS
 from bloom_jax.lora import LoraConfig, lora_a_init
+from bloom_jax.quantize import FROZEN_FORMATS, KERNEL_IN_AXES, dequantize, stored_shapes
 
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
@@ -77,6 +78,10 @@ class Linear(nn.Module):
     that dtype (int8 adds a float32 `scale` [*out_features]), multiplied by `kernels.decode_matmul`; `tp_slices`
     is then ignored.
 
+    With `frozen_weights` (a key of `bloom_jax.quantize.FROZEN_FORMATS`: a QLoRA base) the kernel is stored in
+    that format and dequantized into the compute dtype for the product, inside a rematerialised function so that
+    the backward pass recomputes it rather than keeping it.
+
     With `lora` naming this layer among its targets, a low-rank adapter is added: `lora_a` [*in_features, r] and
     `lora_b` [r, *out_features] in `lora.param_dtype`, y += scaling * (dropout(x) . lora_a) . lora_b, as peft's
     LoRA computes it (`bloom_jax.lora`).
@@ -93,6 +98,7 @@ class Linear(nn.Module):
     kernels: Kernels = Kernels()
     lora: LoraConfig | None = None
     deterministic: bool = True  # no adapter dropout
+    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,6 +107,14 @@ class Linear(nn.Module):
                           self.out_features, self.param_dtype)
         if self.decode_weights is not None:
             y = self._decode(x) + bias.astype(self.dtype)
+        elif self.frozen_weights is not None:
+            if self.tp_slices > 1:
+                raise BloomJaxError("frozen (quantized) weights do not reproduce slow_but_exact's tp slices")
+            x = x.astype(self.dtype)
+            stored = {name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, dtype)
+                      for name, (shape, dtype, axes) in stored_shapes(self.frozen_weights, self.in_features,
+                                                                      self.out_features, self.axes).items()}
+            y = _frozen_product(x, stored, n_in, self.frozen_weights, self.dtype) + bias.astype(self.dtype)
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                                 self.in_features + self.out_features, self.param_dtype)
@@ -157,6 +171,15 @@ class Linear(nn.Module):
         return y.reshape(*y.shape[:-1], *self.out_features)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
+def _frozen_product(x: jax.Array, stored: dict, n_in: int, fmt: str, dtype) -> jax.Array:
+    """x . dequantize(stored): rematerialised, so that the backward pass rebuilds the kernel (one layer's, in
+    the compute dtype) instead of keeping it per layer for the input gradient."""
+    kernel = dequantize(stored, 0, n_in, fmt, dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return lax.dot_general(x, kernel, (contract, ((), ())))
+
+
 class Embed(nn.Module):
     """The word embedding [v, d], also the tied LM head (`attend`).
 
@@ -209,6 +232,7 @@ class Attention(nn.Module):
     decode_weights: str | None = None
     kernels: Kernels = Kernels()
     lora: LoraConfig | None = None
+    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, mask: AttentionMask, deterministic: bool,
@@ -220,7 +244,8 @@ class Attention(nn.Module):
         d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=self.kernels, lora=self.lora, deterministic=deterministic)
+                  kernels=self.kernels, lora=self.lora, deterministic=deterministic,
+                  frozen_weights=self.frozen_weights)
         qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init, name="query_key_value",
                            **kw)(x_bsd)
         # Head-major [3, b, n, s, h] before the batched matmuls: XLA:CPU runs them 2-3x faster than on the
@@ -252,6 +277,7 @@ class Mlp(nn.Module):
     kernels: Kernels = Kernels()
     lora: LoraConfig | None = None
     deterministic: bool = True
+    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array) -> jax.Array:
@@ -259,7 +285,8 @@ class Mlp(nn.Module):
         d, f = cfg.hidden_size, cfg.mlp_dim
         init = nn.initializers.normal(cfg.initializer_range)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=self.kernels, lora=self.lora, deterministic=self.deterministic)
+                  kernels=self.kernels, lora=self.lora, deterministic=self.deterministic,
+                  frozen_weights=self.frozen_weights)
         x_bsf = Linear((d,), (f,), ("embed", "mlp"), init, name="dense_h_to_4h", **kw)(x_bsd)
         x_bsf = bloom_gelu(x_bsf)
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
@@ -276,6 +303,7 @@ class Block(nn.Module):
     decode_weights: str | None = None
     kernels: Kernels = Kernels()
     lora: LoraConfig | None = None
+    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, mask: AttentionMask, kv_cache: tuple[jax.Array, jax.Array] | None = None):
@@ -287,7 +315,7 @@ class Block(nn.Module):
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="input_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
         attention = Attention(cfg, name="self_attention", decode_weights=self.decode_weights, kernels=self.kernels,
-                              lora=self.lora, **kw)
+                              lora=self.lora, frozen_weights=self.frozen_weights, **kw)
         attn_bsd = attention(ln_bsd, mask, self.deterministic, kv_cache)
         if kv_cache is not None:
             attn_bsd, kv_cache = attn_bsd
@@ -296,7 +324,7 @@ class Block(nn.Module):
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="post_attention_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
         mlp_bsd = Mlp(cfg, name="mlp", decode_weights=self.decode_weights, kernels=self.kernels, lora=self.lora,
-                      deterministic=self.deterministic, **kw)(ln_bsd)
+                      deterministic=self.deterministic, frozen_weights=self.frozen_weights, **kw)(ln_bsd)
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(mlp_bsd, deterministic=self.deterministic)
         return nn.with_logical_constraint(x_bsd, ACT_BSD), kv_cache
 
@@ -320,6 +348,8 @@ class BloomForCausalLM(nn.Module):
         gather (`bloom_jax.kernels.Kernels`); None: `Kernels.create()` for JAX's default backend.
       lora: low-rank adapters on the linear layers it names (`bloom_jax.lora.LoraConfig`): parameters `lora_a`
         and `lora_b` beside each targeted kernel.
+      frozen_weights: None, or a key of `bloom_jax.quantize.FROZEN_FORMATS`: the linear layers' kernels stored
+        quantized (a QLoRA base, for training adapters beside it).
     """
 
     config: BloomConfig
@@ -330,6 +360,7 @@ class BloomForCausalLM(nn.Module):
     decode_weights: str | None = None
     kernels: Kernels | None = None
     lora: LoraConfig | None = None
+    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, deterministic: bool = True,
@@ -404,10 +435,13 @@ class BloomForCausalLM(nn.Module):
         if self.remat_policy != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=kernels, lora=self.lora)
+                  kernels=kernels, lora=self.lora, frozen_weights=self.frozen_weights)
         if self.decode_weights is not None and self.decode_weights not in DECODE_WEIGHTS:
             raise BloomJaxError(f"unknown decode weights {self.decode_weights!r} "
                                 f"(choose from {', '.join(DECODE_WEIGHTS)})")
+        if self.frozen_weights is not None and self.frozen_weights not in FROZEN_FORMATS:
+            raise BloomJaxError(f"unknown frozen weights {self.frozen_weights!r} "
+                                f"(choose from {', '.join(FROZEN_FORMATS)})")
         if not self.scan_layers:
             return [block_cls(self.config, deterministic, **kw, name=f"h_{i}") for i in range(self.config.n_layer)]
         scanned = nn.scan(
@@ -437,10 +471,6 @@ def unstack_layers(params: dict) -> dict:
     return out
 
 
-# Input axes of each kernel (after any layers axis): a kernel is [*in, *out].
-_KERNEL_IN_AXES = {"query_key_value": 1, "dense": 2, "dense_h_to_4h": 1, "dense_4h_to_h": 1}
-
-
 def to_decode_weights(params: dict, decode_weights: str) -> dict:
     """Float parameters (scanned or unrolled layout) as those of the same model with `decode_weights`: kernels
     transposed out-major, kernels and the embedding stored in that dtype. int8 is symmetric per output channel
@@ -456,7 +486,7 @@ def to_decode_weights(params: dict, decode_weights: str) -> dict:
             out[path] = value
             continue
         value = jnp.asarray(value)
-        n_in = 1 if name == "embedding" else _KERNEL_IN_AXES[path[-2]]  # the embedding is already out-major
+        n_in = 1 if name == "embedding" else KERNEL_IN_AXES[path[-2]]  # the embedding is already out-major
         if name == "kernel":
             lead = 1 if path[0] == "h" else 0
             axes = tuple(range(value.ndim))

@@ -16,8 +16,9 @@ from bloom_jax.config import configs_dir
 from bloom_jax.errors import BloomJaxError
 
 SCHEDULES = ("cosine", "linear", "constant")
-# How a LoRA run stores its frozen base weights (`lora.base`): plain, or quantized for QLoRA.
-LORA_BASES = ("float32", "bfloat16")
+# How a LoRA run stores its frozen base weights (`lora.base`): plain, or the linear layers quantized for QLoRA
+# (bloom_jax.quantize; the rest in bfloat16).
+LORA_BASES = ("float32", "bfloat16", "int8", "nf4")
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # = bloom_jax.lora.TARGETS
 
 

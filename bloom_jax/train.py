@@ -53,6 +53,7 @@ from bloom_jax.log import get_logger
 from bloom_jax.lora import ADAPTER_LEAVES, LoraConfig, merge_trees, split_adapters
 from bloom_jax.losses import LOSS_CHUNK_TOKENS, next_token_loss
 from bloom_jax.model import BloomForCausalLM, forward_flops, init_params, make_model
+from bloom_jax.quantize import FROZEN_FORMATS, quantize_base
 from bloom_jax.recipe import TrainConfig, data_files
 from bloom_jax.sharding import ShardingPlan, make_mesh
 from bloom_jax.tokenizer import Tokenizer, train_tokenizer
@@ -174,10 +175,13 @@ class Trainer:
         self.dropout = cfg.dropout or (self.lora is not None and self.lora.dropout > 0)
         config = (self.model_config if cfg.dropout
                   else dataclasses.replace(self.model_config, hidden_dropout=0.0, attention_dropout=0.0))
+        # A LoRA run's base in lora.base: plain float, or its linear layers quantized (the rest in bfloat16).
+        self.frozen_weights = cfg.lora_base if self.lora and cfg.lora_base in FROZEN_FORMATS else None
+        self.base_dtype = "bfloat16" if self.frozen_weights else cfg.lora_base
         self.model = make_model(config, dtype=cfg.compute_dtype, scan_layers=cfg.scan_layers,
-                                param_dtype=cfg.lora_base if self.lora else cfg.param_dtype,
+                                param_dtype=self.base_dtype if self.lora else cfg.param_dtype,
                                 remat_policy=cfg.remat_policy, kernels=cfg.kernels, attention=cfg.attention,
-                                lora=self.lora)
+                                lora=self.lora, frozen_weights=self.frozen_weights)
         self.optimizer = make_optimizer(cfg)
         self.tokenizer = self._tokenizer()
         self._stop_signal: int | None = None
@@ -235,6 +239,14 @@ class Trainer:
         return from_pretrained(self.init_from, mesh=self.sharding.mesh, dtype=self.cfg.compute_dtype,
                                param_dtype=param_dtype, rules=self.sharding.rules, scan_layers=self.cfg.scan_layers)[1]
 
+    def _frozen_base(self, shardings) -> dict:
+        """A LoRA run's base from init_from, in lora.base's format, placed by `shardings`."""
+        base = self._pretrained(self.base_dtype)
+        if self.frozen_weights is None:
+            return base
+        log.info(f"quantizing the base's linear layers to {self.frozen_weights}")
+        return quantize_base(base, self.frozen_weights, shardings, consume=True)
+
     def _initial_state(self, state_shardings) -> dict:
         if self.init_from is not None and self.lora is None:
             params = self._pretrained(self.cfg.param_dtype)
@@ -263,7 +275,7 @@ class Trainer:
         state_shardings = jax.tree.map(lambda s: s.sharding, abstract_state)
         frozen_shardings = jax.tree.map(lambda s: s.sharding, abstract_frozen)
         # A LoRA run's base, frozen: an argument of every step, never donated, never checkpointed.
-        frozen = self._pretrained(self.cfg.lora_base) if self.lora is not None else None
+        frozen = self._frozen_base(frozen_shardings) if self.lora is not None else None
         data_sharding, replicated = plan.batch_sharding(), plan.replicated
         step_fn = jax.jit(
             lambda state, tokens, frozen: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed,
