@@ -3,6 +3,9 @@
 
 - Full fine-tunes (bf16 compute, fp32 master weights and AdamW moments, full remat, sequence 2048): bloom-560m on
   one v5e chip (the largest micro-batch that fits), bloom-1b7 on a v5e-8 (fsdp=8), bloom-7b1 on a v5p-8 (4 chips).
+- LoRA and QLoRA (rank 16 on all four linear layers, fp32 adapters and AdamW, full remat): bloom-7b1 at sequence
+  1024 on a bf16 base and at 2048 on an nf4 base on one v5e chip (the largest micro-batch that fits), bloom-1b7
+  on a v5e-8 (fsdp=8) beside its full fine-tune; per chip: base, adapters, optimizer, the rest, total.
 - BLOOM-176B training (sequence 2048, one sequence per fsdp shard) and generation (one decode step, batch 1 and
   32, a bf16 KV cache of 2048 positions): per-chip memory by slice size on v4, v5p and v6e, and the smallest
   slice that fits.
@@ -28,26 +31,28 @@ from common import log, markdown_table  # noqa: E402
 from bloom_jax.devices import ACCELERATORS  # noqa: E402
 
 
-def plan(model: str, device: str, mesh: str, task: str, seq: int, batch: int | None = None) -> dict:
+def plan(model: str, device: str, mesh: str, task: str, seq: int, batch: int | None = None,
+         extra: tuple[str, ...] = ()) -> dict:
     command = [sys.executable, "-m", "bloom_jax.cli", "plan", "--model", model, "--mesh", mesh, "--task", task,
-               "--seq", str(seq), "--device", device, "--compiler", "tpu"] + (["--batch", str(batch)] if batch else [])
+               "--seq", str(seq), "--device", device, "--compiler", "tpu", *extra]
+    command += ["--batch", str(batch)] if batch else []
     start = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(command[2:])} failed: {out.stderr.strip().splitlines()[-1]}")
     result = json.loads(out.stdout)
     gib = result["per_device_gib"]
-    total = gib.get("total", gib.get("total_at_least"))
-    log(f"{model} {task} {device} {mesh} batch {result['batch']}: {total:.2f} GiB, fits {result['fits']} "
+    total = gib["total"]
+    log(f"{model} {task} {' '.join(extra)} {device} {mesh} batch {result['batch']}: {total:.2f} GiB, fits {result['fits']} "
         f"({time.perf_counter() - start:.0f} s)")
     return {**result, "gib": total}
 
 
 def cell(result: dict) -> str:
     gib = result["per_device_gib"]
-    if "total" in gib:
+    if "compiler_hbm_gib" not in result:
         return f"{gib['total']:.2f} (temporaries {gib['temporaries']:.2f})"
-    return f"does not fit: temporaries {gib['temporaries']:.2f} > {result['compiler_hbm_gib']} HBM"
+    return f"refused: {gib['total']:.2f} > {result['compiler_hbm_gib']} HBM"
 
 
 def fine_tunes(quick: bool) -> None:
@@ -71,6 +76,35 @@ def fine_tunes(quick: bool) -> None:
     print("Full fine-tunes at sequence 2048 (bf16 compute, fp32 master weights and AdamW, full remat), per chip "
           f"GiB from the TPU compiler; bloom-560m on one v5e chip fits up to micro-batch {fitting}")
     print(markdown_table(["step", "GiB per chip", "fits"], rows))
+
+
+LORA = ("--lora-rank", "16")
+
+
+def parts_row(name: str, result: dict) -> list[str]:
+    """A table row: base (or trained weights), adapters, optimizer, the rest (activations and temporaries), total."""
+    parts, gib = result.get("arguments_gib", {}), result["per_device_gib"]
+    refused = "compiler_hbm_gib" in result
+    rest = gib["total"] - sum(parts.values())
+    return [name, f"{parts.get('weights', 0):.2f}", f"{parts.get('adapters', 0):.3f}", f"{parts.get('optimizer', 0):.3f}",
+            f"{rest:.2f}", f"{gib['total']:.2f}" + (f" > {result['compiler_hbm_gib']}: refused" if refused else ""),
+            "yes" if result["fits"] else "no"]
+
+
+def lora_fine_tunes(quick: bool) -> None:
+    rows = []
+    for model, seq, base in (("bloom-7b1", 1024, "bfloat16"), ("bloom-7b1", 2048, "nf4")):
+        for batch in (1, 2) if quick else (1, 2, 4, 8, 16):
+            result = plan(model, "v5e", "fsdp=1", "train", seq, batch, (*LORA, "--lora-base", base))
+            rows.append(parts_row(f"{model} LoRA, {base} base, seq {seq}, v5e-1, batch {batch}", result))
+            if not result["fits"]:
+                break
+    for name, extra in (("LoRA, bf16 base", (*LORA, "--lora-base", "bfloat16")), ("full fine-tune", ())):
+        result = plan("bloom-1b7", "v5e", "fsdp=8", "train", 2048, 8, extra)
+        rows.append(parts_row(f"bloom-1b7 {name}, seq 2048, v5e-8 (fsdp=8), batch 8", result))
+    print("LoRA (rank 16, all four linear layers) and full fine-tunes, GiB per chip from the TPU compiler: the base "
+          "(or trained weights), fp32 adapters, AdamW moments, the rest (activations, temporaries), total")
+    print(markdown_table(["step", "base", "adapters", "optimizer", "rest", "total", "fits"], rows))
 
 
 BLOOM_176B = {  # name -> (task, batch or None, seq)
@@ -103,10 +137,12 @@ def bloom_176b(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer batch and slice sizes")
-    parser.add_argument("--only", choices=("fine-tunes", "bloom-176b"), default=None)
+    parser.add_argument("--only", choices=("fine-tunes", "lora", "bloom-176b"), default=None)
     args = parser.parse_args()
     if args.only in (None, "fine-tunes"):
         fine_tunes(args.quick)
+    if args.only in (None, "lora"):
+        lora_fine_tunes(args.quick)
     if args.only in (None, "bloom-176b"):
         bloom_176b(args.quick)
 

@@ -289,8 +289,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
     config = load_config(args.model)
     target = f"{devices} {tpu} chips" if tpu else f"{devices} devices"
     log.info(f"compiling a {args.task} step of {args.model} for {target} ({args.mesh})")
+    lora = None
+    if args.lora_rank:
+        from bloom_jax.lora import LoraConfig
+
+        if args.task != "train":
+            raise BloomJaxError("plan: --lora-rank plans a train step (--task train)")
+        lora = LoraConfig(rank=args.lora_rank, targets=tuple(args.lora_targets.split(",")))
     result = plan.plan_step(config, args.mesh, args.task, args.batch, args.seq, rules=args.rules, tpu=tpu,
-                            chips=devices, kernels=args.kernels, attention=args.attention)
+                            chips=devices, kernels=args.kernels, attention=args.attention,
+                            remat_policy=args.remat_policy, lora=lora, lora_base=args.lora_base,
+                            scan_layers=args.layers == "scanned", loss_chunk_tokens=args.loss_chunk_tokens)
     print(json.dumps({"model": args.model, **plan.describe(result, limit)}))
 
 
@@ -426,6 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiler", choices=("auto", "tpu", "xla-cpu"), default="auto",
                    help="who compiles the step: auto (the TPU compiler for a TPU --device when libtpu is installed, "
                         "else XLA:CPU as a stand-in)")
+    p.add_argument("--remat-policy", choices=("none", "full", "dots", "dots_no_batch"), default="full",
+                   help="activation checkpointing of the train step")
+    p.add_argument("--layers", choices=("scanned", "unrolled"), default="scanned",
+                   help="the blocks under one scan, or one by one (the recipe key scan_layers)")
+    p.add_argument("--loss-chunk-tokens", type=_positive_int, default=1024,
+                   help="tokens per device whose logits the loss makes at once")
+    p.add_argument("--lora-rank", type=_positive_int, default=None,
+                   help="plan a LoRA fine-tune: adapters of this rank, the base frozen")
+    p.add_argument("--lora-targets", default="query_key_value,dense,dense_h_to_4h,dense_4h_to_h",
+                   help="comma-separated layers given adapters")
+    p.add_argument("--lora-base", choices=("bfloat16", "float32", "int8", "nf4"), default="bfloat16",
+                   help="how the frozen base is stored (int8, nf4: QLoRA)")
     _kernel_flags(p)
     return parser
 

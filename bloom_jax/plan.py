@@ -19,18 +19,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from bloom_jax.cache import KVCache
 from bloom_jax.config import BloomConfig
 from bloom_jax.devices import accelerator
 from bloom_jax.errors import BloomJaxError, one_line
 from bloom_jax.kernels import Kernels
-from bloom_jax.losses import next_token_loss
+from bloom_jax.lora import LoraConfig, split_adapters
+from bloom_jax.losses import LOSS_CHUNK_TOKENS
 from bloom_jax.model import make_model
+from bloom_jax.quantize import FROZEN_FORMATS
 from bloom_jax.recipe import TrainConfig
 from bloom_jax.sharding import ShardingPlan, make_mesh, mesh_spec_sizes
-from bloom_jax.train import make_optimizer, optimizer_shardings
+from bloom_jax.train import make_optimizer, optimizer_shardings, train_step
 
 TASKS = ("train", "forward", "generate")
 
@@ -51,6 +52,9 @@ class Plan:
     flops_per_device: float
     compiler: str = "XLA:CPU (stand-in)"
     hbm_gib: float | None = None  # what the TPU compiler said a chip has, when it refused the step
+    # Per-device bytes of the train step's arguments by kind: "weights" (trained, or a LoRA run's frozen base),
+    # "adapters", "optimizer" (AdamW's moments of what is trained).
+    parts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -112,14 +116,19 @@ def tpu_devices(device: str, chips: int) -> list:
 
 def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None, seq: int,
               rules: str = "fsdp_tensor", remat_policy: str = "full", tpu: str | None = None,
-              chips: int | None = None, kernels: str = "auto", attention: str = "auto") -> Plan:
+              chips: int | None = None, kernels: str = "auto", attention: str = "auto",
+              lora: LoraConfig | None = None, lora_base: str = "bfloat16", scan_layers: bool = True,
+              loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> Plan:
     """Compiles one step for `config` and returns its analysed memory: with `tpu` (v4, v5e, v5p, v6e) by the TPU
     compiler for a slice of `chips` chips (default: the mesh's size), else on a mesh of this process's devices.
 
-    train: bf16 compute, fp32 master weights and AdamW state, activation checkpointing (`remat_policy`),
-      state donated. forward: bf16 weights and compute, logits of every position. generate: one decode step
-      with a bf16 KV cache of `seq` positions (donated), bf16 weights. `kernels` and `attention` are those of
-      the target (`bloom_jax.kernels.Kernels.create` for its platform).
+    train: the trainer's `train_step`: bf16 compute, fp32 master weights and AdamW state, activation
+      checkpointing (`remat_policy`), state donated; with `lora`, fp32 adapters and their AdamW state beside a
+      frozen base stored in `lora_base` (bfloat16, float32, or int8 / nf4 linear layers). forward: bf16
+      weights and compute, logits of every position. generate: one decode step with a bf16 KV cache of `seq`
+      positions (donated), bf16 weights. `kernels` and `attention` are those of the target
+      (`bloom_jax.kernels.Kernels.create` for its platform); `scan_layers` and `loss_chunk_tokens` as the recipe
+      keys of the same names.
     """
     if task not in TASKS:
         raise BloomJaxError(f"plan: unknown task {task!r} (choose from {', '.join(TASKS)})")
@@ -130,30 +139,42 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
     mesh = make_mesh(mesh_spec, devices)
     batch = batch or mesh.shape["slice"] * mesh.shape["data"] * mesh.shape["fsdp"]  # one sequence per data shard
     training = task == "train"
-    model = make_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32 if training else jnp.bfloat16,
+    frozen_weights = lora_base if lora is not None and lora_base in FROZEN_FORMATS else None
+    if lora is not None:
+        param_dtype = jnp.bfloat16 if frozen_weights else jnp.dtype(lora_base)
+    else:
+        param_dtype = jnp.float32 if training else jnp.bfloat16
+    model = make_model(config, dtype=jnp.bfloat16, param_dtype=param_dtype, scan_layers=scan_layers,
                        remat_policy=remat_policy if training else "none",
-                       kernels=Kernels.create(kernels, attention, platform))
+                       kernels=Kernels.create(kernels, attention, platform), lora=lora, frozen_weights=frozen_weights)
     # Generation at batch 1: every data shard sees the whole batch.
     sharding = ShardingPlan.create(mesh, rules).for_batch(batch)
     params = sharding.abstract_params(model)
+    parts: dict[str, int] = {}
 
     if training:
+        frozen, param_shardings = None, sharding.param_shardings(model)
+        if lora is not None:
+            frozen, params = split_adapters(params)
+            param_shardings = split_adapters(param_shardings)[1]
         optimizer = make_optimizer(TrainConfig.from_yaml("bloom-176b"))  # tr11's AdamW
         opt_state = jax.eval_shape(optimizer.init, params)
-        opt_shardings = optimizer_shardings(optimizer, opt_state, sharding.param_shardings(model), mesh)
+        opt_shardings = optimizer_shardings(optimizer, opt_state, param_shardings, mesh)
         opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  opt_state, opt_shardings)
+        replicated = sharding.replicated
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "params": params,
+                 "opt_state": opt_state}
+        state_shardings = jax.tree.map(lambda s: s.sharding, state)
         # Windows of seq + 1 tokens: the model sees seq of them.
         tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=sharding.batch_sharding())
-
-        def step(p, state, tokens):
-            loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, tokens))(p)
-            updates, state = optimizer.update(grads, state, p)
-            return optax.apply_updates(p, updates), state, loss
-
-        fn = jax.jit(step, out_shardings=(sharding.param_shardings(model), opt_shardings, sharding.replicated),
-                     donate_argnums=(0, 1))
-        args = (params, opt_state, tokens)
+        fn = jax.jit(lambda state, tokens, frozen: train_step(model, optimizer, 1, 0, False, state, tokens,
+                                                              loss_chunk_tokens, frozen),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        args = (state, tokens, frozen)
+        parts = {"weights": _argument_bytes(frozen if lora is not None else params),
+                 "adapters": _argument_bytes(params) if lora is not None else 0,
+                 "optimizer": _argument_bytes(opt_state)}
     elif task == "generate":
         # One decode step of a batch whose KV cache holds `seq` positions (the memory high point of generation).
         cache = jax.eval_shape(lambda: KVCache.init(config, batch, seq, jnp.bfloat16))
@@ -170,7 +191,8 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
         args = (params, jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding()))
 
-    common = dict(task=task, devices=mesh.size, mesh=dict(mesh.shape), batch=batch, seq=seq, compiler=compiler)
+    common = dict(task=task, devices=mesh.size, mesh=dict(mesh.shape), batch=batch, seq=seq, compiler=compiler,
+                  parts=parts)
     with sharding.context():
         lowered = fn.lower(*args)
         try:
@@ -179,9 +201,11 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
             exhausted = _OUT_OF_HBM.search(str(e))
             if exhausted is None:
                 raise
-            needed, available = (float(g) * 2**30 for g in exhausted.groups())
-            return Plan(**common, argument_bytes=_argument_bytes(args), output_bytes=0, alias_bytes=0,
-                        temp_bytes=int(needed), flops_per_device=0.0, hbm_gib=available / 2**30)
+            needed, available = (float(g) * 2**30 for g in exhausted.groups() if g is not None)
+            arguments = _argument_bytes(args)
+            return Plan(**common, argument_bytes=arguments, output_bytes=0, alias_bytes=0,
+                        temp_bytes=max(0, int(needed) - arguments), flops_per_device=0.0,
+                        hbm_gib=available / 2**30)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -191,8 +215,14 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
 
 
 # "Ran out of memory on HBM, the total memory required for HLO temporaries (30.60G) exceeds available HBM
-# (15.75G)": the TPU compiler's refusal, the only place it gives the figure (G: GiB).
-_OUT_OF_HBM = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+# (15.75G)": the TPU compiler's refusal, the only place it gives the figure (G: GiB). Despite the wording the
+# figure is the whole requirement, arguments included: it equals the "Total bytes" of the compiler's memory-usage
+# report (XLA_FLAGS=--xla_dump_to), which for a step that fits is arguments + temporaries (bloom-1b7 LoRA on one
+# v5e: 5.95 GiB there, 3.35 + 2.70 from memory_analysis); a BLOOM-176B decode step at batch 1 on 8 v6e chips
+# asked for 46.8 G, of which 41 GiB are its weights. Near the limit it says instead "Ran out of memory in memory
+# space hbm. Used 15.76G of 15.75G hbm."
+_OUT_OF_HBM = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)"
+                         r"|Used ([\d.]+)G of ([\d.]+)G hbm")
 
 
 def _argument_bytes(args) -> int:
@@ -228,10 +258,12 @@ def describe(plan: Plan, limit_gib: float | None) -> dict[str, Any]:
             ("temporaries", plan.temp_bytes), ("total", plan.total_bytes))},
         "tflops_per_device": round(plan.flops_per_device / 1e12, 3),
     }
-    if plan.hbm_gib is not None:  # refused by the TPU compiler: only the temporaries are known
+    if plan.parts:
+        out["arguments_gib"] = {name: round(value / gib, 3) for name, value in plan.parts.items()}
+    if plan.hbm_gib is not None:  # refused by the TPU compiler: its figure is the total it asked for
         out["per_device_gib"] = {"arguments": round(plan.argument_bytes / gib, 3),
                                  "temporaries": round(plan.temp_bytes / gib, 3),
-                                 "total_at_least": round((plan.argument_bytes + plan.temp_bytes) / gib, 3)}
+                                 "total": round((plan.argument_bytes + plan.temp_bytes) / gib, 3)}
         out["compiler_hbm_gib"] = plan.hbm_gib
     if limit_gib is not None or plan.hbm_gib is not None:
         out["limit_gib"] = limit_gib if limit_gib is not None else plan.hbm_gib

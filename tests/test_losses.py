@@ -57,6 +57,26 @@ def test_the_loss_alone_computes_no_gradient_terms(setup):
     assert text.count(" dot(") == 1  # the logits' product only: no gradient products without a gradient
 
 
+def test_a_frozen_table_gets_no_gradient_and_no_table_sized_buffer(setup):
+    """LoRA freezes the tied embedding: the chunked loss then gives the hidden states' gradient of the plain path
+    and makes no f32 [V, d] table gradient (bloom-7b1's would be 3.8 GiB)."""
+    model, params, tokens, _, _ = setup
+    hidden = model.apply({"params": params}, tokens[:, :-1], return_hidden=True)
+    table, targets = params["word_embeddings"]["embedding"], tokens[:, 1:]
+
+    def plain(h):
+        logits = jnp.einsum("bsd,vd->bsv", h, table, preferred_element_type=jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    grad_chunked = jax.jit(jax.grad(lambda h: tied_head_cross_entropy(h, table, targets, 5)))
+    want = np.asarray(jax.grad(plain)(hidden))
+    assert np.max(np.abs(np.asarray(grad_chunked(hidden)) - want)) <= 1e-6 * np.max(np.abs(want))
+    table_gradient = "bcv,bcd->vd"  # the einsum of d_table, named in the compiled program's metadata
+    assert table_gradient not in grad_chunked.lower(hidden).compile().as_text()
+    both = jax.jit(jax.grad(lambda h, t: tied_head_cross_entropy(h, t, targets, 5), argnums=(0, 1)))
+    assert table_gradient in both.lower(hidden, table).compile().as_text()  # which it makes when differentiated
+
+
 def test_bfloat16_chunked_loss_is_close_to_the_plain_one(setup):
     _, params, tokens, _, _ = setup
     model = make_model(tiny_config(), dtype=jnp.bfloat16, param_dtype=jnp.float32)
