@@ -177,10 +177,9 @@ def _frozen_product(x: jax.Array, stored: dict, n_in: int, fmt: str, dtype) -> j
 
 
 def _product(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    """x [..., *in] . kernel [*in, *out] -> [..., *out], as one product of [in, out] matrices: the kernel's axes
-    merged (a bitcast in its row-major layout) so that no size-3 axis ([n, 3, h] of the fused query-key-value)
-    sits among the minor ones, where the TPU compiler pads it to its tile and relayouts the whole stacked kernel
-    first (a 2.81 GiB copy of bloom-7b1's, found in the compiler's memory report)."""
+    """x [..., *in] . kernel [*in, *out] -> [..., *out], as one product of [in, out] matrices (the axes merged: a
+    bitcast in the row-major layout). The same arithmetic; in bloom-560m's unrolled training gradient on XLA:CPU,
+    600 fewer ops (of 25,900) and 0.4 GiB less peak memory, at the same step time."""
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
     lead = x.shape[: x.ndim - n_in]
     size_in, size_out = math.prod(in_shape), math.prod(out_shape)
