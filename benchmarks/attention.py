@@ -20,11 +20,10 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import log, machine, markdown_table  # noqa: E402
+from common import log, machine, markdown_table, median_seconds, run_times  # noqa: E402
 
 
 def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
@@ -34,18 +33,7 @@ def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
 
     a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
     matmul = jax.jit(jnp.matmul)
-    return 2 * n**3 / statistics.median(timed(lambda: matmul(a, b).block_until_ready(), repeats))
-
-
-def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return 2 * n**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
 
 
 def attention_flops(b: int, n: int, s: int, h: int) -> float:
@@ -91,7 +79,7 @@ def main() -> None:
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
             log(f"{shape}: {name}")
             try:
-                times = timed(lambda step=step: jax.block_until_ready(step(q, k, v)), args.repeats)
+                times = run_times(lambda step=step: jax.block_until_ready(step(q, k, v)), args.repeats)
             except Exception as error:  # an implementation that does not fit or does not apply: say so, go on
                 first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 rows.append([shape, name, "failed: " + first_line[:80], "", "", ""])

@@ -16,8 +16,8 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` runs."""
+def run_times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times of `repeats` runs of `fn()` after `warmup` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -25,7 +25,12 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` runs after `warmup` runs."""
+    return statistics.median(run_times(fn, repeats, warmup))
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,

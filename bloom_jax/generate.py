@@ -258,8 +258,9 @@ def _decode_layout(scan_layers: bool | None) -> bool:
 
 def with_adapter(model: BloomForCausalLM, params: dict, adapter: str | os.PathLike, merge: bool,
                  sharding: ShardingPlan | None = None) -> tuple[BloomForCausalLM, dict]:
-    """(model, params) with a peft LoRA adapter: folded into the kernels (`merge`), or beside them (the model
-    given the adapters' `LoraConfig`, their weights placed by the rules' shardings)."""
+    """(model, params) with a peft LoRA adapter: folded into the kernels (`merge`: computed in float32, stored in
+    the kernels' dtype, so a bfloat16 base rounds the sum), or beside them (the model given the adapters'
+    `LoraConfig`, their float32 weights placed by the rules' shardings)."""
     from bloom_jax.checkpoints.peft import load_adapter
 
     lora, adapters, _ = load_adapter(adapter, model.config, model.scan_layers)

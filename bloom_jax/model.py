@@ -177,15 +177,10 @@ def _frozen_product(x: jax.Array, stored: dict, n_in: int, fmt: str, dtype) -> j
 
 
 def _product(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    """x [..., *in] . kernel [*in, *out] -> [..., *out], as one product of [in, out] matrices (the axes merged: a
-    bitcast in the row-major layout). The same arithmetic; in bloom-560m's unrolled training gradient on XLA:CPU,
-    600 fewer ops (of 25,900) and 0.4 GiB less peak memory, at the same step time."""
-    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
-    lead = x.shape[: x.ndim - n_in]
-    size_in, size_out = math.prod(in_shape), math.prod(out_shape)
-    y = lax.dot_general(x.reshape(*lead, size_in), kernel.reshape(size_in, size_out),
-                        (((len(lead),), (0,)), ((), ())))
-    return y.reshape(*lead, *out_shape)
+    """x [..., *in] . kernel [*in, *out] -> [..., *out]. (Merging the axes into one [in, out] product instead cost
+    the TPU compiler's BLOOM-176B decode step 1.2 GiB more per v5p chip, 87.1 against 85.9.)"""
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return lax.dot_general(x, kernel, (contract, ((), ())))
 
 
 class Embed(nn.Module):

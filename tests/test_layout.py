@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bloom_jax"
 LAYERS = [
     ["errors", "log", "platforms"],
     ["config", "devices", "runtime", "distributed", "tokenizer"],
-    ["recipe", "cache", "kernels.attention", "kernels.decode_matmul", "kernels.pick", "kernels.barriers"],
+    ["recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul", "kernels.pick",
+     "kernels.barriers"],
     ["kernels"],
     ["model"],
     ["losses", "sharding"],
@@ -23,7 +24,7 @@ LAYERS = [
     ["checkpoints.converted"],
     ["checkpoints.pretrained"],
     ["checkpoints.pipelines"],
-    ["checkpoints"],
+    ["checkpoints", "checkpoints.peft"],
     ["generate", "train"],
     ["plan"],
     ["cli"],
@@ -79,8 +80,8 @@ def test_the_model_loads_alone():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert eval(loaded) == ["bloom_jax", "bloom_jax.cache", "bloom_jax.config", "bloom_jax.errors",
                             "bloom_jax.kernels", "bloom_jax.kernels.attention", "bloom_jax.kernels.barriers",
-                            "bloom_jax.kernels.decode_matmul", "bloom_jax.kernels.pick", "bloom_jax.model",
-                            "bloom_jax.platforms"]
+                            "bloom_jax.kernels.decode_matmul", "bloom_jax.kernels.pick", "bloom_jax.lora",
+                            "bloom_jax.model", "bloom_jax.platforms", "bloom_jax.quantize"]
 
 
 def test_a_recipe_loads_without_jax():

@@ -153,13 +153,19 @@ def test_quickstart(assets, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_finetune(assets, tmp_path, monkeypatch):
     notebook = run_notebook("finetune", assets, tmp_path, monkeypatch)
-    run = tmp_path / "bloom-jax-finetune" / "runs" / "finetune"
-    assert (run / "final" / "params" / "_METADATA").is_file() and (run / "final" / "tokenizer.json").is_file()
+    workdir = tmp_path / "bloom-jax-finetune"
+    run = workdir / "runs" / "finetune"
+    # LoRA by default: the final output and the export are peft adapter directories.
+    for adapter in (run / "final", workdir / "adapter-peft"):
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9))
     assert metrics[-1]["loss"] < metrics[0]["loss"] and "eval_loss" in metrics[-1]
     text = printed(notebook)
     assert "before fine-tuning" in text and "after fine-tuning" in text
+    # peft, on transformers' model, loads the exported adapter and gives our logits (fp32 on CPU)
+    difference = float(re.search(r"peft's logits vs ours: max difference (\S+) of the largest", text).group(1))
+    assert difference <= 2e-5
     # Progress bars are Jupyter widgets (tqdm.auto), not text nor hidden: tokenizing and training show one each.
     widgets = [out for c in notebook.cells for out in c.get("outputs", [])
                if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]

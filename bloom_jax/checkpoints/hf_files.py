@@ -12,6 +12,7 @@ at once, where conversion and export hold one tensor at a time.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -281,6 +282,15 @@ def write_safetensors(directory: Path, tensors: list[tuple[str, tuple[int, ...]]
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / _SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return file_names
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], dtype=np.float32) -> bytes:
+    """A whole safetensors file in memory (small files: a LoRA adapter), every tensor stored in `dtype`."""
+    buffer = io.BytesIO()
+    _write_safetensors_header(buffer, [(name, value.shape) for name, value in tensors.items()], np.dtype(dtype))
+    for value in tensors.values():
+        buffer.write(np.ascontiguousarray(value, dtype).tobytes())
+    return buffer.getvalue()
 
 
 def _write_safetensors_header(f, shard: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> None:

@@ -10,7 +10,6 @@ with its name.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bloom_jax.checkpoints.hf import target_of
-from bloom_jax.checkpoints.hf_files import SafetensorsFile, _write_safetensors_header
+from bloom_jax.checkpoints.hf_files import SafetensorsFile, safetensors_bytes
 from bloom_jax.checkpoints.hub import resolve_model_dir
 from bloom_jax.checkpoints.storage import Destination
 from bloom_jax.config import BloomConfig
@@ -83,16 +82,8 @@ def save_adapter(adapters: dict, lora: LoraConfig, config: BloomConfig, dst: str
             tensors[peft_tensor_name(layer, target, "B")] = b.reshape(lora.rank, -1).T
     config_bytes = (json.dumps(adapter_config_json(lora, base_model_name_or_path), indent=2) + "\n").encode()
     with Destination(dst, overwrite) as out:
-        out.write_bytes(WEIGHTS_FILE, _safetensors_bytes(tensors))
+        out.write_bytes(WEIGHTS_FILE, safetensors_bytes(tensors))
         out.write_bytes(CONFIG_FILE, config_bytes)
-
-
-def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    _write_safetensors_header(buffer, [(name, value.shape) for name, value in tensors.items()], np.dtype(np.float32))
-    for value in tensors.values():
-        buffer.write(np.ascontiguousarray(value, np.float32).tobytes())
-    return buffer.getvalue()
 
 
 def read_adapter_config(location: str | os.PathLike) -> dict:
