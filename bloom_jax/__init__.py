@@ -22,6 +22,8 @@ _LAZY = {  # public name -> the module that defines it
     "init_params": "bloom_jax.model", "make_model": "bloom_jax.model",
     "from_pretrained": "bloom_jax.checkpoints", "save_pretrained": "bloom_jax.checkpoints",
     "Generator": "bloom_jax.generate",
+    "LoraConfig": "bloom_jax.lora", "load_adapter": "bloom_jax.checkpoints.peft",
+    "save_adapter": "bloom_jax.checkpoints.peft",
 }
 
 __all__ = sorted(_LAZY)

@@ -88,8 +88,10 @@ def test_train_help_lists_the_recipe_keys(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     for field in dataclasses.fields(TrainConfig):
-        assert f"  {field.name} (" in out, field.name
+        key = field.metadata["key"] or field.name  # the recipe's spelling: lora.rank for lora_rank
+        assert f"  {key} (" in out, key
     assert "seq_len (int, default 512): tokens per training window" in out
+    assert "lora.rank (int, default 0): LoRA rank r (0: full fine-tuning)" in out
     assert "init_from (str | None, default None):" in out and "train_data (list[str], default []):" in out
 
 
