@@ -27,7 +27,7 @@ from bloom_jax.kernels import Kernels
 from bloom_jax.kernels.attention import AttentionMask
 from bloom_jax.kernels.decode_matmul import DECODE_WEIGHTS
 from bloom_jax.lora import LoraConfig, lora_a_init
-from bloom_jax.quantize import FROZEN_FORMATS, KERNEL_IN_AXES, dequantize, stored_shapes
+from bloom_jax.quantize import FROZEN_FORMATS, KERNEL_IN_AXES, dequantize, int8_per_channel, stored_shapes
 
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
@@ -496,11 +496,8 @@ def to_decode_weights(params: dict, decode_weights: str) -> dict:
             value = value.transpose(axes[:lead] + axes[lead + n_in:] + axes[lead:lead + n_in])
         value = value.astype(jnp.float32)
         if decode_weights == "int8":
-            in_axes = tuple(range(value.ndim - n_in, value.ndim))
-            absmax = jnp.max(jnp.abs(value), axis=in_axes, keepdims=True)
-            scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+            value, scale = int8_per_channel(value, tuple(range(value.ndim - n_in, value.ndim)))
             out[path[:-1] + ("scale",)] = scale.reshape(scale.shape[: value.ndim - n_in])
-            value = jnp.clip(jnp.round(value / scale), -127, 127)
         out[path] = value.astype(DECODE_WEIGHTS[decode_weights])
     return unflatten_dict(out)
 

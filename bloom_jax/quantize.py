@@ -66,6 +66,14 @@ def stored_shapes(fmt: str, in_features: tuple[int, ...], out_features: tuple[in
             "kernel_absmax": ((*lead, last // nf4_block(last), *out_features), jnp.float32, block_axes)}
 
 
+def int8_per_channel(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(q int8, scale float32 with `in_axes` kept at size 1): symmetric per output channel, scale = max |w| / 127
+    over `in_axes` (1 where a channel is all zeros), w ~= scale * q. The int8 decode weights use it too."""
+    absmax = jnp.max(jnp.abs(w), axis=in_axes, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
 def quantize(kernel: jax.Array, n_lead: int, n_in: int, fmt: str) -> dict[str, jax.Array]:
     """A float kernel [*lead, *in, *out] stored in `fmt`: `n_lead` leading (stacked layer) axes, `n_in` input
     axes."""
@@ -73,9 +81,7 @@ def quantize(kernel: jax.Array, n_lead: int, n_in: int, fmt: str) -> dict[str, j
     w = kernel.astype(jnp.float32)
     in_axes = tuple(range(n_lead, n_lead + n_in))
     if fmt == "int8":
-        absmax = jnp.max(jnp.abs(w), axis=in_axes, keepdims=True)
-        scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-        q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+        q, scale = int8_per_channel(w, in_axes)
         return {"kernel": q, "kernel_scale": jnp.squeeze(scale, axis=in_axes)}
     axis = in_axes[-1]  # the last input axis: blocks and pairs run along it
     last = w.shape[axis]
@@ -134,10 +140,5 @@ def stored_names(fmt: str) -> tuple[str, str]:
     return ("kernel", "kernel_scale") if fmt == "int8" else ("kernel", "kernel_absmax")
 
 
-def stored_bytes_per_weight(fmt: str, last_in: int = 1024) -> float:
-    """Bytes a weight takes in `fmt` (the scales shared by an output channel count as nothing)."""
-    return 1.0 if fmt == "int8" else 0.5 + 4 / nf4_block(last_in)
-
-
 __all__ = ["FROZEN_FORMATS", "KERNEL_IN_AXES", "NF4_BLOCK", "NF4_LEVELS", "dequantize", "nf4_block", "quantize",
-           "quantize_base", "stored_bytes_per_weight", "stored_names", "stored_shapes"]
+           "quantize_base", "stored_names", "stored_shapes", "int8_per_channel"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bloom_jax.checkpoints.hf import target_of
+from bloom_jax.checkpoints.hf import get_path, target_of
 from bloom_jax.checkpoints.hf_files import SafetensorsFile, safetensors_bytes
 from bloom_jax.checkpoints.hub import resolve_model_dir
 from bloom_jax.checkpoints.storage import Destination
@@ -33,10 +33,6 @@ PREFIX = "base_model.model.transformer."
 _PARENT = {"query_key_value": "self_attention", "dense": "self_attention", "dense_h_to_4h": "mlp",
            "dense_4h_to_h": "mlp"}
 _TENSOR_RE = re.compile(r"^h\.(\d+)\.(self_attention|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-def is_adapter_dir(location: str | os.PathLike) -> bool:
-    return (Path(location) / CONFIG_FILE).is_file()
 
 
 def peft_tensor_name(layer: int, target: str, which: str) -> str:
@@ -72,9 +68,7 @@ def save_adapter(adapters: dict, lora: LoraConfig, config: BloomConfig, dst: str
     for layer in range(config.n_layer):
         for target in lora.targets:
             path, index = _module_path(layer, target, config, scan_layers)
-            module = adapters
-            for key in path:
-                module = module[key]
+            module = get_path(adapters, path)
             a, b = (np.asarray(module[leaf], np.float32) for leaf in ("lora_a", "lora_b"))
             if index is not None:
                 a, b = a[index], b[index]
@@ -233,5 +227,5 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
         export(Path(staging) / "merged", dst, overwrite=overwrite, progress=False)
 
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "adapter_config_json", "is_adapter_dir", "load_adapter",
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "adapter_config_json", "load_adapter",
            "merge_adapter", "peft_tensor_name", "read_adapter_config", "save_adapter"]

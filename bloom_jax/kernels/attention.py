@@ -135,7 +135,6 @@ def blockwise(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask
 # cuDNN's flash attention adds its masks as this bias (jax's `get_large_negative_number`): the dtype's most negative
 # value trips a cuDNN bug when two of them are subtracted.
 _CUDNN_MASKED = {jnp.dtype(jnp.bfloat16): -(2.0**41), jnp.dtype(jnp.float16): -(2.0**15)}
-CUDNN_DTYPES = tuple(_CUDNN_MASKED)
 
 
 def cudnn_applies(q_bnsh: jax.Array, k: jax.Array, mask: AttentionMask, dtype) -> bool:
@@ -314,5 +313,5 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise, "cudnn": cudnn}
 
-__all__ = ["CUDNN_DTYPES", "AttentionMask", "IMPLEMENTATIONS", "alibi_bias", "alibi_positions", "alibi_slopes",
+__all__ = ["AttentionMask", "IMPLEMENTATIONS", "alibi_bias", "alibi_positions", "alibi_slopes",
            "blockwise", "causal_padding_mask", "cudnn", "cudnn_applies", "reference", "relative_alibi_bias"]
