@@ -8,6 +8,9 @@ Two layouts of the layers: stacked [l, b*n, T, h] (for a scanned model, whose `n
 l arrays (for an unrolled model: each updated in place, none sliced or restacked per token). The key mask [b, T]
 marks the positions written with real tokens: ALiBi positions count its ones, so left padding and cached tokens
 get the positions transformers gives them.
+
+The write position `index` is one for the whole batch (int32 []), or one per row (int32 [b]) for a server's
+decode slots, whose sequences sit at different lengths (`bloom_jax.serving`): the write is then a scatter.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class KVCache:
     keys: jax.Array | tuple[jax.Array, ...]  # [l, b*n, T, h], or l arrays [b*n, T, h]
     values: jax.Array | tuple[jax.Array, ...]
     mask: jax.Array  # int32 [b, T]: 1 where a real token was written
-    index: jax.Array  # int32 []: where the next tokens go
+    index: jax.Array  # int32 [] or [b]: where the next tokens go (for all rows, or for each)
 
     @classmethod
     def init(cls, config: BloomConfig, batch: int, length: int, dtype=jnp.float32,
@@ -54,6 +57,11 @@ class KVCache:
         return isinstance(self.keys, tuple)
 
     @property
+    def per_row(self) -> bool:
+        """Whether each row has its own write position (a server's slots)."""
+        return jnp.ndim(self.index) == 1
+
+    @property
     def length(self) -> int:
         """T, the positions the cache has room for."""
         return self.mask.shape[1]
@@ -64,7 +72,10 @@ class KVCache:
 
     def with_new_tokens(self, attention_mask: jax.Array) -> jax.Array:
         """The key mask [b, T] once tokens with this mask [b, s] are written at `index`."""
-        return lax.dynamic_update_slice(self.mask, attention_mask.astype(self.mask.dtype), (0, self.index))
+        new_bs = attention_mask.astype(self.mask.dtype)
+        if self.per_row:
+            return _write_rows(self.mask, new_bs, self.index[: new_bs.shape[0]])
+        return lax.dynamic_update_slice(self.mask, new_bs, (0, self.index))
 
     def advance(self, keys: jax.Array | tuple[jax.Array, ...], values: jax.Array | tuple[jax.Array, ...],
                 mask: jax.Array, steps: int) -> KVCache:
@@ -92,10 +103,23 @@ def write_layer(keys_zth: jax.Array, values_zth: jax.Array, k_bnsh: jax.Array, v
     """One layer's cache [b*n, T, h] with the new keys and values [b, n, s, h] written at position `index`, in
     place, and constrained to the cache's logical sharding (the attention heads', batch first)."""
     b, n, s, h = k_bnsh.shape
-    start = (0, index, 0)
-    keys_zth = lax.dynamic_update_slice(keys_zth, k_bnsh.reshape(b * n, s, h).astype(keys_zth.dtype), start)
-    values_zth = lax.dynamic_update_slice(values_zth, v_bnsh.reshape(b * n, s, h).astype(values_zth.dtype), start)
+    k_zsh, v_zsh = k_bnsh.reshape(b * n, s, h).astype(keys_zth.dtype), v_bnsh.reshape(b * n, s, h).astype(
+        values_zth.dtype)
+    if jnp.ndim(index) == 1:  # a position per sequence (its first b), the same for its heads
+        index_z = jnp.repeat(index[:b], n)
+        keys_zth, values_zth = _write_rows(keys_zth, k_zsh, index_z), _write_rows(values_zth, v_zsh, index_z)
+    else:
+        keys_zth = lax.dynamic_update_slice(keys_zth, k_zsh, (0, index, 0))
+        values_zth = lax.dynamic_update_slice(values_zth, v_zsh, (0, index, 0))
     return nn.with_logical_constraint(keys_zth, LAYER_AXES), nn.with_logical_constraint(values_zth, LAYER_AXES)
+
+
+def _write_rows(cache_zt: jax.Array, new_zs: jax.Array, index_z: jax.Array) -> jax.Array:
+    """`cache_zt` [Z, T, ...] with its first z rows' new entries [z, s, ...] written from position index_z[i]
+    (one scatter, in place; rows past z untouched, positions past T dropped)."""
+    z, s = new_zs.shape[:2]
+    rows_zs = jnp.broadcast_to(jnp.arange(z)[:, None], (z, s))
+    return cache_zt.at[rows_zs, index_z[:, None] + jnp.arange(s)].set(new_zs, mode="drop")
 
 
 __all__ = ["KVCache", "LAYER_AXES", "write_layer"]

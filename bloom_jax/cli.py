@@ -17,7 +17,7 @@ from pathlib import Path
 from bloom_jax.errors import BloomJaxError, RunFailed
 from bloom_jax.log import get_logger
 
-log = get_logger(__name__)
+log = get_logger("bloom_jax.cli")  # not __name__: `python -m bloom_jax.cli` runs it as __main__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -173,14 +173,12 @@ def _sampling_args(args: argparse.Namespace) -> dict:
     return sampling
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    """Completes prompts: text streamed to stdout, or one JSON object per prompt with --json."""
-    from bloom_jax.generate import Generator, Sampling
+def _load_generator(args: argparse.Namespace):
+    """The `Generator` of `generate` and `serve`: the checkpoint with its decode weights, mesh and adapter, and
+    a tokenizer (required)."""
+    from bloom_jax.generate import Generator
     from bloom_jax.runtime import enable_compilation_cache, reuse_host_memory
 
-    prompts = _read_prompts(args)
-    sampling = _sampling_args(args)
-    Sampling(**sampling)  # bad values fail here, before the model is loaded
     enable_compilation_cache(args.compilation_cache)
     reuse_host_memory()
     mesh = None
@@ -194,6 +192,60 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                           adapter=args.adapter, merge_adapter=not args.unmerged)
     if generator.tokenizer is None:
         raise BloomJaxError(f"{args.checkpoint} has no tokenizer.json: cannot encode text prompts")
+    return generator
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serves a checkpoint over HTTP with OpenAI's API until SIGINT or SIGTERM."""
+    import os
+
+    from bloom_jax.checkpoints import read_side_file
+    from bloom_jax.serving.app import Server, serve
+    from bloom_jax.serving.chat import ChatTemplate
+    from bloom_jax.serving.engine import Engine
+
+    api_key = args.api_key or os.environ.get("BLOOM_JAX_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning(f"serving on {args.host} without an API key: anyone who reaches it can use it")
+    template = ChatTemplate.load(args.chat_template, None)  # a bad --chat-template fails before loading
+    _check_can_listen(args.host, args.port)
+    generator = _load_generator(args)
+    if generator.max_length is not None and args.max_length > generator.max_length:
+        raise BloomJaxError(f"--max-length {args.max_length} is beyond the model's length limit of "
+                            f"{generator.max_length} tokens")
+    template = ChatTemplate.load(args.chat_template, read_side_file(args.checkpoint, "tokenizer_config.json"))
+    if template is None:
+        log.info("no chat template (the tokenizer config has none, and no --chat-template): "
+                 "/v1/chat/completions will refuse requests")
+    engine = Engine(generator, max_slots=args.max_slots, max_length=args.max_length, max_queue=args.max_queue,
+                    chunk=args.prefill_chunk)
+    log.info(f"compiling ({args.max_slots} slots of {args.max_length} positions)")
+    engine.warm_up()  # and starts it
+    server = Server(engine, args.served_model_name or str(args.checkpoint), template, api_key)
+    serve(server, args.host, args.port, on_ready=lambda url: log.info(f"serving {server.limits.model} at {url}"))
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """A one-line error now, not after loading the model, when the address is taken or not ours."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:
+        raise BloomJaxError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Completes prompts: text streamed to stdout, or one JSON object per prompt with --json."""
+    from bloom_jax.generate import Sampling
+
+    prompts = _read_prompts(args)
+    sampling = _sampling_args(args)
+    Sampling(**sampling)  # bad values fail here, before the model is loaded
+    generator = _load_generator(args)
     if sampling.keys() & {"top_k", "top_p"} and "temperature" not in sampling and generator.defaults.sampling.greedy:
         sampling["temperature"] = 1.0  # a sampling flag alone samples
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling)
@@ -385,6 +437,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--adapter", default=None, help="a peft LoRA adapter directory (or hub id) for this checkpoint")
+    p.add_argument("--unmerged", action="store_true",
+                   help="apply the adapter beside the weights instead of folding it into them")
+    _kernel_flags(p)
+    p.add_argument("--compilation-cache", default=None,
+                   help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
+
+    p = command("serve", "serve a checkpoint over HTTP with OpenAI's API (completions, chat), batching requests",
+                cmd_serve)
+    p.add_argument("checkpoint", help="converted checkpoint, Hugging Face directory or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-slots", type=_positive_int, default=8,
+                   help="sequences decoded together (each holds a KV cache of --max-length positions)")
+    p.add_argument("--max-length", type=_positive_int, default=1024, help="prompt plus new tokens, at most")
+    p.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=512,
+                   help="longer prompts are prefilled this many tokens at a time, between decode steps")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: CHECKPOINT)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or its text) for /v1/chat/completions (default: the "
+                        "tokenizer config's)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                        "$BLOOM_JAX_API_KEY; none: no key)")
+    p.add_argument("--mesh", default=None, help="mesh spec to shard the weights over, e.g. tensor=4")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
     p.add_argument("--adapter", default=None, help="a peft LoRA adapter directory (or hub id) for this checkpoint")
     p.add_argument("--unmerged", action="store_true",
                    help="apply the adapter beside the weights instead of folding it into them")

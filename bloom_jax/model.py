@@ -257,7 +257,8 @@ class Attention(nn.Module):
         q_bnsh, k, v = qkv_3bnsh[0], qkv_3bnsh[1], qkv_3bnsh[2]
         if kv_cache is not None:  # the layer's cache, batch and heads merged (bloom_jax.cache)
             kv_cache = write_layer(*kv_cache, k, v, mask.query_start)
-            k, v = (c.astype(self.dtype) for c in kv_cache)
+            # A server's cache may hold more rows than this batch (its first rows): attention reads only those.
+            k, v = (c[: q_bnsh.shape[0] * n].astype(self.dtype) for c in kv_cache)
         dropout = None
         if cfg.attention_dropout > 0 and not deterministic:
             dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=False)
@@ -372,7 +373,8 @@ class BloomForCausalLM(nn.Module):
 
         `attention_mask` [b, s] is 1 for tokens and 0 for padding (left or right). With a `cache`
         (`bloom_jax.cache.KVCache`) the ids are the next positions after those cached: returns
-        `(logits, updated cache)`. `return_hidden`: the final hidden states [b, s, d] (after `ln_f`) instead
+        `(logits, updated cache)`; a cache with a write position per row may have more rows than the ids (a
+        server's slots): the ids are its first rows, the others are left as they are. `return_hidden`: the final hidden states [b, s, d] (after `ln_f`) instead
         of the logits, for a loss that applies the tied head itself (`bloom_jax.losses`).
         """
         cfg = self.config
@@ -394,7 +396,9 @@ class BloomForCausalLM(nn.Module):
         else:
             mask_bt = cache.with_new_tokens(mask_bs)
             dense = kernels.attention_at(s, mask_bt.shape[1]) == "reference"
-            mask = AttentionMask.create(mask_bt, cfg.n_head, s, cache.index, dense)
+            rows = ids_bs.shape[0]  # the cache's first rows (all of them but for a server's idle slots)
+            query_start = cache.index[:rows] if cache.per_row else cache.index
+            mask = AttentionMask.create(mask_bt[:rows], cfg.n_head, s, query_start, dense)
             x_bsd, keys, values = self._cached_blocks(deterministic, kernels, x_bsd, mask, cache)
             cache = cache.advance(keys, values, mask_bt, s)
 

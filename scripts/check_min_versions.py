@@ -11,6 +11,7 @@ transitive dependencies resolve as usual) into a scratch virtual environment, wi
 - generate from it (streamed through `tokenizers`' DecodeStream) and evaluate it;
 - export it to safetensors, as the snapshot of a hub repository in a local hub cache, then convert and run a
   forward pass from the hub id (huggingface_hub's `snapshot_download` in offline mode, tensorstore, Orbax);
+- serve a completion from it over HTTP, whole and streamed;
 - initialise and run a model sharded over a 2x4 mesh of simulated CPU devices.
 
 Each step's time and the installed versions go to stderr; the first failure shows the end of its output and
@@ -56,6 +57,25 @@ params = init_sharded(model, jax.random.key(0), mesh, rules)
 ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
 logits = sharded_forward(model, mesh, rules)(params, ids, jnp.ones_like(ids))
 assert logits.shape == (2, 8, model.config.vocab_size) and bool(jnp.isfinite(logits).all())
+"""
+
+# The server (starlette, uvicorn, prometheus_client) on the trained checkpoint: a completion, whole and streamed.
+SERVE = """
+import json, sys, urllib.request
+from bloom_jax.generate import Generator
+from bloom_jax.serving.app import Server, ServerThread
+from bloom_jax.serving.engine import Engine
+
+engine = Engine(Generator.from_pretrained(sys.argv[1]), max_slots=2, max_length=64).start()
+with ServerThread(Server(engine, "smoke").app()) as url:
+    for stream in (False, True):
+        body = json.dumps({"prompt": "import os", "max_tokens": 4, "temperature": 0, "stream": stream}).encode()
+        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            text = response.read().decode()
+        assert text.rstrip().endswith("data: [DONE]") if stream else json.loads(text)["choices"][0]["text"], text
+    assert "bloom_jax_generation_tokens_total" in urllib.request.urlopen(url + "/metrics").read().decode()
+engine.stop()
 """
 
 
@@ -151,6 +171,7 @@ def smoke_steps(venv: Venv, work: Path, snapshot: Path) -> list[tuple[str, list[
         ("convert", [cli, "convert", HUB_REPO, converted], {}),
         ("forward", [cli, "forward", converted, "--batch", "1", "--seq", "8"], {}),
         ("forward hub", [cli, "forward", HUB_REPO, "--batch", "1", "--seq", "8"], {}),
+        ("serve", [venv.python, "-c", SERVE, final], {}),
         ("sharded forward", [venv.python, "-c", SHARDED_FORWARD],
          {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
     ]

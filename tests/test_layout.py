@@ -25,8 +25,11 @@ LAYERS = [
     ["checkpoints.pretrained"],
     ["checkpoints.pipelines"],
     ["checkpoints", "checkpoints.peft"],
-    ["generate", "train"],
-    ["plan"],
+    ["generate", "train", "serving.chat", "serving.metrics"],
+    ["plan", "serving.batch"],
+    ["serving.engine"],
+    ["serving.protocol"],
+    ["serving", "serving.app"],
     ["cli"],
 ]
 LAYER_OF = {f"bloom_jax.{name}": i for i, row in enumerate(LAYERS) for name in row}

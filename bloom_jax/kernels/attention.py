@@ -64,13 +64,14 @@ def causal_padding_mask(attention_mask: jax.Array, query_len: int | None = None,
                         query_start: jax.Array | int = 0) -> jax.Array:
     """Which keys each query may see, bool [b, 1, s, t], for a key mask [b, t]: earlier-or-same and not padding.
 
-    Query i sits at key position `query_start + i` (0 and s == t without a cache; the cache index with one).
+    Query i sits at key position `query_start + i` (0 and s == t without a cache; the cache index with one, which
+    may be one per sequence [b]).
     """
     attention_mask_bt = attention_mask
     t = attention_mask_bt.shape[-1]
-    query_pos_s = query_start + jnp.arange(t if query_len is None else query_len)
-    causal_st = jnp.arange(t)[None, :] <= query_pos_s[:, None]
-    return causal_st[None, None] & (attention_mask_bt[:, None, None, :] > 0)
+    query_pos_bs = jnp.reshape(query_start, (-1, 1)) + jnp.arange(t if query_len is None else query_len)
+    causal_bst = jnp.arange(t)[None, None, :] <= query_pos_bs[:, :, None]
+    return causal_bst[:, None] & (attention_mask_bt[:, None, None, :] > 0)
 
 
 @flax.struct.dataclass
@@ -121,6 +122,9 @@ def blockwise(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask
     sequence when shorter); the reference's result, without its [b, n, s, t] buffers. Key blocks wholly after a
     query block's last position are skipped, forward and backward."""
     b, n, s, h = q_bnsh.shape
+    if jnp.ndim(mask.query_start) > 0:
+        raise ValueError("blockwise attention takes one first query position for the batch (a prefill chunk), not "
+                         "one per sequence: decode steps take the reference")
     k_bnth, v_bnth = (x.reshape(b, n, -1, h) for x in (k, v))
     t = k_bnth.shape[2]
     bq, bk = min(block_q, s), min(block_k, t)

@@ -1,0 +1,518 @@
+"""Continuous batching: the engine thread that owns the device, its bounded queue, and the requests it runs.
+
+The web server submits `Request`s and reads `Event`s; it never touches the device, and the engine never waits
+on HTTP. Each turn of the engine's loop:
+1. drops requests whose client went away (their slots freed at once);
+2. prefills waiting requests that fit the free slots: short prompts together in one padded batch, a long one
+   (over `chunk` tokens) alone, one chunk per turn so that the running slots keep decoding meanwhile;
+3. runs one decode step for every busy slot, each with its own sampling, stop strings and token budget, and frees
+   the slot of each sequence that ends.
+
+A request with `n` choices is prefilled once and copied into n slots.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from bloom_jax.generate import Generator, bucket
+from bloom_jax.serving import batch as device
+from bloom_jax.tokenizer import left_pad
+
+log = logging.getLogger("bloom_jax.serving")
+
+
+class QueueFull(Exception):
+    """The engine's queue holds its maximum of waiting requests."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running (stopped, or failed: `Engine.failure` says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """A request's sampling: temperature 0 is greedy; `seed` None draws one."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt's generation with `n` choices. `logprobs`: the number of alternatives returned with each new
+    token's log-probability (None: no log-probabilities); `prompt_logprobs` the same for the prompt's tokens (the
+    first has none). `on_event` is called from the engine's thread with each `Event`."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    on_event: Callable[[Event], None]
+    sampling: SamplingParams = SamplingParams()
+    n: int = 1
+    stop: Sequence[str] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Frees the request's slots at the engine's next turn (its client went away)."""
+        self.cancelled.set()
+
+
+@dataclasses.dataclass
+class PromptScored:
+    """The prompt's tokens' log-probabilities (None for the first) and their best alternatives (id, logprob)."""
+
+    token_logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclasses.dataclass
+class Token:
+    """Choice `choice` made `token_id`; `text` is the text it settles ('' while a character is incomplete or a
+    stop string may be starting); `logprob` and `top` when the request asked for them."""
+
+    choice: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class Finished:
+    """Choice `choice` ended: `reason` is 'stop' (EOS or a stop string), 'length' (its budget) or 'cancelled';
+    `text` is what remained to emit (text held back for a stop string that did not come, or the last bytes)."""
+
+    choice: int
+    reason: str
+    text: str = ""
+
+
+@dataclasses.dataclass
+class Failed:
+    """The engine failed while running the request (a device error, not the request's fault)."""
+
+    message: str
+
+
+Event = PromptScored | Token | Finished | Failed
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """A choice in a slot: what it has made and how it is decoded into text."""
+
+    request: Request
+    choice: int
+    slot: int
+    key_data: np.ndarray  # uint32 [2]
+    stream: object | None  # a TextStream, None without a tokenizer
+    made: int = 0
+    text: str = ""
+    emitted: int = 0  # characters of `text` sent
+    last_token: int = 0
+    last_time: float = 0.0
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """Requests being prefilled together: their padded ids, and the chunks done so far."""
+
+    requests: list[Request]
+    ids_bs: np.ndarray
+    mask_bs: np.ndarray
+    cache: object
+    done: int = 0  # positions prefilled
+    scored: list = dataclasses.field(default_factory=list)  # per chunk: (next logprobs, top ids, top logprobs)
+    last_logits: object = None
+
+
+class Engine:
+    """Serves a `Generator`'s model with `max_slots` decode slots of `max_length` positions (prompt plus new
+    tokens) and a queue of at most `max_queue` waiting requests. `start()` runs its loop on a thread."""
+
+    def __init__(self, generator: Generator, max_slots: int = 8, max_length: int = 1024, max_queue: int = 256,
+                 chunk: int = 512, prefill_tokens: int = 2048, metrics=None):
+        self.generator = generator
+        self.model, self.params = generator.model, generator.params
+        self.max_slots, self.max_length, self.max_queue = max_slots, max_length, max_queue
+        self.chunk, self.prefill_tokens = chunk, prefill_tokens
+        self.metrics = metrics
+        self.pad = generator.pad_token_id
+        self.eos = frozenset(generator.eos_token_ids)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps busy slots low
+        self._running: dict[int, _Sequence] = {}
+        self._prefill: _Prefill | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.failure: str | None = None
+        with self._context(max_slots):
+            self._slots, self._seen = device.new_slots(self.model, max_slots, max_length)
+
+    # -- the web side ---------------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queues a request (checked by the caller: its prompt and budget fit `max_length`, n <= `max_slots`)."""
+        if self.failure is not None or self._stop.is_set():
+            raise EngineStopped(self.failure or "the engine is stopped")
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+            self._waiting.append(request)
+        self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting) + (len(self._prefill.requests) if self._prefill else 0)
+
+    @property
+    def busy_slots(self) -> int:
+        return self.max_slots - len(self._free)
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="bloom-jax-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def warm_up(self, prompt_buckets: Sequence[int] = (16,), max_group: int = 1) -> None:
+        """Compiles before the first client waits for the compiler: the decode step at every row bucket (1, 2,
+        4, ... slots), and prefill, slot insertion and first tokens for prompts padded to each of
+        `prompt_buckets` in groups of up to `max_group` prompts (powers of two); then runs one request end to
+        end. Call before `start`; what it writes into idle slots is rewritten when a request takes them."""
+        rows = 1
+        while True:
+            rows = min(rows, self.max_slots)
+            sampling, features = self._row_sampling([None] * rows)
+            with self._context(rows):
+                self._slots, self._seen, choice = device.decode_step(
+                    self.model, self.params, self._slots, self._seen, np.full(rows, self.pad, np.int32), sampling,
+                    features)
+            if rows == self.max_slots:
+                break
+            rows *= 2
+        for length in prompt_buckets:
+            group = 1
+            while group <= min(max_group, self.max_slots) and group * length <= self.prefill_tokens:
+                ids_bs = np.full((group, length), self.pad, np.int32)
+                slots = np.arange(group, dtype=np.int32)
+                sampling, features = self._row_sampling([None] * group)
+                with self._context(group):
+                    cache = device.new_prefill_cache(self.model, group, length)
+                    cache, last, *_ = device.prefill_chunk(self.model, self.params, cache, ids_bs,
+                                                           np.ones_like(ids_bs), ids_bs, False)
+                    for slot in range(group):
+                        self._slots, self._seen = device.insert(self._slots, self._seen, cache, ids_bs,
+                                                                np.int32(slot), np.int32(slot), np.int32(length),
+                                                                self.model.config.n_head)
+                    choice = device.first_tokens(self.model.resolved_kernels, last, slots, self._seen, slots,
+                                                 sampling, features)
+                group *= 2
+        jax.block_until_ready(choice)
+        self._run_one()
+
+    def _run_one(self) -> None:
+        done = threading.Event()
+        failed: list[str] = []
+
+        def on_event(event):
+            if isinstance(event, Failed):
+                failed.append(event.message)
+                done.set()
+            elif isinstance(event, Finished):
+                done.set()
+
+        self.submit(Request([self.pad], 2, on_event, SamplingParams(temperature=0.0), ignore_eos=True))
+        self.start()
+        done.wait()
+        if failed:
+            raise EngineStopped(failed[0])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the engine thread ----------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drop_cancelled()
+                worked = self._prefill_some()
+                if self._running:
+                    self._decode()
+                    worked = True
+            except Exception as e:  # a device or program error: fail everything, refuse new work
+                log.exception("the engine failed")
+                self.failure = f"the engine failed: {type(e).__name__}: {e}"
+                self._fail_all()
+                return
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _context(self, batch: int):
+        return self.generator._context(batch)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            dropped = [r for r in self._waiting if r.cancelled.is_set()]
+            for request in dropped:
+                self._waiting.remove(request)
+        for request in dropped:
+            for choice in range(request.n):
+                request.on_event(Finished(choice, "cancelled"))
+        for seq in [s for s in self._running.values() if s.request.cancelled.is_set()]:
+            self._finish(seq, "cancelled")
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            requests = list(self._waiting) + (self._prefill.requests if self._prefill else [])
+            self._waiting.clear()
+        requests += list({id(s.request): s.request for s in self._running.values()}.values())
+        for request in requests:
+            request.on_event(Failed(self.failure or "the engine failed"))
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+
+    def _prefill_some(self) -> bool:
+        """Runs one prefill chunk, of the prefill under way or of new requests; False when there was none."""
+        if self._prefill is None:
+            group = self._take_group()
+            if not group:
+                return False
+            lengths = [len(r.prompt_ids) for r in group]
+            longest = max(lengths)
+            padded = bucket(longest) if longest <= self.chunk else -(-longest // self.chunk) * self.chunk
+            rows = bucket(len(group), 1)
+            ids_bs, mask_bs = left_pad([r.prompt_ids for r in group] + [[self.pad]] * (rows - len(group)), padded,
+                                       self.pad)
+            with self._context(rows):
+                cache = device.new_prefill_cache(self.model, rows, padded)
+            self._prefill = _Prefill(group, ids_bs, mask_bs, cache)
+        self._prefill_chunk(self._prefill)
+        if self._prefill.done == self._prefill.ids_bs.shape[1]:
+            prefill, self._prefill = self._prefill, None
+            self._start(prefill)
+        return True
+
+    def _take_group(self) -> list[Request]:
+        """The waiting requests to prefill next, in order: as many as the free slots take (a request needs one
+        per choice; one that only scores its prompt needs none) within the prefill token budget; a prompt longer
+        than a chunk goes alone."""
+        group: list[Request] = []
+        free = len(self._free)
+        with self._lock:
+            while self._waiting:
+                request = self._waiting[0]
+                if request.max_tokens == 0 and request.prompt_logprobs is None:  # nothing to compute
+                    self._waiting.popleft()
+                    for choice in range(request.n):
+                        request.on_event(Finished(choice, "length"))
+                    continue
+                need = request.n if request.max_tokens > 0 else 0
+                length = len(request.prompt_ids)
+                size = bucket(max([length] + [len(r.prompt_ids) for r in group]))
+                long = length > self.chunk
+                if need > free or (group and (long or size * bucket(len(group) + 1, 1) > self.prefill_tokens)):
+                    break
+                self._waiting.popleft()
+                group.append(request)
+                free -= need
+                if long:
+                    break
+        return group
+
+    def _prefill_chunk(self, prefill: _Prefill) -> None:
+        start = prefill.done
+        width = min(self.chunk, prefill.ids_bs.shape[1] - start)
+        next_ids_bs = np.concatenate([prefill.ids_bs[:, 1:], prefill.ids_bs[:, :1]], axis=1)
+        scored = any(r.prompt_logprobs is not None for r in prefill.requests)
+        stop = start + width
+        with self._context(prefill.ids_bs.shape[0]):
+            prefill.cache, prefill.last_logits, *chunk_scores = device.prefill_chunk(
+                self.model, self.params, prefill.cache, prefill.ids_bs[:, start:stop],
+                prefill.mask_bs[:, start:stop], next_ids_bs[:, start:stop], scored)
+        if scored:
+            prefill.scored.append([np.asarray(x) for x in chunk_scores])
+        prefill.done = stop
+
+    def _start(self, prefill: _Prefill) -> None:
+        """Reports prompt scores, puts each choice of the prefilled requests into a free slot and makes its first
+        token."""
+        padded = prefill.ids_bs.shape[1]
+        if prefill.scored:
+            next_bs, top_ids_bsk, top_lp_bsk = (np.concatenate(parts, axis=1) for parts in zip(*prefill.scored))
+        seqs: list[_Sequence] = []
+        rows: list[int] = []
+        for row, request in enumerate(prefill.requests):
+            length = len(request.prompt_ids)
+            if request.prompt_logprobs is not None:
+                first = padded - length  # position of the first prompt token; position j scores token j + 1
+                n_top = request.prompt_logprobs
+                request.on_event(PromptScored(
+                    [None] + [float(x) for x in next_bs[row, first:padded - 1]],
+                    [[]] + [list(zip(top_ids_bsk[row, j, :n_top].tolist(), top_lp_bsk[row, j, :n_top].tolist()))
+                            for j in range(first, padded - 1)]))
+            if self.metrics:
+                self.metrics.prompt_tokens.inc(length)
+            if request.max_tokens == 0:
+                for choice in range(request.n):
+                    request.on_event(Finished(choice, "length"))
+                continue
+            for choice in range(request.n):
+                slot = heapq.heappop(self._free)
+                with self._context(self.max_slots):
+                    self._slots, self._seen = device.insert(self._slots, self._seen, prefill.cache, prefill.ids_bs,
+                                                            np.int32(row), np.int32(slot), np.int32(length),
+                                                            self.model.config.n_head)
+                seqs.append(_Sequence(request, choice, slot, _key_data(request.sampling.seed, choice),
+                                      self.generator.tokenizer.stream() if self.generator.tokenizer else None))
+                rows.append(row)
+        if not seqs:
+            return
+        # Padded to a bucket by repeating the last choice: a compiled shape per bucket, not per count.
+        padded = [*seqs, *[seqs[-1]] * (bucket(len(seqs), 1) - len(seqs))]
+        rows += [rows[-1]] * (len(padded) - len(seqs))
+        slots = np.asarray([s.slot for s in padded], np.int32)
+        sampling, features = self._row_sampling(padded)
+        with self._context(len(padded)):
+            choice = device.first_tokens(self.model.resolved_kernels, prefill.last_logits, np.asarray(rows),
+                                         self._seen, slots, sampling, features)
+            if features.penalty:
+                self._seen = device.mark_tokens(self._seen, slots, choice.token)
+        for seq in seqs:
+            self._running[seq.slot] = seq
+        self._deliver(seqs, choice)
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        rows = min(self.max_slots, bucket(max(self._running) + 1, 1))
+        seqs = [self._running.get(slot) for slot in range(rows)]
+        token_b = np.asarray([s.last_token if s else self.pad for s in seqs], np.int32)
+        sampling, features = self._row_sampling(seqs)
+        with self._context(rows):
+            self._slots, self._seen, choice = device.decode_step(self.model, self.params, self._slots, self._seen,
+                                                                 token_b, sampling, features)
+        busy = [s for s in seqs if s is not None]
+        index = np.asarray([s.slot for s in busy])
+        self._deliver(busy, device.Choice(*(None if x is None else np.asarray(x)[index] for x in choice)))
+
+    def _row_sampling(self, seqs: Sequence[_Sequence | None]) -> tuple[device.RowSampling, device.Features]:
+        """The per-row settings of these sequences (None: an idle row, greedy) and what they need."""
+        def column(get, dtype, idle):
+            return np.asarray([get(s) if s else idle for s in seqs], dtype)
+
+        sp = [s.request.sampling if s else None for s in seqs]
+        rows = device.RowSampling(
+            column(lambda s: s.request.sampling.temperature, np.float32, 0.0),
+            column(lambda s: s.request.sampling.top_k, np.int32, 0),
+            column(lambda s: s.request.sampling.top_p, np.float32, 1.0),
+            column(lambda s: s.request.sampling.repetition_penalty, np.float32, 1.0),
+            np.stack([s.key_data if s else np.zeros(2, np.uint32) for s in seqs]),
+            column(lambda s: s.made, np.int32, 0))
+        sampled = [p for p in sp if p is not None and p.temperature > 0]
+        features = device.Features(
+            sample=bool(sampled),
+            truncate=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+            penalty=any(p is not None and p.repetition_penalty != 1.0 for p in sp),
+            top_logprobs=any(s is not None and s.request.logprobs for s in seqs))
+        return rows, features
+
+    def _deliver(self, seqs: list[_Sequence], choice: device.Choice) -> None:
+        """Hands each sequence its new token and ends those that are done."""
+        now = time.monotonic()
+        tokens = np.asarray(choice.token).tolist()
+        logprobs = np.asarray(choice.logprob).tolist()
+        top_ids, top_logprobs = (None, None) if choice.top_ids is None else (
+            np.asarray(choice.top_ids).tolist(), np.asarray(choice.top_logprobs).tolist())
+        for i, seq in enumerate(seqs):
+            token = tokens[i]
+            request = seq.request
+            if self.metrics:
+                if seq.made == 0:
+                    self.metrics.time_to_first_token.observe(now - request.arrival)
+                else:
+                    self.metrics.time_per_output_token.observe(now - seq.last_time)
+                self.metrics.generation_tokens.inc()
+            seq.made += 1
+            seq.last_token, seq.last_time = token, now
+            top = None
+            if request.logprobs:
+                k = request.logprobs
+                top = list(zip(top_ids[i][:k], top_logprobs[i][:k]))
+            piece = seq.stream.push(token) if seq.stream else ""
+            seq.text += piece
+            ended = token in self.eos and not request.ignore_eos
+            stop_at = _find_stop(seq.text, request.stop, seq.emitted) if request.stop else -1
+            if stop_at >= 0:
+                seq.text = seq.text[:stop_at]
+            elif ended and seq.stream is not None:
+                seq.text += seq.stream.flush()
+            send_to = len(seq.text) if ended or stop_at >= 0 else len(seq.text) - _held(seq.text, request.stop)
+            text, seq.emitted = seq.text[seq.emitted:send_to], max(seq.emitted, send_to)
+            request.on_event(Token(seq.choice, token, text,
+                                   logprobs[i] if request.logprobs is not None else None, top))
+            if ended or stop_at >= 0:
+                self._finish(seq, "stop")
+            elif seq.made >= request.max_tokens:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        rest = ""
+        if reason == "length":
+            if seq.stream is not None:
+                seq.text += seq.stream.flush()
+            rest = seq.text[seq.emitted:]
+        del self._running[seq.slot]
+        heapq.heappush(self._free, seq.slot)
+        if self.metrics and reason != "cancelled":
+            self.metrics.request_duration.observe(time.monotonic() - seq.request.arrival)
+        seq.request.on_event(Finished(seq.choice, reason, rest))
+
+
+def _key_data(seed: int | None, choice: int) -> np.ndarray:
+    """The sampling key of a request's choice: its seed (or a fresh one) folded with the choice's index."""
+    seed = secrets.randbits(63) if seed is None else seed
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), choice)), np.uint32)
+
+
+def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int:
+    """Where the first stop string starts in `text` (searching from just before what was already sent), or -1."""
+    longest = max(len(s) for s in stops)
+    found = [i for s in stops if (i := text.find(s, max(0, emitted - longest + 1))) >= 0]
+    return min(found, default=-1)
+
+
+def _held(text: str, stops: Sequence[str]) -> int:
+    """How many of `text`'s last characters could begin a stop string (held back until it is settled)."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+
+
+__all__ = ["Engine", "Request", "SamplingParams", "Event", "PromptScored", "Token", "Finished", "Failed",
+           "QueueFull", "EngineStopped"]

@@ -1,0 +1,42 @@
+"""The server's Prometheus metrics, in a registry of its own (one per server, so tests can run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# Seconds: time to first token spans prefill and queueing (CPU: seconds), per-token latency one decode step.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    """Counters and histograms the engine and the routes update, and gauges read from the engine at scrape."""
+
+    def __init__(self, queue_depth: Callable[[], float], busy_slots: Callable[[], float], slots: int):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("bloom_jax_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=registry)
+        Gauge("bloom_jax_queue_depth", "requests waiting for a slot", registry=registry).set_function(queue_depth)
+        Gauge("bloom_jax_running_slots", "decode slots in use", registry=registry).set_function(busy_slots)
+        Gauge("bloom_jax_slots", "decode slots", registry=registry).set(slots)
+        self.prompt_tokens = Counter("bloom_jax_prompt_tokens", "prompt tokens prefilled", registry=registry)
+        self.generation_tokens = Counter("bloom_jax_generation_tokens", "tokens generated", registry=registry)
+        self.time_to_first_token = Histogram("bloom_jax_time_to_first_token_seconds",
+                                             "from arrival to a choice's first token", buckets=TTFT_BUCKETS,
+                                             registry=registry)
+        self.time_per_output_token = Histogram("bloom_jax_time_per_output_token_seconds",
+                                               "between a choice's successive tokens", buckets=TPOT_BUCKETS,
+                                               registry=registry)
+        self.request_duration = Histogram("bloom_jax_request_duration_seconds", "from arrival to a choice's last token",
+                                          buckets=TTFT_BUCKETS, registry=registry)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+__all__ = ["Metrics"]
