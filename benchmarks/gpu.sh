@@ -5,7 +5,7 @@
 #
 # Installs bloom-jax over the machine's own jax/flax/torch (no network there), checks that cuDNN's attention
 # lowers, then runs attention (bfloat16, the lengths and head sizes of issue 14 and 17), forward, generate and train
-# for bloom-560m, each under its own time limit so that one hang leaves the others' tables. The PyTorch peers
+# and serve for bloom-560m, each under its own time limit so that one hang leaves the others' tables. The PyTorch peers
 # of forward/generate/train run on the machine's CPU (the benchmarks' peer is transformers on CPU); read their
 # GPU rows beside the matmul peak each measures.
 set -uo pipefail
@@ -28,4 +28,11 @@ run attention 150 benchmarks/attention.py --dtype bfloat16 --repeats 5 \
 run forward 90 benchmarks/forward.py --shapes 8x512,1x2048 --repeats 5
 run generate 120 benchmarks/generate.py --batches 1,8 --weights bfloat16,int8 --no-ttft --repeats 5
 run train 150 benchmarks/train.py --batch 4 --seq 512 --repeats 3
+# The server's web stack is not on the machine: carry its wheels (`pip download -d wheels starlette uvicorn
+# prometheus_client jinja2 httpx`, then `carry: ["wheels"]`).
+if ls wheels/*.whl >/dev/null 2>&1; then
+    pip install -q --no-deps --no-index wheels/*.whl >>"$OUT/install.log" 2>&1
+    run serve 150 benchmarks/serve.py --clients 1,16,64 --slots 64 --max-length 512 --new 64 --dtype bfloat16 \
+        --decode-weights bfloat16
+fi
 cat "$OUT"/*.md "$OUT"/failures.txt 2>/dev/null

@@ -6,11 +6,12 @@ prompts run one by one through `Generator.generate`, and the memory-bandwidth ro
 
 The server runs in a child process (random weights from the preset, seed 0, a small byte-level tokenizer: the
 prompts are token ids) on 127.0.0.1; the clients are asyncio streams in this process. Each client sends its
-requests one after another (closed loop), 4 per client (8 for a lone client); the server compiles every
-shape the levels meet before any is timed, prompts of 16 to 64 random
-tokens, `--new` greedy tokens each (`ignore_eos`), streamed with `logprobs: 0` so that every token is its own
-event. Clients start spread over one lone request's latency, as in a server's steady state rather than a
-synchronised burst (a burst of 16 prompts at once is 16 prefills of compute before the last first token).
+requests one after another (closed loop), 4 per client (8 for a lone client): prompts of 16 to 63 random
+tokens, `--new` / 2 to 3 `--new` / 2 greedy tokens each (`ignore_eos`; lengths vary, as a server's do, so that
+requests do not finish in lockstep and come back together), streamed with `logprobs: 0` so that every token is
+its own event. The server compiles every shape the levels meet before any is timed. Clients start spread over
+one lone request's latency, as in a server's steady state rather than a synchronised burst (a burst of 16
+prompts at once is 16 prefills of compute before the last first token).
 
 Prints (stdout, markdown) per level: generated tokens/s (all tokens over the level's wall time), time to first
 token and time per output token (medians and p99), and the ratios the serving targets are judged by. The
@@ -125,6 +126,7 @@ def main() -> None:
         return serve_child(args)
 
     import jax
+    import numpy as np
 
     from bloom_jax.runtime import reuse_host_memory
 
@@ -134,11 +136,12 @@ def main() -> None:
     vocab = generator.model.config.vocab_size
     all_prompts = prompts(vocab, 4 * max(levels))
     log("baseline: Generator.generate one prompt at a time")
-    for ids in all_prompts[:8]:  # compiles each prompt's buckets
-        generator.generate([ids], args.new, temperature=0.0)
+    budgets = np.random.default_rng(1).integers(args.new // 2, args.new * 3 // 2 + 1, size=len(all_prompts))
+    for ids, m in zip(all_prompts[:8], budgets):  # compiles each request's buckets
+        generator.generate([ids], int(m), temperature=0.0)
     start = time.perf_counter()
-    made = sum(len(generator.generate([ids], args.new, temperature=0.0)[0].completion_ids)
-               for ids in all_prompts[:8])
+    made = sum(len(generator.generate([ids], int(m), temperature=0.0)[0].completion_ids)
+               for ids, m in zip(all_prompts[:8], budgets))
     alone_tps = made / (time.perf_counter() - start)
     matvec, nbytes = jax_matvec(1.0)
     bandwidth = nbytes / median_seconds(matvec, 5)
@@ -154,8 +157,8 @@ def main() -> None:
         if url is None:
             raise SystemExit("the server did not start")
         rows, figures = [], {}
-        bodies = [{"model": args.model, "prompt": ids, "max_tokens": args.new, "temperature": 0, "stream": True,
-                   "logprobs": 0, "ignore_eos": True} for ids in all_prompts]
+        bodies = [{"model": args.model, "prompt": ids, "max_tokens": int(m), "temperature": 0, "stream": True,
+                   "logprobs": 0, "ignore_eos": True} for ids, m in zip(all_prompts, budgets)]
         spread = 0.0
         for clients in levels:
             count = 4 * clients if clients > 1 else 8
@@ -177,7 +180,7 @@ def main() -> None:
         child.wait(60)
     print(f"Machine: {machine()}; {args.model} architecture, random weights, {args.dtype} compute, "
           f"{args.decode_weights} decode weights; {args.slots} slots of {args.max_length} positions; prompts of "
-          f"{PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1] - 1} tokens, {args.new} new tokens each.\n")
+          f"{PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1] - 1} tokens, {args.new // 2}-{args.new * 3 // 2} new tokens each.\n")
     print(f"One by one through `Generator.generate`: {alone_tps:.2f} tokens/s. Decode roofline at batch 1: "
           f"{bandwidth / weight_bytes:.1f} tokens/s ({weight_bytes / 1e9:.2f} GB of weights per step at "
           f"{bandwidth / 1e9:.1f} GB/s).\n")

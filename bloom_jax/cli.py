@@ -218,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log.info("no chat template (the tokenizer config has none, and no --chat-template): "
                  "/v1/chat/completions will refuse requests")
     engine = Engine(generator, max_slots=args.max_slots, max_length=args.max_length, max_queue=args.max_queue,
-                    chunk=args.prefill_chunk)
+                    chunk=args.prefill_chunk, prefill_tokens=args.prefill_batch_tokens)
     log.info(f"compiling ({args.max_slots} slots of {args.max_length} positions)")
     engine.warm_up()  # and starts it
     server = Server(engine, args.served_model_name or str(args.checkpoint), template, api_key)
@@ -432,17 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_float, default=None, help="sample among the most likely tokens of mass p")
     p.add_argument("--repetition-penalty", type=_float, default=None, help="as transformers' (1: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--mesh", default=None, help="mesh spec to shard the weights over, e.g. tensor=4")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
-    p.add_argument("--adapter", default=None, help="a peft LoRA adapter directory (or hub id) for this checkpoint")
-    p.add_argument("--unmerged", action="store_true",
-                   help="apply the adapter beside the weights instead of folding it into them")
-    _kernel_flags(p)
-    p.add_argument("--compilation-cache", default=None,
-                   help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
+    _decoding_flags(p)
 
     p = command("serve", "serve a checkpoint over HTTP with OpenAI's API (completions, chat), batching requests",
                 cmd_serve)
@@ -456,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot before new ones get 429")
     p.add_argument("--prefill-chunk", type=_positive_int, default=512,
                    help="longer prompts are prefilled this many tokens at a time, between decode steps")
+    p.add_argument("--prefill-batch-tokens", type=_positive_int, default=256,
+                   help="waiting prompts are prefilled together up to this many (padded) tokens")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: CHECKPOINT)")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (a file, or its text) for /v1/chat/completions (default: the "
@@ -463,16 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: "
                         "$BLOOM_JAX_API_KEY; none: no key)")
-    p.add_argument("--mesh", default=None, help="mesh spec to shard the weights over, e.g. tensor=4")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
-    p.add_argument("--adapter", default=None, help="a peft LoRA adapter directory (or hub id) for this checkpoint")
-    p.add_argument("--unmerged", action="store_true",
-                   help="apply the adapter beside the weights instead of folding it into them")
-    _kernel_flags(p)
-    p.add_argument("--compilation-cache", default=None,
-                   help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
+    _decoding_flags(p)
 
     p = command("train", "train or fine-tune from a recipe (configs/train/*.yaml) with overrides", cmd_train,
                 epilog=_recipe_epilog())
@@ -531,6 +515,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the frozen base is stored (int8, nf4: QLoRA)")
     _kernel_flags(p)
     return parser
+
+
+def _decoding_flags(p: argparse.ArgumentParser) -> None:
+    """How `generate` and `serve` load and decode a checkpoint (`_load_generator` reads them)."""
+    p.add_argument("--mesh", default=None, help="mesh spec to shard the weights over, e.g. tensor=4")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
+    p.add_argument("--adapter", default=None, help="a peft LoRA adapter directory (or hub id) for this checkpoint")
+    p.add_argument("--unmerged", action="store_true",
+                   help="apply the adapter beside the weights instead of folding it into them")
+    _kernel_flags(p)
+    p.add_argument("--compilation-cache", default=None,
+                   help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
 
 
 def _kernel_flags(p: argparse.ArgumentParser) -> None:

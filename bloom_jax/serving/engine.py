@@ -3,8 +3,8 @@
 The web server submits `Request`s and reads `Event`s; it never touches the device, and the engine never waits
 on HTTP. Each turn of the engine's loop:
 1. drops requests whose client went away (their slots freed at once);
-2. prefills waiting requests that fit the free slots: short prompts together in one padded batch, a long one
-   (over `chunk` tokens) alone, one chunk per turn so that the running slots keep decoding meanwhile;
+2. prefills the waiting requests that fit the free slots: short prompts in padded batches of a few, a long
+   one (over `chunk` tokens) alone, one chunk per turn so that the running slots keep decoding meanwhile;
 3. runs one decode step for every busy slot, each with its own sampling, stop strings and token budget, and frees
    the slot of each sequence that ends.
 
@@ -145,10 +145,15 @@ class _Prefill:
 
 class Engine:
     """Serves a `Generator`'s model with `max_slots` decode slots of `max_length` positions (prompt plus new
-    tokens) and a queue of at most `max_queue` waiting requests. `start()` runs its loop on a thread."""
+    tokens) and a queue of at most `max_queue` waiting requests. `start()` runs its loop on a thread.
+
+    Prompts longer than `chunk` tokens are prefilled a chunk per turn; shorter ones together while the padded
+    batch (rows and length rounded up to powers of two) holds at most `prefill_tokens` tokens. A prefill is
+    compute-bound, so a big batch gains little and makes every prompt in it wait for all: on 2 CPU cores
+    bloom-560m prefills 1 x 64 tokens in 0.17 s, 4 x 64 in 0.6 s, 16 x 64 in 4.4 s."""
 
     def __init__(self, generator: Generator, max_slots: int = 8, max_length: int = 1024, max_queue: int = 256,
-                 chunk: int = 512, prefill_tokens: int = 2048, metrics=None):
+                 chunk: int = 512, prefill_tokens: int = 256, metrics=None):
         self.generator = generator
         self.model, self.params = generator.model, generator.params
         self.max_slots, self.max_length, self.max_queue = max_slots, max_length, max_queue
@@ -262,7 +267,14 @@ class Engine:
         while not self._stop.is_set():
             try:
                 self._drop_cancelled()
-                worked = self._prefill_some()
+                worked = False
+                # Prefills first: every waiting prompt that fits is prefilled before the next decode step (a decode
+                # step between two prefills would delay the second's first token by a step), except that a long
+                # prompt's chunks alternate with decode steps.
+                while self._prefill_some():
+                    worked = True
+                    if self._prefill is not None or not self._waiting:
+                        break
                 if self._running:
                     self._decode()
                     worked = True
