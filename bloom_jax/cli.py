@@ -219,7 +219,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                  "/v1/chat/completions will refuse requests")
     engine = Engine(generator, max_slots=args.max_slots, max_length=args.max_length, max_queue=args.max_queue,
                     chunk=args.prefill_chunk, prefill_tokens=args.prefill_batch_tokens)
-    log.info(f"compiling ({args.max_slots} slots of {args.max_length} positions)")
+    log.info(f"compiling ({args.max_slots} slots of {args.max_length} positions: a KV cache of "
+             f"{engine.cache_bytes / 2**30:.2f} GiB)")
     engine.warm_up()  # and starts it
     server = Server(engine, args.served_model_name or str(args.checkpoint), template, api_key)
     serve(server, args.host, args.port, on_ready=lambda url: log.info(f"serving {server.limits.model} at {url}"))
@@ -240,9 +241,9 @@ def _check_can_listen(host: str, port: int) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Completes prompts: text streamed to stdout, or one JSON object per prompt with --json."""
+    prompts = _read_prompts(args)  # before JAX loads: a Ctrl-C while it waits for stdin is a clean stop
     from bloom_jax.generate import Sampling
 
-    prompts = _read_prompts(args)
     sampling = _sampling_args(args)
     Sampling(**sampling)  # bad values fail here, before the model is loaded
     generator = _load_generator(args)

@@ -66,7 +66,8 @@ class _Run:
         self.requests: list[Request] = []
         for i, ids in enumerate(params.prompt_ids):
             def on_event(event, i=i):
-                loop.call_soon_threadsafe(self.events.put_nowait, (i, event))
+                with contextlib.suppress(RuntimeError):  # the web loop is closed: the server is shutting down
+                    loop.call_soon_threadsafe(self.events.put_nowait, (i, event))
 
             wants_prompt = params.echo and params.logprobs is not None
             self.requests.append(Request(ids, params.max_tokens, on_event, params.sampling, params.n, params.stop,
@@ -454,9 +455,10 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, on_ready: C
                 on_ready(f"http://{bound[0]}:{bound[1]}")
 
         uv.startup = announce
-    with contextlib.ExitStack() as stack:
-        stack.callback(server.engine.stop)
+    try:
         uv.run()
+    finally:
+        server.engine.stop()
 
 
 __all__ = ["Server", "ServerThread", "serve"]

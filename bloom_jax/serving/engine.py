@@ -186,6 +186,11 @@ class Engine:
         self._wake.set()
 
     @property
+    def cache_bytes(self) -> int:
+        """The slots' KV cache in bytes (keys and values of every layer)."""
+        return sum(x.nbytes for x in jax.tree.leaves((self._slots.keys, self._slots.values)))
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting) + (len(self._prefill.requests) if self._prefill else 0)
 
