@@ -102,8 +102,11 @@ def test_ctrl_c_exits_130():
     import time
 
     # Waiting for prompts on stdin, which never come: interrupted there.
+    # SIGINT's default action restored in the child: a test run started in the background of a shell (`cmd &`)
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "bloom_jax.cli", "generate", "ckpt", "--prompts-file", "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
