@@ -138,6 +138,7 @@ class _Prefill:
     ids_bs: np.ndarray
     mask_bs: np.ndarray
     cache: object
+    next_ids_bs: np.ndarray  # the ids one position on: what each position's logits score
     done: int = 0  # positions prefilled
     scored: list = dataclasses.field(default_factory=list)  # per chunk: (next logprobs, top ids, top logprobs)
     last_logits: object = None
@@ -211,7 +212,9 @@ class Engine:
         """Compiles before the first client waits for the compiler: the decode step at every row bucket (1, 2,
         4, ... slots), and prefill, slot insertion and first tokens for prompts padded to each of
         `prompt_buckets` in groups of up to `max_group` prompts (powers of two); then runs one request end to
-        end. Call before `start`; what it writes into idle slots is rewritten when a request takes them."""
+        end, which starts the engine. What it writes into idle slots is rewritten when a request takes them."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up runs before the engine starts: it uses the slots itself")
         rows = 1
         while True:
             rows = min(rows, self.max_slots)
@@ -322,15 +325,15 @@ class Engine:
             group = self._take_group()
             if not group:
                 return False
-            lengths = [len(r.prompt_ids) for r in group]
-            longest = max(lengths)
+            longest = max(len(r.prompt_ids) for r in group)
             padded = bucket(longest) if longest <= self.chunk else -(-longest // self.chunk) * self.chunk
             rows = bucket(len(group), 1)
             ids_bs, mask_bs = left_pad([r.prompt_ids for r in group] + [[self.pad]] * (rows - len(group)), padded,
                                        self.pad)
             with self._context(rows):
                 cache = device.new_prefill_cache(self.model, rows, padded)
-            self._prefill = _Prefill(group, ids_bs, mask_bs, cache)
+            next_ids_bs = np.concatenate([ids_bs[:, 1:], ids_bs[:, :1]], axis=1)
+            self._prefill = _Prefill(group, ids_bs, mask_bs, cache, next_ids_bs)
         self._prefill_chunk(self._prefill)
         if self._prefill.done == self._prefill.ids_bs.shape[1]:
             prefill, self._prefill = self._prefill, None
@@ -367,13 +370,12 @@ class Engine:
     def _prefill_chunk(self, prefill: _Prefill) -> None:
         start = prefill.done
         width = min(self.chunk, prefill.ids_bs.shape[1] - start)
-        next_ids_bs = np.concatenate([prefill.ids_bs[:, 1:], prefill.ids_bs[:, :1]], axis=1)
         scored = any(r.prompt_logprobs is not None for r in prefill.requests)
         stop = start + width
         with self._context(prefill.ids_bs.shape[0]):
             prefill.cache, prefill.last_logits, *chunk_scores = device.prefill_chunk(
                 self.model, self.params, prefill.cache, prefill.ids_bs[:, start:stop],
-                prefill.mask_bs[:, start:stop], next_ids_bs[:, start:stop], scored)
+                prefill.mask_bs[:, start:stop], prefill.next_ids_bs[:, start:stop], scored)
         if scored:
             prefill.scored.append([np.asarray(x) for x in chunk_scores])
         prefill.done = stop
@@ -407,7 +409,7 @@ class Engine:
                     self._slots, self._seen = device.insert(self._slots, self._seen, prefill.cache, prefill.ids_bs,
                                                             np.int32(row), np.int32(slot), np.int32(length),
                                                             self.model.config.n_head)
-                seqs.append(_Sequence(request, choice, slot, _key_data(request.sampling.seed, choice),
+                seqs.append(_Sequence(request, choice, slot, _key_data(request.sampling, choice),
                                       self.generator.tokenizer.stream() if self.generator.tokenizer else None))
                 rows.append(row)
         if not seqs:
@@ -513,9 +515,12 @@ class Engine:
         seq.request.on_event(Finished(seq.choice, reason, rest))
 
 
-def _key_data(seed: int | None, choice: int) -> np.ndarray:
-    """The sampling key of a request's choice: its seed (or a fresh one) folded with the choice's index."""
-    seed = secrets.randbits(63) if seed is None else seed
+def _key_data(sampling: SamplingParams, choice: int) -> np.ndarray:
+    """The sampling key of a request's choice: its seed (or a fresh one) folded with the choice's index; zeros for
+    a greedy request, which draws nothing (no JAX call per request on the way to its first token)."""
+    if sampling.temperature == 0.0:
+        return np.zeros(2, np.uint32)
+    seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
     return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), choice)), np.uint32)
 
 
