@@ -2,12 +2,15 @@
 the matmul peak measured in the same run.
 
     python benchmarks/attention.py [--shapes 2x16x1024x64] [--dtype float32] [--repeats 5]
-    python benchmarks/attention.py --shapes 8x16x2048x64,4x16x4096x64,2x16x8192x64,4x8x4096x128 --dtype bfloat16
+    python benchmarks/attention.py --shapes 8x16x2048x64,4x16x4096x64,2x16x8192x64,4x8x4096x128 --dtype bfloat16 \
+        [--flash-blocks 64x64,128x64]
 
 Each shape is BATCHxHEADSxSEQxHEAD_DIM: causal self-attention with ALiBi over one left-padded row (an eighth of
 its length padding), the loss the sum of the context times a fixed random cotangent. Implementations: `reference`
-(transformers' arithmetic, [b, n, s, s] fp32 scores), `blockwise` (online softmax in XLA, 512 x 512 blocks) and,
-on NVIDIA GPUs, `cudnn` (`jax.nn.dot_product_attention` with the bias materialised). Prints, per shape and
+(transformers' arithmetic, [b, n, s, s] fp32 scores), `blockwise` (online softmax in XLA, 512 x 512 blocks), on
+NVIDIA GPUs `cudnn` (`jax.nn.dot_product_attention` with the bias materialised), and on TPUs and NVIDIA GPUs
+`flash` (the Pallas kernels of `bloom_jax.kernels.flash`, ALiBi built inside) at each of `--flash-blocks`
+(query x key block; default the kernel's own). Prints, per shape and
 implementation (stdout, markdown): the median forward+backward time and its spread (min-max), the attention
 TFLOP/s (causal: half the s x s square; backward 2.5 forward), its fraction of the matmul peak of the same dtype
 measured now, and the speed-up over the reference. An implementation that fails (out of memory, say) is named
@@ -47,11 +50,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="2x16x1024x64", help="comma-separated BATCHxHEADSxSEQxHEAD_DIM")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--flash-blocks", default="", help="comma-separated QxK blocks for flash (TPU, GPU)")
     args = parser.parse_args()
 
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    import dataclasses
 
     from bloom_jax.kernels import Kernels, attend
     from bloom_jax.kernels.attention import AttentionMask
@@ -59,6 +65,11 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype)
     platform = jax.default_backend()
     names = ["reference", "blockwise"] + (["cudnn"] if platform in ("gpu", "cuda") else [])
+    flash_blocks = {}  # name -> (query, key) block, None for the kernel's default
+    if platform in ("tpu", "gpu", "cuda"):
+        for blocks in args.flash_blocks.split(",") if args.flash_blocks else [""]:
+            flash_blocks[f"flash {blocks}".strip()] = tuple(int(x) for x in blocks.split("x")) if blocks else None
+        names += list(flash_blocks)
     log(f"measuring the {args.dtype} matmul peak")
     peak = matmul_peak(dtype, 8192 if platform != "cpu" else 2048)
     rows = []
@@ -71,7 +82,11 @@ def main() -> None:
         flops = attention_flops(b, n, s, h)
         seconds = {}
         for name in names:
-            kernels = Kernels.create("reference", name, platform=platform)
+            if name in flash_blocks:
+                kernels = dataclasses.replace(Kernels.create("reference", "flash", platform=platform),
+                                              flash_blocks=flash_blocks[name])
+            else:
+                kernels = Kernels.create("reference", name, platform=platform)
 
             def loss(q, k, v, kernels=kernels):
                 return jnp.sum(attend(kernels, q, k, v, mask, dtype).astype(jnp.float32) * cotangent)

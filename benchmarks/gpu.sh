@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu.sh          # tables and logs under $OUT (default ./gpu-out)
 #
 # Installs bloom-jax over the machine's own jax/flax/torch (no network there), checks that cuDNN's attention
-# lowers, then runs attention (bfloat16, the lengths and head sizes of issue 14 and 17), forward, generate and train
+# lowers, then runs attention (bfloat16, the lengths and head sizes of issues 14 and 17; the Pallas flash kernel at
+# two block sizes beside XLA's and cuDNN's), forward, generate and train
 # and serve for bloom-560m, each under its own time limit so that one hang leaves the others' tables. The PyTorch peers
 # of forward/generate/train run on the machine's CPU (the benchmarks' peer is transformers on CPU); read their
 # GPU rows beside the matmul peak each measures.
@@ -23,7 +24,7 @@ run() {  # run NAME SECONDS ARGS...: stdout to NAME.md, stderr to NAME.log
     timeout "$limit" python "$@" >"$OUT/$name.md" 2>"$OUT/$name.log" || echo "$name: exit $?" >>"$OUT/failures.txt"
 }
 
-run attention 150 benchmarks/attention.py --dtype bfloat16 --repeats 5 \
+run attention 240 benchmarks/attention.py --dtype bfloat16 --repeats 5 --flash-blocks 64x64,128x64 \
     --shapes 16x16x2048x64,8x16x4096x64,4x16x8192x64,16x8x2048x128,8x8x4096x128,4x8x8192x128
 run forward 90 benchmarks/forward.py --shapes 8x512,1x2048 --repeats 5
 run generate 120 benchmarks/generate.py --batches 1,8 --weights bfloat16,int8 --no-ttft --repeats 5

@@ -6,6 +6,8 @@
 - LoRA and QLoRA (rank 16 on all four linear layers, fp32 adapters and AdamW, full remat): bloom-7b1 at sequence
   1024 on a bf16 base and at 2048 on an nf4 base on one v5e chip (the largest micro-batch that fits), bloom-1b7
   on a v5e-8 (fsdp=8) beside its full fine-tune; per chip: base, adapters, optimizer, the rest, total.
+- Attention: the bloom-560m training step on one v5e chip at sequence 2048 and 8192 with each attention
+  (`--attention reference`, `blockwise`, `flash`: the Pallas kernel with ALiBi built inside).
 - BLOOM-176B training (sequence 2048, one sequence per fsdp shard) and generation (one decode step, batch 1 and
   32, a bf16 KV cache of 2048 positions): per-chip memory by slice size on v4, v5p and v6e, and the smallest
   slice that fits.
@@ -113,6 +115,20 @@ def lora_fine_tunes(quick: bool) -> None:
     print(markdown_table(["step", "base", "adapters", "optimizer", "rest", "total", "fits"], rows))
 
 
+ATTENTION_STEPS = ((2048, 1), (2048, 8), (8192, 1), (8192, 4))  # (seq, batch)
+
+
+def attention_memory(quick: bool) -> None:
+    rows = []
+    for seq, batch in ATTENTION_STEPS[:2] if quick else ATTENTION_STEPS:
+        cells = [cell(plan("bloom-560m", "v5e", "fsdp=1", "train", seq, batch, ("--attention", name)))
+                 for name in ("reference", "blockwise", "flash")]
+        rows.append([f"seq {seq}, batch {batch}", *cells])
+    print("bloom-560m training step on one v5e chip (bf16 compute, fp32 AdamW, full remat), per chip GiB from the "
+          "TPU compiler by attention")
+    print(markdown_table(["step", "reference", "blockwise (XLA)", "flash (Pallas)"], rows))
+
+
 BLOOM_176B = {  # name -> (task, batch or None, seq)
     "train, seq 2048": ("train", None, 2048),
     "generate, batch 1, cache 2048": ("generate", 1, 2048),
@@ -143,12 +159,14 @@ def bloom_176b(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer batch and slice sizes")
-    parser.add_argument("--only", choices=("fine-tunes", "lora", "bloom-176b"), default=None)
+    parser.add_argument("--only", choices=("fine-tunes", "lora", "attention", "bloom-176b"), default=None)
     args = parser.parse_args()
     if args.only in (None, "fine-tunes"):
         fine_tunes(args.quick)
     if args.only in (None, "lora"):
         lora_fine_tunes(args.quick)
+    if args.only in (None, "attention"):
+        attention_memory(args.quick)
     if args.only in (None, "bloom-176b"):
         bloom_176b(args.quick)
 

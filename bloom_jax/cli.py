@@ -536,9 +536,10 @@ def _kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=("auto", "xla_cpu", "reference"), default="auto",
                    help="kernel set (bloom_jax.kernels): auto is the platform's")
     # The choices of bloom_jax.kernels, spelled out here so that building the parser does not import JAX.
-    p.add_argument("--attention", choices=("auto", "reference", "blockwise", "cudnn"), default="auto",
+    p.add_argument("--attention", choices=("auto", "reference", "blockwise", "cudnn", "flash"), default="auto",
                    help="attention: auto is blockwise (the reference where one block holds it all); cudnn "
-                        "(NVIDIA GPUs) where cuDNN applies")
+                        "(NVIDIA GPUs) where cuDNN applies; flash (TPUs, NVIDIA GPUs): Pallas kernels with ALiBi "
+                        "built inside")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,7 @@ class TrainConfig:
     dropout: bool = _setting(False, "apply the config's hidden and attention dropout")
     kernels: str = _setting("auto", "kernel set: auto (the platform's), xla_cpu or reference (bloom_jax.kernels)")
     attention: str = _setting("auto", "attention: auto (blockwise, the reference where one block holds it all), "
-                                      "reference, blockwise, cudnn (NVIDIA GPUs)")
+                                      "reference, blockwise, cudnn (NVIDIA GPUs), flash (TPUs, NVIDIA GPUs)")
     loss_chunk_tokens: int = _setting(1024, "tokens per device whose logits the loss makes at once")
     # LoRA (needs init_from): adapters trained, the base frozen.
     lora_rank: int = _setting(0, "LoRA rank r (0: full fine-tuning)", "lora.rank")

@@ -2,8 +2,9 @@
 faster, backend-specific ones; `Kernels` says which a model uses.
 
 - `attention`: `reference` (the [b, n, s, t] scores, as transformers), `blockwise` (online softmax, never
-  holding them) or, on NVIDIA GPUs, `cudnn` (cuDNN's flash attention, with the bias materialised); `alibi_*` and
-  `AttentionMask` build what they read.
+  holding them), on NVIDIA GPUs `cudnn` (cuDNN's flash attention, with the bias materialised), and on TPUs and
+  NVIDIA GPUs `flash` (`flash`: Pallas kernels that build the ALiBi bias inside); `alibi_*` and `AttentionMask`
+  build what they read.
 - `decode_matmul`: the products of the decode weight formats (float32, bfloat16, int8).
 - `pick`: the next token's argmax.
 - `barriers`: the gradient barrier at block boundaries and the embedding gather.
@@ -18,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 
 from bloom_jax.errors import BloomJaxError
-from bloom_jax.kernels import attention, barriers, decode_matmul, pick
+from bloom_jax.kernels import attention, barriers, decode_matmul, flash, pick
 
 # `kernels=` choices: the set of one platform, or the references everywhere.
 KERNEL_SETS = ("auto", "xla_cpu", "reference")
-ATTENTION = ("auto", "reference", "blockwise", "cudnn")
+ATTENTION = ("auto", "reference", "blockwise", "cudnn", "flash")
 GPU_PLATFORMS = ("gpu", "cuda")
 
 
@@ -38,12 +39,16 @@ class Kernels:
     gather: str = "reference"
     block_q: int = 512  # blockwise attention's query and key block sizes
     block_k: int = 512
+    flash_backend: str = "tpu"  # which Pallas kernel `flash` runs: "tpu" (Mosaic) or "gpu" (Triton)
+    flash_blocks: tuple[int, int] | None = None  # its query and key blocks (None: flash.DEFAULT_BLOCKS)
+    interpret: bool = False  # Pallas kernels in interpret mode, on any backend (for tests: slow)
 
     @classmethod
     def create(cls, kernels: str = "auto", attention: str = "auto", platform: str | None = None) -> Kernels:
         """For `platform` (default: JAX's default backend): `kernels` "auto" takes XLA:CPU's implementations on CPU
         and the references elsewhere; `attention` "auto" is blockwise everywhere (which takes the reference where
-        one block holds the whole score matrix, see `attention_at`); `cudnn` needs an NVIDIA GPU."""
+        one block holds the whole score matrix, see `attention_at`); `cudnn` needs an NVIDIA GPU, `flash` a TPU
+        or an NVIDIA GPU (tests run its kernels on CPU with `Kernels(attention="flash", interpret=True)`)."""
         if kernels not in KERNEL_SETS:
             raise BloomJaxError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNEL_SETS)})")
         if attention not in ATTENTION:
@@ -54,8 +59,11 @@ class Kernels:
             platform = jax.default_backend()
         if attention == "cudnn" and platform not in GPU_PLATFORMS:
             raise BloomJaxError(f"attention 'cudnn' needs an NVIDIA GPU; this platform is {platform}")
+        if attention == "flash" and platform not in ("tpu", *GPU_PLATFORMS):
+            raise BloomJaxError(f"attention 'flash' needs a TPU or an NVIDIA GPU; this platform is {platform}")
         tricks = ("xla_cpu" if platform == "cpu" else "reference") if kernels == "auto" else kernels
-        return cls("blockwise" if attention == "auto" else attention, tricks, tricks, tricks, tricks)
+        return cls("blockwise" if attention == "auto" else attention, tricks, tricks, tricks, tricks,
+                   flash_backend="gpu" if platform in GPU_PLATFORMS else "tpu")
 
     def attention_at(self, query_len: int, key_len: int) -> str:
         """The attention that `query_len` queries over `key_len` keys take, before cuDNN's own conditions: the
@@ -72,7 +80,7 @@ class Kernels:
 
 def attend(kernels: Kernels, q_bnsh, k, v, mask: attention.AttentionMask, dtype, dropout=None):
     """Attention context [b, n, s, h] by `kernels.attention_at` its shape. Dropped-out probabilities take the
-    reference (the fused forms have no dropout); `cudnn` falls back to `blockwise` where cuDNN does not apply (a
+    reference (the fused forms have no dropout); `flash` takes every shape but one query row; `cudnn` falls back to `blockwise` where cuDNN does not apply (a
     prefill chunk into a cache, odd lengths, float32)."""
     s, t = q_bnsh.shape[2], k.shape[-2]
     chosen = kernels.attention_at(s, t)
@@ -82,6 +90,9 @@ def attend(kernels: Kernels, q_bnsh, k, v, mask: attention.AttentionMask, dtype,
         return attention.reference(q_bnsh, k, v, mask, dtype, dropout)
     if chosen == "cudnn":
         return attention.cudnn(q_bnsh, k, v, mask, dtype)
+    if chosen == "flash":
+        return attention.flash(q_bnsh, k, v, mask, dtype, kernels.flash_backend, kernels.flash_blocks,
+                               kernels.interpret)
     return attention.blockwise(q_bnsh, k, v, mask, dtype, kernels.block_q, kernels.block_k)
 
 
@@ -101,5 +112,5 @@ def gather(kernels: Kernels, table_vd, ids):
     return barriers.GATHERS[kernels.gather](table_vd, ids)
 
 
-__all__ = ["ATTENTION", "KERNEL_SETS", "Kernels", "argmax", "attend", "attention", "gather", "gradient_barrier",
-           "matmul"]
+__all__ = ["ATTENTION", "KERNEL_SETS", "Kernels", "argmax", "attend", "attention", "flash", "gather",
+           "gradient_barrier", "matmul"]

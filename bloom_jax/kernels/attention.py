@@ -1,5 +1,6 @@
 """Attention with ALiBi under BLOOM's masks: a reference that holds the scores [b, n, s, t], a blockwise one that
-never does, and cuDNN's fused attention on NVIDIA GPUs.
+never does, cuDNN's fused attention on NVIDIA GPUs, and `flash`, the Pallas kernels of `bloom_jax.kernels.flash`
+run per shard.
 
 Both take queries [b, n, s, h] and keys and values [b, n, t, h] (or, from the KV cache, [b*n, t, h]: batch and
 heads merged) with an `AttentionMask`: the key mask [b, t] and the key position of the first query. Query i sits at
@@ -21,11 +22,15 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from bloom_jax.kernels import flash as flash_kernels
 
 NEG = float(np.finfo(np.float32).min)  # what masked scores get, as transformers gives them
 
@@ -175,6 +180,47 @@ def cudnn(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dt
     return jnp.swapaxes(out_bsnh, 1, 2).astype(dtype)
 
 
+def flash(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dtype, backend: str = "tpu",
+          blocks: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
+    """Context [b, n, s, h] by the Pallas kernel of `backend` ("tpu" or "gpu"), with `blocks` (query, key) or its
+    defaults; the first query position may be one per sequence. Under a mesh (`jax.set_mesh`) the kernel runs
+    per shard: a Pallas call is opaque to the partitioner, so `shard_map` splits the batch and the heads as the
+    logical rules in context split `activation_batch` and `activation_heads`, and the slopes with the heads."""
+    b, n, s, h = q_bnsh.shape
+    k_bnth, v_bnth = (x.reshape(b, n, -1, h).astype(dtype) for x in (k, v))
+    block_q, block_k = blocks or (None, None)
+    call = functools.partial(flash_kernels.flash_attention, causal=True, block_q=block_q, block_k=block_k,
+                             backend=backend, interpret=interpret)
+    positions_bt = alibi_positions(mask.key_mask).astype(jnp.int32)
+    offset_b = jnp.broadcast_to(jnp.asarray(mask.query_start, jnp.int32), (b,))
+    slopes_n = jnp.asarray(alibi_slopes(n))
+    out = _per_shard(call, q_bnsh.astype(dtype), k_bnth, v_bnth, slopes_n, positions_bt, mask.key_mask, offset_b)
+    return out.astype(dtype)
+
+
+def _per_shard(call, q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt, offset_b):
+    """`call` on each shard of the context mesh (directly without one): batch over the mesh axes of
+    `activation_batch`, heads over those of `activation_heads`, each where it divides (else replicated)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return call(q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt, offset_b)
+    b, n = q_bnsh.shape[:2]
+    batch, heads = (_dividing_axes(name, size, mesh) for name, size in (("activation_batch", b),
+                                                                      ("activation_heads", n)))
+    qkv = P(batch, heads, None, None)
+    rows = P(batch, None)
+    return jax.shard_map(call, mesh=mesh, in_specs=(qkv, qkv, qkv, P(heads), rows, rows, P(batch)),
+                         out_specs=qkv, check_vma=False)(q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt,
+                                                         offset_b)
+
+
+def _dividing_axes(logical: str, size: int, mesh) -> tuple[str, ...] | None:
+    """The mesh axes that the logical rules in context give `logical`, if their product divides `size`."""
+    axes = flax.linen.logical_to_mesh_axes((logical,))[0]
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
+    return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+
 # -- blockwise: forward and backward over padded blocks -------------------------------------------------------------
 def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
     extra = -x.shape[axis] % multiple
@@ -315,7 +361,7 @@ def _flash_bwd(bq, bk, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise, "cudnn": cudnn}
+IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise, "cudnn": cudnn, "flash": flash}
 
 __all__ = ["AttentionMask", "IMPLEMENTATIONS", "alibi_bias", "alibi_positions", "alibi_slopes",
-           "blockwise", "causal_padding_mask", "cudnn", "cudnn_applies", "reference", "relative_alibi_bias"]
+           "blockwise", "causal_padding_mask", "cudnn", "cudnn_applies", "flash", "reference", "relative_alibi_bias"]

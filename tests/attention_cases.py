@@ -1,0 +1,69 @@
+"""The attention cases every implementation is held to (tests/test_kernels.py, tests/test_kernels_flash.py):
+inputs, the real queries, and the comparison with the reference forward and backward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bloom_jax.kernels import attention
+from bloom_jax.kernels.attention import AttentionMask
+
+
+def relative_to_largest(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def attention_inputs(b, n, s, t, h, seed=0, pad=(), dtype=jnp.float32):
+    """q [b, n, s, h], k, v [b, n, t, h] and a key mask [b, t] with `pad[i]` left-padding keys in row i."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(0, 1, shape), dtype) for shape in ((b, n, s, h), (b, n, t, h), (b, n, t, h)))
+    key_mask = np.ones((b, t), np.int32)
+    for row, count in enumerate(pad):
+        key_mask[row, :count] = 0
+    return q, k, v, jnp.asarray(key_mask)
+
+
+# Heads 112 as BLOOM-176B and 6 (slopes' second branch); lengths 37 and 70 not multiples of the blocks; a cache offset:
+# 5 queries at key positions 9..13 of 16 keys.
+CASES = {
+    "square": dict(b=2, n=4, s=37, t=37, start=0, pad=(0, 6)),
+    "112 heads": dict(b=1, n=112, s=20, t=20, start=0, pad=(3,)),
+    "6 heads": dict(b=1, n=6, s=24, t=24, start=0, pad=(5,)),
+    "long": dict(b=1, n=2, s=70, t=70, start=0, pad=(11,)),
+    "cache offset": dict(b=2, n=3, s=5, t=16, start=9, pad=(2, 0)),
+}
+
+
+def real_queries(case) -> np.ndarray:
+    """bool [b, s]: the queries at real tokens (a padding query's output is unspecified)."""
+    keep = np.ones((case["b"], case["s"]), bool)
+    for row, count in enumerate(case["pad"]):
+        keep[row, : max(0, count - case["start"])] = False
+    return keep
+
+
+def assert_equals_the_reference(case, name, attend_fn, tolerance=2e-6, grad_tolerance=None):
+    """`attend_fn(q, k, v, mask)` against the reference on `case`: the output at real queries within `tolerance`
+    of the largest value (fp32), and dq, dk, dv of a loss that reads only those within `grad_tolerance` (default:
+    `tolerance`)."""
+    q, k, v, key_mask = attention_inputs(case["b"], case["n"], case["s"], case["t"], 8, seed=len(name),
+                                         pad=case["pad"])
+    mask = AttentionMask.create(key_mask, case["n"], case["s"], case["start"], dense=False)
+    keep = jnp.asarray(real_queries(case))[:, None, :, None]
+    cotangent = jax.random.normal(jax.random.key(1), q.shape) * keep  # padding queries feed nothing
+
+    def run(fn):
+        def loss(q, k, v):
+            return jnp.sum(fn(q, k, v) * cotangent)
+
+        return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+
+    ref_out, ref_grads = run(lambda q, k, v: attention.reference(q, k, v, mask, jnp.float32))
+    out, grads = run(lambda q, k, v: attend_fn(q, k, v, mask))
+    keep_np = np.broadcast_to(np.asarray(keep), out.shape)
+    assert relative_to_largest(np.where(keep_np, out, 0), np.where(keep_np, ref_out, 0)) <= tolerance
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert relative_to_largest(got, want) <= (grad_tolerance or tolerance), what
