@@ -118,12 +118,63 @@ def lora_fine_tunes(quick: bool) -> None:
 ATTENTION_STEPS = ((2048, 1), (2048, 8), (8192, 1), (8192, 4))  # (seq, batch)
 
 
+ATTENTION_ALONE = ((1, 2048), (8, 2048), (1, 8192), (4, 8192))  # (batch, seq) at 16 heads of 64, bf16
+
+
+def attention_child(device: str) -> None:
+    """Prints, as JSON, the TPU compiler's temporaries (MiB) of attention alone, forward and backward, for each
+    implementation and shape of ATTENTION_ALONE on one chip of `device`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from bloom_jax.kernels import Kernels, attend
+    from bloom_jax.kernels.attention import AttentionMask
+    from bloom_jax.plan import tpu_devices
+
+    sharding = NamedSharding(jax.sharding.Mesh(tpu_devices(device, 1), ("x",)), PartitionSpec())
+    out = {}
+    for b, s in ATTENTION_ALONE:
+        qkv = jax.ShapeDtypeStruct((b, 16, s, 64), jnp.bfloat16, sharding=sharding)
+        key_mask = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=sharding)
+        for name in ("reference", "blockwise", "flash"):
+            kernels = Kernels.create("reference", name, platform="tpu")
+
+            def loss(q, k, v, key_mask, kernels=kernels):
+                mask = AttentionMask.create(key_mask, 16, s, 0, dense=kernels.attention == "reference")
+                return jnp.sum(attend(kernels, q, k, v, mask, jnp.bfloat16).astype(jnp.float32))
+
+            try:
+                compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, key_mask).compile()
+                out[f"{b}x{s} {name}"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            except Exception as error:  # noqa: BLE001 - the compiler refuses what does not fit its HBM
+                out[f"{b}x{s} {name}"] = str(error).strip().splitlines()[0][:60]
+    print(json.dumps(out))
+
+
 def attention_memory(quick: bool) -> None:
+    rows = []
+    for device in ("v5e", "v5p"):
+        child = subprocess.run([sys.executable, __file__, "--attention-child", device], capture_output=True,
+                               text=True)
+        if child.returncode != 0:
+            raise SystemExit(f"attention alone on {device} failed: {child.stderr.strip().splitlines()[-1]}")
+        figures = json.loads(child.stdout)
+        for b, s in ATTENTION_ALONE:
+            cells = [figures[f"{b}x{s} {name}"] for name in ("reference", "blockwise", "flash")]
+            rows.append([f"{device}, {b} x 16 heads x {s} x 64", *(
+                f"{c:.1f}" if isinstance(c, float) else "refused" + (
+                    ": out of HBM" if "RESOURCE_EXHAUSTED" in c else f" ({c})") for c in cells)])
+    print("Attention alone, forward and backward, causal ALiBi, bf16, one chip: the TPU compiler's temporaries "
+          "(MiB) by attention")
+    print(markdown_table(["b x n x s x h", "reference", "blockwise (XLA)", "flash (Pallas)"], rows))
+    print()
     rows = []
     for seq, batch in ATTENTION_STEPS[:2] if quick else ATTENTION_STEPS:
         cells = [cell(plan("bloom-560m", "v5e", "fsdp=1", "train", seq, batch, ("--attention", name)))
                  for name in ("reference", "blockwise", "flash")]
         rows.append([f"seq {seq}, batch {batch}", *cells])
+        log(f"seq {seq}, batch {batch}: {cells}")
     print("bloom-560m training step on one v5e chip (bf16 compute, fp32 AdamW, full remat), per chip GiB from the "
           "TPU compiler by attention")
     print(markdown_table(["step", "reference", "blockwise (XLA)", "flash (Pallas)"], rows))
@@ -160,7 +211,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer batch and slice sizes")
     parser.add_argument("--only", choices=("fine-tunes", "lora", "attention", "bloom-176b"), default=None)
+    parser.add_argument("--attention-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attention_child:
+        return attention_child(args.attention_child)
     if args.only in (None, "fine-tunes"):
         fine_tunes(args.quick)
     if args.only in (None, "lora"):

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bloom_jax"
 # Lowest first. A module may import modules of earlier rows only (at module level or inside a function).
 LAYERS = [
     ["errors", "log", "platforms"],
-    ["config", "devices", "runtime", "distributed", "tokenizer"],
+    ["config", "devices", "runtime", "distributed", "tokenizer", "kernels.flash"],
     ["recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul", "kernels.pick",
      "kernels.barriers"],
     ["kernels"],
@@ -83,7 +83,8 @@ def test_the_model_loads_alone():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert eval(loaded) == ["bloom_jax", "bloom_jax.cache", "bloom_jax.config", "bloom_jax.errors",
                             "bloom_jax.kernels", "bloom_jax.kernels.attention", "bloom_jax.kernels.barriers",
-                            "bloom_jax.kernels.decode_matmul", "bloom_jax.kernels.pick", "bloom_jax.lora",
+                            "bloom_jax.kernels.decode_matmul", "bloom_jax.kernels.flash", "bloom_jax.kernels.pick",
+                            "bloom_jax.lora",
                             "bloom_jax.model", "bloom_jax.platforms", "bloom_jax.quantize"]
 
 

@@ -80,8 +80,8 @@ class Kernels:
 
 def attend(kernels: Kernels, q_bnsh, k, v, mask: attention.AttentionMask, dtype, dropout=None):
     """Attention context [b, n, s, h] by `kernels.attention_at` its shape. Dropped-out probabilities take the
-    reference (the fused forms have no dropout); `flash` takes every shape but one query row; `cudnn` falls back to `blockwise` where cuDNN does not apply (a
-    prefill chunk into a cache, odd lengths, float32)."""
+    reference (the fused forms have no dropout); `flash` takes every shape but one query row; `cudnn` falls back
+    to `blockwise` where cuDNN does not apply (a prefill chunk into a cache, odd lengths, float32)."""
     s, t = q_bnsh.shape[2], k.shape[-2]
     chosen = kernels.attention_at(s, t)
     if chosen == "cudnn" and not attention.cudnn_applies(q_bnsh, k, mask, dtype):

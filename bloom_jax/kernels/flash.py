@@ -7,7 +7,8 @@ it in registers from the n slopes and t positions, where a bias operand would be
 
 Inputs, for q [b, n, s, h] and k, v [b, n, t, h]:
 - `slopes_n` float32 [n]: the ALiBi slopes of the heads this call holds. Under tensor parallelism a shard holds
-  heads n0..n1 and must use slopes n0..n1 (`sharded` passes them sharded like the heads).
+  heads n0..n1 and must use slopes n0..n1 (`bloom_jax.kernels.attention.flash` passes them sharded like the
+  heads).
 - `key_positions_bt` int32 [b, t]: each key's ALiBi position, counting real tokens (0 for the first real one, so
   that left padding shifts nothing); `key_valid_bt` [b, t]: 1 for real keys.
 - `query_offset_b` int32 [b] (or a scalar): the key index of the first query; query i sees keys at indices
@@ -37,8 +38,8 @@ from jax.experimental import pallas as pl
 
 NEG = float(np.finfo(np.float32).min)
 BACKENDS = ("tpu", "gpu")
-# Block sizes when not given: TPU tiles are multiples of (8, 128) and 512 x 512 float32 scores are 1 MiB of the
-# v5e's 16 MiB scoped VMEM; Triton keeps a tile in registers, where 64 x 64 leaves room for h = 128.
+# Block sizes when not given: TPU blocks are multiples of 128 (the lanes), and 512 x 512 float32 scores are 1 MiB
+# of the v5e's 16 MiB scoped VMEM; Triton keeps a tile in registers, where 64 x 64 leaves room for h = 128.
 DEFAULT_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}
 
 
@@ -74,8 +75,9 @@ def flash_attention(q_bnsh, k_bnth, v_bnth, slopes_n, key_positions_bt, key_vali
                     causal: bool = True, block_q: int | None = None, block_k: int | None = None,
                     backend: str = "tpu", interpret: bool = False):
     """Attention context [b, n, s, h] in q's dtype (see the module's docstring for the inputs), differentiable in
-    q, k and v; the TPU kernels run on them transposed ([b, n, h, s]), which XLA folds into their neighbours. `backend` "tpu" (Mosaic) or "gpu" (Triton); `interpret` runs either kernel on any backend (slowly:
-    for tests). Blocks are cut to the padded sequence when it is shorter; s and t need not be multiples."""
+    q, k and v. `backend` "tpu" (Mosaic; its kernels see q, k, v transposed, [b, n, h, s], which XLA folds into
+    their neighbours) or "gpu" (Triton); `interpret` runs either kernel on any backend (slowly: for tests).
+    Blocks are cut to the padded sequence when it is shorter; s and t need not be multiples."""
     if backend not in BACKENDS:
         raise ValueError(f"flash attention backend {backend!r}: choose from {', '.join(BACKENDS)}")
     b, n, s, h = q_bnsh.shape
