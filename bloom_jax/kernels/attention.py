@@ -222,15 +222,6 @@ def _dividing_axes(logical: str, size: int, mesh) -> tuple[str, ...] | None:
 
 
 # -- blockwise: forward and backward over padded blocks -------------------------------------------------------------
-def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _key_block(keys, ki, bk, q_blk, slopes_n, query_pos):
     """Key block `ki` of the padded keys: (its keys, its values, the scores float32 [b, n, bq, bk] of `q_blk`
     against them with ALiBi, masked keys at NEG)."""
@@ -249,7 +240,7 @@ def _key_block(keys, ki, bk, q_blk, slopes_n, query_pos):
 
 def _padded_keys(k, v, key_mask, positions, bk):
     """Keys, values, key mask and ALiBi positions padded to whole blocks of `bk` (padding masked off)."""
-    return (_pad_to(k, 2, bk), _pad_to(v, 2, bk), _pad_to(key_mask, 1, bk), _pad_to(positions, 1, bk))
+    return (flash_kernels.pad_to(k, 2, bk), flash_kernels.pad_to(v, 2, bk), flash_kernels.pad_to(key_mask, 1, bk), flash_kernels.pad_to(positions, 1, bk))
 
 
 def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
@@ -261,7 +252,7 @@ def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
 def _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
     """(out [b, n, s, h] in q's dtype, log-sum-exp float32 [b, n, s]) over padded blocks."""
     b, n, s, h = q.shape
-    qp = _pad_to(q, 2, bq)
+    qp = flash_kernels.pad_to(q, 2, bq)
     keys = _padded_keys(k, v, key_mask, positions, bk)
     n_qblocks, n_kblocks = qp.shape[2] // bq, keys[0].shape[2] // bk
 
@@ -298,8 +289,8 @@ def _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk,
     scale = 1.0 / math.sqrt(h)
     # delta_i = sum_j p_ij dp_ij = d_out_i . out_i (the softmax backward's row term)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    qp, dop = _pad_to(q, 2, bq), _pad_to(d_out, 2, bq)
-    lsep, deltap = _pad_to(lse, 2, bq), _pad_to(delta, 2, bq)
+    qp, dop = flash_kernels.pad_to(q, 2, bq), flash_kernels.pad_to(d_out, 2, bq)
+    lsep, deltap = flash_kernels.pad_to(lse, 2, bq), flash_kernels.pad_to(delta, 2, bq)
     keys = _padded_keys(k, v, key_mask, positions, bk)
     n_qblocks, n_kblocks = qp.shape[2] // bq, keys[0].shape[2] // bk
 

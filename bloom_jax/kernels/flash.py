@@ -93,16 +93,16 @@ def flash_attention(q_bnsh, k_bnth, v_bnth, slopes_n, key_positions_bt, key_vali
     # Padding keys are invalid (position -1 marks them: one int32 per key carries both), padding queries sliced off.
     key_positions_bt = jnp.where(key_valid_bt > 0, key_positions_bt.astype(jnp.int32), -1)
     offset_b = jnp.broadcast_to(jnp.asarray(query_offset_b, jnp.int32), (b,))
-    q = _pad(q_bnsh, 2, bq)
-    k, v = _pad(k_bnth, 2, bk), _pad(v_bnth, 2, bk)
-    key_positions_bt = _pad(key_positions_bt, 1, bk, value=-1)
+    q = pad_to(q_bnsh, 2, bq)
+    k, v = pad_to(k_bnth, 2, bk), pad_to(v_bnth, 2, bk)
+    key_positions_bt = pad_to(key_positions_bt, 1, bk, value=-1)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     slopes_n = jnp.asarray(slopes_n, jnp.float32)
     if backend == "tpu":  # the TPU kernels' layout: [b, n, h, s] (see the TPU section)
         q, k, v = (jnp.swapaxes(x, 2, 3) for x in (q, k, v))
         return jnp.swapaxes(_flash(q, k, v, slopes_n, key_positions_bt, offset_b, config), 2, 3)[:, :, :s]
     # Triton's tiles are powers of two: h = 80 (bloom-3b) runs as 128 with zero lanes.
-    q, k, v = (_pad(x, 3, pl.next_power_of_2(h)) for x in (q, k, v))
+    q, k, v = (pad_to(x, 3, pl.next_power_of_2(h)) for x in (q, k, v))
     return _flash(q, k, v, slopes_n, key_positions_bt, offset_b, config)[:, :, :s, :h]
 
 
@@ -112,7 +112,8 @@ def _block(requested: int, length: int, align: int) -> int:
     return min(requested, -(-length // align) * align)
 
 
-def _pad(x, axis: int, multiple: int, value=0):
+def pad_to(x, axis: int, multiple: int, value=0):
+    """`x` padded with `value` at the end of `axis` to a multiple of `multiple`."""
     extra = -x.shape[axis] % multiple
     if not extra:
         return x
@@ -491,4 +492,4 @@ def _gpu_backward(q, k, v, do, lse, delta, slopes_n, key_pos_bt, offset_b, confi
     return dq, dk, dv
 
 
-__all__ = ["BACKENDS", "DEFAULT_BLOCKS", "flash_attention", "reference"]
+__all__ = ["BACKENDS", "DEFAULT_BLOCKS", "flash_attention", "pad_to", "reference"]
