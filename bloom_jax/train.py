@@ -291,7 +291,11 @@ class Trainer:
         manager = ocp.CheckpointManager(
             (self.output_dir / "checkpoints").absolute(),
             # should_save_fn rather than save_interval_steps: the latter adds an unwanted save at the first step.
+            # A save killed mid-way (SIGKILL, preemption) leaves a `STEP.orbax-checkpoint-tmp-*` directory. Orbax
+            # replaces it when the resumed run saves STEP again (tests/test_train.py kills one); with
+            # cleanup_tmp_directories it also goes when STEP is never saved again (a changed save_every).
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True, create=True,
+                                                 cleanup_tmp_directories=True,
                                                  should_save_fn=lambda step, _: step % cfg.save_every == 0))
         state = self._restore_or_init(manager, abstract_state, state_shardings)
         start_step = int(state["step"])
@@ -301,7 +305,7 @@ class Trainer:
         flops_per_step = (3 if self.lora is None else 2) * forward_flops(self.model_config, cfg.batch_size,
                                                                            cfg.seq_len)
         peak = peak_flops_per_device(cfg) * jax.device_count()
-        writer = _MetricsWriter(self.output_dir, enabled=jax.process_index() == 0)
+        writer = _MetricsWriter(self.output_dir, enabled=jax.process_index() == 0, resume_step=start_step)
         if self.lora is not None and jax.process_index() == 0:
             (self.output_dir / RUN_ADAPTER_CONFIG).write_text(
                 json.dumps(adapter_config_json(self.lora, self.cfg.init_from), indent=2) + "\n")
@@ -440,15 +444,35 @@ class Trainer:
                         f"(loss {float(health['bad_loss'])}); stopping. {kept}")
 
 
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class _MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard scalars under OUTPUT_DIR/tensorboard."""
 
-    def __init__(self, output_dir: Path, enabled: bool):
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int = 0):
+        """Appends to metrics.jsonl after dropping its lines past `resume_step`: a run killed after its last
+        checkpoint logged steps that the resumed run logs again."""
         self.enabled = enabled
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(output_dir / "metrics.jsonl", "a")
+        path = output_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= resume_step]
+            if len(kept) < len(lines):
+                staged = path.with_name(path.name + ".tmp")
+                staged.write_text("".join(kept))
+                os.replace(staged, path)
+                log.info(f"metrics.jsonl: dropped {len(lines) - len(kept)} steps logged after step {resume_step}, "
+                         "the checkpoint this run resumes from")
+        self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
 
         self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))

@@ -902,3 +902,36 @@ def test_two_processes_train_as_one(run_a, recipe_file, tmp_path):
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     # The signal's save, written by both processes (plus step 1: see test_checkpoints_only_every_save_every_steps).
     assert max(checkpoint_steps(output_dir)) == MULTIHOST_STOP
+
+
+# -- 8. SIGKILL during an asynchronous save --------------------------------------------------------------------------
+ASYNC_COMMIT = "orbax.checkpoint._src.path.atomicity:AtomicRenameTemporaryPath.finalize"
+COMMIT_CALL = 3  # Orbax commits each save twice (its item, then the step directory): 3 is step 16's first
+
+
+def test_a_run_killed_during_an_async_save_resumes_exactly(run_a, recipe_file, tmp_path):
+    # The second save's commit (step 16) never happens: the process dies with the step's data in Orbax's
+    # temporary directory and the trainer steps past it. The rerun removes that directory, resumes from step 8,
+    # logs each step once, and ends where the uninterrupted run A ended, bit for bit.
+    from faults import kill, stopped
+
+    a_dir, _ = run_a
+    output_dir = tmp_path / "c"
+    overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
+    kill(stopped(tmp_path, COMMIT_CALL, ASYNC_COMMIT, "train", str(recipe_file), *overrides))
+    saved = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+    assert saved[0].startswith("16.orbax-checkpoint-tmp"), saved
+    assert "8" in saved and not (output_dir / "final").exists()
+
+    code, out, err = run_cli("train", recipe_file, *overrides)
+    assert code == 0, err[-3000:]
+    assert "resuming from step 8" in err
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["16", "24", "8"]
+    strip = ("time", "tokens_per_s", "mfu")
+    ours, ref = read_metrics(output_dir), read_metrics(a_dir)
+    assert [m["step"] for m in ours] == list(range(1, 25))
+    assert [{k: v for k, v in m.items() if k not in strip} for m in ours] == [
+        {k: v for k, v in m.items() if k not in strip} for m in ref]
+    _, params_a = from_pretrained(a_dir / "final")
+    _, params_c = from_pretrained(output_dir / "final")
+    assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), params_a, params_c))

@@ -1,8 +1,10 @@
 """Where checkpoints live: local directories and URLs (`gs://...`, `file://...`) read and written through
-TensorStore's key-value stores, and destinations that never show a half-written checkpoint."""
+TensorStore's key-value stores, and destinations that never show a half-written checkpoint, never leave one
+behind a killed writer, and never take two writers at once."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -10,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax.log import get_logger
+
+log = get_logger(__name__)
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
@@ -98,23 +103,72 @@ def clear(location: str | os.PathLike) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+class WriterLock:
+    """The lock a writer of local directory `final` holds beside it, `.NAME.lock`: an exclusive `flock`, which
+    the kernel drops when its process ends however it ends (SIGKILL too). Held, it means a live writer; free,
+    every `.NAME.partial-*` staging directory beside `final` belongs to a dead one."""
+
+    def __init__(self, final: Path):
+        self.path = final.parent / f".{final.name}.lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise BloomJaxError(f"another process is writing {final} (it holds {self.path}): wait for it to "
+                                    "finish or stop it") from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock anew
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter that opened it will see it gone
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_stale_staging(final: Path) -> None:
+    """Removes the staging directories of killed writers of `final` (call with its `WriterLock` held)."""
+    for stale in final.parent.glob(f".{final.name}.partial-*"):
+        size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info(f"removed {stale} ({size / 1e6:.1f} MB), left by an interrupted write of {final}")
+
+
 class Destination:
     """Where a conversion, export or save writes: a local directory (staged beside it, then renamed into place)
     or a URL (written in place, the files that make it loadable last). A non-empty destination needs
-    `overwrite`. Use as a context manager: on an error the staged data is removed."""
+    `overwrite`. Use as a context manager: on an error the staged data is removed. A local destination is locked
+    while it is written (`WriterLock`: a second writer is refused), and the staging left by a killed writer is
+    removed first."""
 
     def __init__(self, location: str | os.PathLike, overwrite: bool):
-        self.location, self.overwrite = str(location), overwrite
-        refuse_non_empty(location, overwrite)
+        self.location, self.overwrite, self.lock = str(location), overwrite, None
         if is_url(location):
+            refuse_non_empty(location, overwrite)
             self.root = self.location
-        else:
-            final = Path(location)
-            try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self.root = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
-            except OSError as e:
+            return
+        final = Path(location)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.lock = WriterLock(final)
+        except OSError as e:
+            raise BloomJaxError(f"cannot write in {final.parent}: {e.strerror}") from None
+        try:
+            refuse_non_empty(location, overwrite)
+            remove_stale_staging(final)
+            self.root = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
+        except BaseException as e:
+            self.lock.release()
+            if isinstance(e, OSError):
                 raise BloomJaxError(f"cannot write in {final.parent}: {e.strerror}") from None
+            raise
 
     def __enter__(self) -> Destination:
         if is_url(self.location) and self.overwrite:
@@ -127,13 +181,16 @@ class Destination:
     def __exit__(self, exc_type, exc, tb) -> None:
         if is_url(self.location):
             return  # an incomplete URL destination lacks the metadata written last, so nothing will load it
-        if exc_type is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            return
-        final = Path(self.location)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.root, 0o777 & ~umask)  # mkdtemp made it private
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(self.root, final)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                return
+            final = Path(self.location)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.root, 0o777 & ~umask)  # mkdtemp made it private
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.root, final)
+        finally:
+            self.lock.release()

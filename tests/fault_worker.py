@@ -1,0 +1,38 @@
+"""A bloom-jax command that stops dead at a chosen point, for the fault tests to SIGKILL there.
+
+Usage: fault_worker.py READY_FILE CALL MODULE:OWNER.METHOD -- ARGS...
+
+Runs `bloom-jax ARGS...` with MODULE's OWNER.METHOD patched: its CALL-th call writes READY_FILE and then sleeps
+until the process is killed, so that the test knows the command is mid-way (with whatever it has staged) when it
+sends SIGKILL.
+"""
+
+import functools
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from bloom_jax.cli import main
+
+ready, call, target = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+args = sys.argv[sys.argv.index("--") + 1:]
+module_name, _, attribute = target.partition(":")
+owner_name, _, method_name = attribute.rpartition(".")
+owner = functools.reduce(getattr, owner_name.split("."), importlib.import_module(module_name))
+original = getattr(owner, method_name)
+calls = 0
+
+
+def stop_here(*a, **kw):
+    global calls
+    calls += 1
+    if calls == call:
+        Path(ready).write_text("stopped")
+        while True:
+            time.sleep(1)
+    return original(*a, **kw)
+
+
+setattr(owner, method_name, stop_here)
+sys.exit(main(args))

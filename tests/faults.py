@@ -1,0 +1,35 @@
+"""Faults for the tests to inject: a bloom-jax command in a child process stopped dead at a chosen call
+(`fault_worker.py`), then SIGKILLed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("fault_worker.py")
+
+
+def stopped(tmp_path: Path, call: int, target: str, *args: str) -> subprocess.Popen:
+    """`bloom-jax ARGS` in a child process, stopped dead at the `call`-th call of `target` (see fault_worker)."""
+    ready, output = (tmp_path / f"{what}-{time.monotonic_ns()}" for what in ("ready", "output"))
+    with open(output, "w") as log:  # a file, not a pipe: a chatty child would block on a full pipe
+        child = subprocess.Popen([sys.executable, str(WORKER), str(ready), str(call), target, "--", *args],
+                                 stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not ready.exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            child.wait(30)
+            raise AssertionError(f"the worker never reached call {call}: {output.read_text()[-2000:]}")
+        time.sleep(0.05)
+    output.unlink()  # the tests check what the command leaves beside its destination
+    return child
+
+
+def kill(child: subprocess.Popen) -> None:
+    child.send_signal(signal.SIGKILL)
+    child.wait(30)
+    assert child.returncode == -signal.SIGKILL

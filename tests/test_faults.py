@@ -1,0 +1,93 @@
+"""Real faults, not mocks: a conversion or export SIGKILLed at several points and rerun, and two writers of one
+destination at once. Each checks the exit status, the message, what is left on disk, and that the rerun gives the
+bytes of a run without the fault."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from faults import kill, stopped
+
+from bloom_jax.checkpoints import convert, export
+from bloom_jax.cli import main
+
+# The only bytes two clean conversions differ in: Orbax's commit timestamps.
+TIMESTAMPED = {"params/_CHECKPOINT_METADATA"}
+READ_TENSOR = "bloom_jax.checkpoints.hf_files:WeightFiles.read"  # convert reads a source tensor
+READ_PARAM = "bloom_jax.checkpoints.converted:StoredParams.read"  # export reads a stored parameter
+
+
+@pytest.fixture(scope="module")
+def source(tiny, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("faults") / "model"
+    shutil.copytree(tiny.checkpoint.directory, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def clean(source, tmp_path_factory) -> dict[str, Path]:
+    """A conversion and an export of `source` that nothing interrupted."""
+    root = tmp_path_factory.mktemp("clean")
+    convert(source, root / "converted", progress=False)
+    export(root / "converted", root / "exported", progress=False)
+    return {"converted": root / "converted", "exported": root / "exported"}
+
+
+def digests(directory: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        key = str(path.relative_to(directory))
+        data = path.read_bytes()
+        if key in TIMESTAMPED:
+            data = json.dumps({k: v for k, v in json.loads(data).items() if "timestamp" not in k}).encode()
+        out[key] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """What a writer of `parent / name` may leave beside it: staging directories and its lock."""
+    return sorted(p.name for p in parent.glob(f".{name}.*"))
+
+
+@pytest.mark.parametrize("call", [1, 15, 29], ids=["first_tensor", "midway", "last_tensor"])  # of 29
+def test_a_killed_conversion_is_cleaned_up_by_the_rerun(source, clean, tmp_path, capsys, call):
+    dst = tmp_path / "out"
+    kill(stopped(tmp_path, call, READ_TENSOR, "convert", str(source), str(dst)))
+    staged = [p for p in tmp_path.glob(".out.partial-*")]
+    assert len(staged) == 1 and any(staged[0].rglob("*"))  # the dead run's staging, with data in it
+    assert not dst.exists()  # nothing valid-looking at DST
+
+    assert main(["convert", str(source), str(dst)]) == 0
+    assert f"removed {staged[0]}" in capsys.readouterr().err
+    assert leftovers(tmp_path, "out") == []
+    assert digests(dst) == digests(clean["converted"])
+
+
+@pytest.mark.parametrize("call", [1, 10], ids=["first_tensor", "midway"])
+def test_a_killed_export_is_cleaned_up_by_the_rerun(clean, tmp_path, capsys, call):
+    dst = tmp_path / "hf"
+    kill(stopped(tmp_path, call, READ_PARAM, "export", str(clean["converted"]), str(dst)))
+    assert len(list(tmp_path.glob(".hf.partial-*"))) == 1 and not dst.exists()
+    assert main(["export", str(clean["converted"]), str(dst)]) == 0
+    assert leftovers(tmp_path, "hf") == []
+    assert digests(dst) == digests(clean["exported"])
+
+
+def test_a_second_writer_of_one_destination_is_refused(source, clean, tmp_path, capsys):
+    dst = tmp_path / "out"
+    first = stopped(tmp_path, 3, READ_TENSOR, "convert", str(source), str(dst))
+    try:
+        staged = sorted(tmp_path.glob(".out.partial-*"))
+        assert main(["convert", str(source), str(dst)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"bloom-jax: error: another process is writing {dst} (it holds {tmp_path / '.out.lock'}): wait for "
+                       "it to finish or stop it"]
+        assert sorted(tmp_path.glob(".out.partial-*")) == staged  # the live writer's staging untouched
+    finally:
+        kill(first)
+    assert main(["convert", str(source), str(dst)]) == 0
+    assert leftovers(tmp_path, "out") == [] and digests(dst) == digests(clean["converted"])
