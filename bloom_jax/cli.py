@@ -1,20 +1,24 @@
 """The `bloom-jax` command. Results go to stdout, logs to stderr.
 
 Exit status: 0 done, 1 a run that failed (a training loss that became NaN), 2 a usage or input mistake (one
-line on stderr; `--debug` adds the traceback), 130 interrupted (Ctrl-C).
+line on stderr; `--debug` adds the traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; train saves a
+checkpoint and stops cleanly instead, serve shuts down).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from bloom_jax.errors import BloomJaxError, RunFailed
+from bloom_jax.errors import BloomJaxError, RunFailed, Terminated
 from bloom_jax.log import get_logger
 
 log = get_logger("bloom_jax.cli")  # not __name__: `python -m bloom_jax.cli` runs it as __main__
@@ -552,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:  # a usage mistake, answered with the help (`--help` is the asked-for one)
             parser.print_help(sys.stderr)
             return 2
-        args.func(args)
+        with _sigterm_raises(args.command not in OWN_SIGTERM):
+            args.func(args)
     except SystemExit as e:  # --help and --version
         return e.code if isinstance(e.code, int) else 0
     except BloomJaxError as e:
@@ -563,7 +568,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bloom-jax: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("bloom-jax: terminated", file=sys.stderr)
+        return 143
     return 0
+
+
+# Commands with their own SIGTERM: train saves a checkpoint and stops at the step's end, serve (uvicorn) drains.
+OWN_SIGTERM = ("train", "serve")
+
+
+@contextlib.contextmanager
+def _sigterm_raises(enabled: bool):
+    """SIGTERM raises `Terminated` in the main thread while the block runs, so that a command stops as on Ctrl-C:
+    its partial output removed on the way out (Python's default would end the process with nothing cleaned)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

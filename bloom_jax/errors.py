@@ -10,6 +10,11 @@ class RunFailed(BloomJaxError):
     """A run that started correctly and then failed (a training loss that became NaN): exit status 1."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (`bloom_jax.cli` raises it from the signal): like KeyboardInterrupt, not an Exception, so
+    that nothing catches it on the way out but the context managers that remove partial output. Exit status 143."""
+
+
 def one_line(error: BaseException) -> str:
     """The first line of an exception's message (a library's error, quoted inside ours), or its type's name."""
     text = str(error).strip().splitlines()

@@ -1,25 +1,29 @@
 """A bloom-jax command that stops dead at a chosen point, for the fault tests to SIGKILL there.
 
-Usage: fault_worker.py READY_FILE CALL MODULE:OWNER.METHOD -- ARGS...
+Usage: fault_worker.py READY_FILE CALL MODULE:OWNER.METHOD -- ARGS...   (or MODULE:FUNCTION)
 
-Runs `bloom-jax ARGS...` with MODULE's OWNER.METHOD patched: its CALL-th call writes READY_FILE and then sleeps
+Runs `bloom-jax ARGS...` with MODULE's OWNER.METHOD (or FUNCTION) patched: its CALL-th call writes READY_FILE and then sleeps
 until the process is killed, so that the test knows the command is mid-way (with whatever it has staged) when it
 sends SIGKILL.
 """
 
 import functools
 import importlib
+import signal
 import sys
 import time
 from pathlib import Path
 
 from bloom_jax.cli import main
 
+# Ctrl-C raises KeyboardInterrupt here even when the suite was started in a shell's background, which leaves
+# SIGINT ignored for its children.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ready, call, target = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 args = sys.argv[sys.argv.index("--") + 1:]
 module_name, _, attribute = target.partition(":")
 owner_name, _, method_name = attribute.rpartition(".")
-owner = functools.reduce(getattr, owner_name.split("."), importlib.import_module(module_name))
+owner = functools.reduce(getattr, owner_name.split(".") if owner_name else [], importlib.import_module(module_name))
 original = getattr(owner, method_name)
 calls = 0
 

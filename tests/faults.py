@@ -18,6 +18,7 @@ def stopped(tmp_path: Path, call: int, target: str, *args: str) -> subprocess.Po
     with open(output, "w") as log:  # a file, not a pipe: a chatty child would block on a full pipe
         child = subprocess.Popen([sys.executable, str(WORKER), str(ready), str(call), target, "--", *args],
                                  stdout=log, stderr=subprocess.STDOUT)
+    child.output_path = output
     deadline = time.monotonic() + 180
     while not ready.exists():
         if child.poll() is not None or time.monotonic() > deadline:
@@ -25,11 +26,15 @@ def stopped(tmp_path: Path, call: int, target: str, *args: str) -> subprocess.Po
             child.wait(30)
             raise AssertionError(f"the worker never reached call {call}: {output.read_text()[-2000:]}")
         time.sleep(0.05)
-    output.unlink()  # the tests check what the command leaves beside its destination
     return child
 
 
 def kill(child: subprocess.Popen) -> None:
-    child.send_signal(signal.SIGKILL)
-    child.wait(30)
-    assert child.returncode == -signal.SIGKILL
+    assert signalled(child, signal.SIGKILL)[0] == -signal.SIGKILL
+
+
+def signalled(child: subprocess.Popen, signum: int) -> tuple[int, str]:
+    """Sends `signum` to a stopped child: (its exit status, everything it printed)."""
+    child.send_signal(signum)
+    child.wait(60)
+    return child.returncode, child.output_path.read_text()

@@ -7,10 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
-from faults import kill, stopped
+from faults import kill, signalled, stopped
 
 from bloom_jax.checkpoints import convert, export
 from bloom_jax.cli import main
@@ -91,3 +92,26 @@ def test_a_second_writer_of_one_destination_is_refused(source, clean, tmp_path, 
         kill(first)
     assert main(["convert", str(source), str(dst)]) == 0
     assert leftovers(tmp_path, "out") == [] and digests(dst) == digests(clean["converted"])
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "bloom-jax: interrupted"),
+                                                (signal.SIGTERM, 143, "bloom-jax: terminated")],
+                         ids=["sigint", "sigterm"])
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_a_signal_stops_convert_and_export_with_their_staging_removed(source, clean, tmp_path, signum, code, line,
+                                                                      command):
+    src, target = (source, READ_TENSOR) if command == "convert" else (clean["converted"], READ_PARAM)
+    dst = tmp_path / "out"
+    child = stopped(tmp_path, 5, target, command, str(src), str(dst))
+    assert len(list(tmp_path.glob(".out.partial-*"))) == 1
+    status, printed = signalled(child, signum)
+    assert status == code and printed.strip().splitlines()[-1] == line
+    assert not dst.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_sigterm_stops_eval_with_nothing_on_stdout(clean, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("The cat sat on the mat. " * 200)
+    child = stopped(tmp_path, 1, "bloom_jax.train:evaluate", "eval", str(clean["converted"]), "--data", str(data))
+    status, printed = signalled(child, signal.SIGTERM)
+    assert status == 143 and printed.strip().splitlines() == ["bloom-jax: terminated"]
