@@ -1,8 +1,10 @@
 """Faults for the tests to inject: a bloom-jax command in a child process stopped dead at a chosen call
-(`fault_worker.py`), then SIGKILLed."""
+(`fault_worker.py`), then signalled or SIGKILLed; small and read-only filesystems."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -38,3 +40,23 @@ def signalled(child: subprocess.Popen, signum: int) -> tuple[int, str]:
     child.send_signal(signum)
     child.wait(60)
     return child.returncode, child.output_path.read_text()
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str, read_only: bool = False):
+    """A tmpfs of `size` mounted at `where` for the block (a full disk, or with `read_only` an unwritable one);
+    skips the test where it cannot be mounted (it needs root: CI runs as root)."""
+    import pytest
+
+    where.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)

@@ -1,18 +1,20 @@
-"""Real faults, not mocks: a conversion or export SIGKILLed at several points and rerun, and two writers of one
-destination at once. Each checks the exit status, the message, what is left on disk, and that the rerun gives the
+"""Real faults, not mocks: a conversion or export SIGKILLed at several points and rerun, two writers of one
+destination at once, Ctrl-C and SIGTERM, a full disk (a small tmpfs) and a read-only one. Each checks the exit status, the message, what is left on disk, and that the rerun gives the
 bytes of a run without the fault."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from faults import kill, signalled, stopped
+from faults import kill, signalled, stopped, tmpfs
 
+from bloom_jax import BloomJaxError
 from bloom_jax.checkpoints import convert, export
 from bloom_jax.cli import main
 
@@ -115,3 +117,36 @@ def test_sigterm_stops_eval_with_nothing_on_stdout(clean, tmp_path):
     child = stopped(tmp_path, 1, "bloom_jax.train:evaluate", "eval", str(clean["converted"]), "--data", str(data))
     status, printed = signalled(child, signal.SIGTERM)
     assert status == 143 and printed.strip().splitlines() == ["bloom-jax: terminated"]
+
+
+# -- full and unwritable disks --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_a_full_disk_is_one_line_naming_what_was_needed_and_leaves_nothing(source, clean, tmp_path, capsys,
+                                                                           command):
+    src = source if command == "convert" else clean["converted"]
+    with tmpfs(tmp_path / "disk", "64k") as disk:  # the tiny checkpoint needs about 0.5 MB
+        assert main([command, str(src), str(disk / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.fullmatch(  # the last line, after the progress bar's
+            rf"bloom-jax: error: cannot write {disk / 'out'}: no space left on device in {disk} \(it needs about "
+            r"0\.\d MB, 0\.\d MB are free there\)", err.strip().splitlines()[-1]), err
+        assert list(disk.iterdir()) == []  # no DST, no staging, no lock
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_a_read_only_destination_is_one_line_and_leaves_nothing(source, clean, tmp_path, capsys, command):
+    src = source if command == "convert" else clean["converted"]
+    with tmpfs(tmp_path / "disk", "1m", read_only=True) as disk:
+        assert main([command, str(src), str(disk / "out")]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+            f"bloom-jax: error: cannot write in {disk}: Read-only file system"]
+        assert list(disk.iterdir()) == []
+
+
+def test_save_pretrained_on_a_full_disk_raises_one_error_and_leaves_nothing(tiny, tmp_path):
+    from bloom_jax.checkpoints import save_pretrained
+
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        with pytest.raises(BloomJaxError, match=rf"cannot write {disk / 'saved'}: no space left on device"):
+            save_pretrained(tiny.params, tiny.model.config, disk / "saved")
+        assert list(disk.iterdir()) == []

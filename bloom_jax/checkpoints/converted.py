@@ -229,7 +229,8 @@ def save_pretrained(params: Any, config: BloomConfig, dst: str | os.PathLike, to
             raise BloomJaxError(f"save_pretrained: {name!r} is not a file this may add beside the checkpoint")
         files[name] = data
     if jax.process_count() == 1:
-        with Destination(dst, overwrite) as out:
+        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) + sum(len(d) for d in files.values())
+        with Destination(dst, overwrite, needed_bytes=needed) as out:
             for key, data in files.items():
                 out.write_bytes(key, data)
             _save_params(join(out.root, PARAMS_DIR), params)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 from tqdm.auto import tqdm
@@ -61,8 +62,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
     shapes = nn.unbox(abstract_params(model))
     plan = plan_hf_tensors(files, model, shapes)
     np_dtype = np.dtype(param_dtype)
+    needed = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)) * np_dtype.itemsize
 
-    with Destination(dst, overwrite) as out:
+    with Destination(dst, overwrite, needed_bytes=needed) as out:
         writer = OrbaxParamsWriter(join(out.root, PARAMS_DIR))
         for path, leaf in flatten_dict(shapes).items():
             writer.open(path, leaf.shape, np_dtype, stacked=path[0] == "h")
@@ -142,7 +144,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
         return from_param(stored.read(target.path, target.layer), target.mapping)
 
     total = sum(math.prod(shape) for _, shape in tensors) * out_dtype.itemsize
-    with Destination(dst, overwrite) as out:
+    with Destination(dst, overwrite, needed_bytes=total) as out:
         with _progress(total, "exporting", progress) as bar:
             file_names = write_safetensors(Path(out.root), tensors, out_dtype, limit, read, bar.update)
         out.write_bytes("config.json", config_json(config, out_dtype))

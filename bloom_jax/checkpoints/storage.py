@@ -4,6 +4,7 @@ behind a killed writer, and never take two writers at once."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -103,6 +104,28 @@ def clear(location: str | os.PathLike) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+# What a full or unwritable disk is called, by errno and by the phrases TensorStore and Orbax quote the OS in.
+_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+_DISK_PHRASES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                 "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def disk_error(error: BaseException | None) -> int | None:
+    """The errno of a full or unwritable disk behind `error` (itself, or its causes, or quoted in their
+    messages); None for any other error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_ERRORS:
+            return error.errno
+        code = next((code for phrase, code in _DISK_PHRASES.items() if phrase in str(error)), None)
+        if code is not None:
+            return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class WriterLock:
     """The lock a writer of local directory `final` holds beside it, `.NAME.lock`: an exclusive `flock`, which
     the kernel drops when its process ends however it ends (SIGKILL too). Held, it means a live writer; free,
@@ -146,10 +169,12 @@ class Destination:
     or a URL (written in place, the files that make it loadable last). A non-empty destination needs
     `overwrite`. Use as a context manager: on an error the staged data is removed. A local destination is locked
     while it is written (`WriterLock`: a second writer is refused), and the staging left by a killed writer is
-    removed first."""
+    removed first. A full or unwritable disk becomes one `BloomJaxError` naming the place and, given
+    `needed_bytes`, what the write needed beside what is free."""
 
-    def __init__(self, location: str | os.PathLike, overwrite: bool):
+    def __init__(self, location: str | os.PathLike, overwrite: bool, needed_bytes: int | None = None):
         self.location, self.overwrite, self.lock = str(location), overwrite, None
+        self.needed_bytes = needed_bytes
         if is_url(location):
             refuse_non_empty(location, overwrite)
             self.root = self.location
@@ -181,11 +206,14 @@ class Destination:
     def __exit__(self, exc_type, exc, tb) -> None:
         if is_url(self.location):
             return  # an incomplete URL destination lacks the metadata written last, so nothing will load it
+        final = Path(self.location)
         try:
             if exc_type is not None:
                 shutil.rmtree(self.root, ignore_errors=True)
+                code = disk_error(exc)
+                if code is not None:
+                    raise BloomJaxError(self._disk_message(final, code)) from None
                 return
-            final = Path(self.location)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.root, 0o777 & ~umask)  # mkdtemp made it private
@@ -194,3 +222,10 @@ class Destination:
             os.replace(self.root, final)
         finally:
             self.lock.release()
+
+    def _disk_message(self, final: Path, code: int) -> str:
+        message = f"cannot write {final}: {_DISK_ERRORS[code]} in {final.parent}"
+        if code in (errno.ENOSPC, errno.EDQUOT) and self.needed_bytes:
+            free = shutil.disk_usage(final.parent).free  # measured after the partial data went
+            message += f" (it needs about {self.needed_bytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there)"
+        return message
