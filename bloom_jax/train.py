@@ -18,10 +18,14 @@ key (`fold_in(key(seed), k)`), so a restored (params, optimizer state, step) con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -46,6 +50,7 @@ from bloom_jax.checkpoints import (
     save_pretrained,
 )
 from bloom_jax.checkpoints.peft import adapter_config_json, save_adapter
+from bloom_jax.checkpoints.storage import DISK_ERRORS, disk_error
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
 from bloom_jax.errors import BloomJaxError, RunFailed
@@ -272,6 +277,7 @@ class Trainer:
         cfg, plan = self.cfg, self.sharding
         corpus = self._corpus()
         abstract_state, abstract_frozen = self._abstract_state()
+        self._state_shapes = abstract_state
         state_shardings = jax.tree.map(lambda s: s.sharding, abstract_state)
         frozen_shardings = jax.tree.map(lambda s: s.sharding, abstract_frozen)
         # A LoRA run's base, frozen: an argument of every step, never donated, never checkpointed.
@@ -311,6 +317,10 @@ class Trainer:
                 json.dumps(adapter_config_json(self.lora, self.cfg.init_from), indent=2) + "\n")
         schedule = learning_rate_schedule(cfg)
         previous = signal.signal(signal.SIGTERM, self._on_signal)
+        # Orbax logs a failed background save from each of its threads, tracebacks and all; a full or
+        # unwritable disk is reported once, as one line (`_save_errors_reported`).
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_not_a_disk_error)
         metrics: dict = {}
         bar = tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step", file=sys.stderr,
                    disable=not self.progress or jax.process_index() != 0, dynamic_ncols=True)
@@ -330,14 +340,15 @@ class Trainer:
                         health = _note_health(health, step_metrics, step + 1)
                 done = step + 1
                 window_steps += 1
-                logging, saving = done % cfg.log_every == 0 or done == cfg.steps, done % cfg.save_every == 0
+                logs, saving = done % cfg.log_every == 0 or done == cfg.steps, done % cfg.save_every == 0
                 # One process alone may stop only when it runs alone; together they stop at a log or save point.
-                sync_point = logging or saving or (self._stop_signal is not None and jax.process_count() == 1)
+                sync_point = logs or saving or (self._stop_signal is not None and jax.process_count() == 1)
                 if sync_point:
                     self._raise_if_unhealthy(jax.device_get(health), manager)
                 if saving:
-                    manager.save(done, args=ocp.args.StandardSave(state))
-                if logging:
+                    with self._save_errors_reported(manager):  # save() first waits for the previous one
+                        manager.save(done, args=ocp.args.StandardSave(state))
+                if logs:
                     fetched = jax.device_get(step_metrics)
                     seconds = time.perf_counter() - window_start
                     metrics = {"step": done, "loss": float(fetched["loss"]), "grad_norm": float(fetched["grad_norm"]),
@@ -355,10 +366,13 @@ class Trainer:
                 if self._stopping(at_sync_point=sync_point):
                     log.info(f"signal {self._stop_signal}: saving step {done} and stopping")
                     if manager.latest_step() != done:
-                        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+                        with self._save_errors_reported(manager):
+                            manager.save(done, args=ocp.args.StandardSave(state), force=True)
                     break
             bar.close()
-            manager.wait_until_finished()
+            with self._save_errors_reported(manager):
+                manager.wait_until_finished()
+                manager.check_for_errors()
             if done == cfg.steps:
                 final = self.output_dir / "final"
                 if self.lora is None:
@@ -372,6 +386,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             manager.close()
             writer.close()
+            absl_logger.removeFilter(_not_a_disk_error)
         return metrics
 
     def _save_adapter(self, adapters: dict, dst: Path) -> None:
@@ -416,6 +431,36 @@ class Trainer:
         log.info(f"resuming from step {latest} of {self.output_dir / 'checkpoints'}")
         return manager.restore(latest, args=ocp.args.StandardRestore(abstract_state))
 
+    @contextlib.contextmanager
+    def _save_errors_reported(self, manager):
+        """A full or unwritable disk that failed an asynchronous save, raised in the block (by Orbax, as its
+        background thread met it), becomes one `BloomJaxError`: the failed save's temporary directory removed,
+        the last good checkpoint kept. Other errors propagate as they are."""
+        try:
+            yield
+        except Exception as error:
+            code = disk_error(error)
+            if code is None:
+                raise
+            raise self._save_failed(manager, code) from None
+
+    def _save_failed(self, manager, code: int) -> BloomJaxError:
+        directory = self.output_dir / "checkpoints"
+        try:
+            manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the same failure again: it is being reported
+            pass
+        for partial in directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = manager.latest_step()
+        kept = f"the last good checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
+        message = f"cannot save a checkpoint in {directory}: {DISK_ERRORS[code]}"
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self._state_shapes))
+            free = shutil.disk_usage(directory).free
+            message += f" (a checkpoint needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there)"
+        return BloomJaxError(f"{message}; {kept}")
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -442,6 +487,12 @@ class Trainer:
                 if last is not None else "No checkpoint had been saved")
         raise RunFailed(f"non-finite loss, gradients or weights at step {bad_step} "
                         f"(loss {float(health['bad_loss'])}); stopping. {kept}")
+
+
+def _not_a_disk_error(record: logging.LogRecord) -> bool:
+    """A log filter: False for records of a full or unwritable disk."""
+    error = record.exc_info[1] if record.exc_info else None
+    return disk_error(error) is None and disk_error(Exception(record.getMessage())) is None
 
 
 def _logged_step(line: str) -> float:

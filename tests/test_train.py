@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -935,3 +936,30 @@ def test_a_run_killed_during_an_async_save_resumes_exactly(run_a, recipe_file, t
     _, params_a = from_pretrained(a_dir / "final")
     _, params_c = from_pretrained(output_dir / "final")
     assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), params_a, params_c))
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_good_checkpoint(run_a, recipe_file, tmp_path):
+    # 3 MB hold one checkpoint (2.0 MB: weights and AdamW moments) but not two: the step-16 save fails in
+    # Orbax's background thread. Then, with room again (the run copied to a roomier disk), the rerun resumes from
+    # step 8 and ends where run A ended.
+    from faults import tmpfs
+
+    a_dir, _ = run_a
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        output_dir = disk / "run"
+        overrides = [f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
+        code, out, err = run_cli("train", recipe_file, f"output_dir={output_dir}", *overrides)
+        assert code == 2 and out == ""
+        assert re.fullmatch(  # what is free depends on the metrics and event files beside the checkpoints
+            re.escape(f"bloom-jax: error: cannot save a checkpoint in {output_dir / 'checkpoints'}: no space left "
+                      "on device (a checkpoint needs about 2.0 MB, ") + r"1\.\d MB are free there\); the last good "
+            r"checkpoint, step 8, is kept", err.strip().splitlines()[-1]), err[-2000:]
+        assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["8"]  # the failed save removed
+        assert not (output_dir / "final").exists()
+        roomy = tmp_path / "run"
+        shutil.copytree(output_dir, roomy)
+    code, out, err = run_cli("train", recipe_file, f"output_dir={roomy}", *overrides)
+    assert code == 0 and "resuming from step 8" in err
+    strip = ("time", "tokens_per_s", "mfu")
+    assert [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(roomy)] == [
+        {k: v for k, v in m.items() if k not in strip} for m in read_metrics(a_dir)]

@@ -105,7 +105,7 @@ def clear(location: str | os.PathLike) -> None:
 
 
 # What a full or unwritable disk is called, by errno and by the phrases TensorStore and Orbax quote the OS in.
-_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
 _DISK_PHRASES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
@@ -117,7 +117,7 @@ def disk_error(error: BaseException | None) -> int | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _DISK_ERRORS:
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
             return error.errno
         code = next((code for phrase, code in _DISK_PHRASES.items() if phrase in str(error)), None)
         if code is not None:
@@ -224,7 +224,7 @@ class Destination:
             self.lock.release()
 
     def _disk_message(self, final: Path, code: int) -> str:
-        message = f"cannot write {final}: {_DISK_ERRORS[code]} in {final.parent}"
+        message = f"cannot write {final}: {DISK_ERRORS[code]} in {final.parent}"
         if code in (errno.ENOSPC, errno.EDQUOT) and self.needed_bytes:
             free = shutil.disk_usage(final.parent).free  # measured after the partial data went
             message += f" (it needs about {self.needed_bytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there)"
