@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -53,7 +54,7 @@ from bloom_jax.checkpoints.peft import adapter_config_json, save_adapter
 from bloom_jax.checkpoints.storage import DISK_ERRORS, disk_error
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
-from bloom_jax.errors import BloomJaxError, RunFailed
+from bloom_jax.errors import BloomJaxError, RunFailed, one_line
 from bloom_jax.log import get_logger
 from bloom_jax.lora import ADAPTER_LEAVES, LoraConfig, merge_trees, split_adapters
 from bloom_jax.losses import LOSS_CHUNK_TOKENS, next_token_loss
@@ -423,13 +424,35 @@ class Trainer:
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
 
     def _restore_or_init(self, manager, abstract_state, state_shardings) -> dict:
+        """The newest checkpoint that restores, or a fresh state. A newer one that does not (truncated, a file
+        missing: a preempted copy, a full disk) is named with what is wrong, set aside as `STEP.unrestorable`
+        once an older one restores, and the run resumes from that; `BloomJaxError` if none restores."""
         import orbax.checkpoint as ocp
 
-        latest = manager.latest_step()
-        if latest is None:
+        directory = self.output_dir / "checkpoints"
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
             return self._initial_state(state_shardings)
-        log.info(f"resuming from step {latest} of {self.output_dir / 'checkpoints'}")
-        return manager.restore(latest, args=ocp.args.StandardRestore(abstract_state))
+        failed = []
+        for step in steps:
+            try:
+                state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            except Exception as error:  # noqa: BLE001 - whatever a damaged checkpoint raises, say it and go on
+                failed.append(f"step {step}: {_restore_failure(directory, step, steps, error)}")
+                log.warning(f"checkpoint {failed[-1]}")
+                _silence_abandoned_reads()
+                continue
+            if failed:
+                for bad in steps[: steps.index(step)]:
+                    os.replace(directory / str(bad), directory / f"{bad}.unrestorable")
+                manager.reload()
+                log.warning(f"resuming from step {step} of {directory}, the newest checkpoint that restores (set "
+                            f"aside: {', '.join(f'{bad}.unrestorable' for bad in steps[: steps.index(step)])})")
+            else:
+                log.info(f"resuming from step {step} of {directory}")
+            return state
+        raise BloomJaxError(f"no checkpoint in {directory} restores ({'; '.join(failed)}): move them away to start "
+                            "over")
 
     @contextlib.contextmanager
     def _save_errors_reported(self, manager):
@@ -487,6 +510,43 @@ class Trainer:
                 if last is not None else "No checkpoint had been saved")
         raise RunFailed(f"non-finite loss, gradients or weights at step {bad_step} "
                         f"(loss {float(health['bad_loss'])}); stopping. {kept}")
+
+
+def _restore_failure(directory: Path, step: int, steps: list[int], error: BaseException) -> str:
+    """What is wrong with checkpoint `step`: the files another checkpoint has and it lacks (Orbax's own error
+    would only say that the tree does not match), else Orbax's error (a truncated file: the array and where)."""
+    def names(s: int) -> set[str]:  # the fixed names, not OCDBT's content-hashed data files
+        root = directory / str(s)
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "d"}
+
+    others = [s for s in steps if s != step]
+    missing = sorted(names(others[0]) - names(step)) if others else []
+    if missing:
+        return f"{directory / str(step)} lacks {', '.join(missing)}"
+    seen = set()  # TensorStore's own words on a truncated file sit in the chain, under Orbax's wrappers
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found = re.search(r'Error reading "([^"]+)" in OCDBT database at local file "([^"]+)": (.+)', str(error))
+        if found:
+            return f"{found[1]} in {found[2]}: {found[3].strip()[:200]}"
+        error = error.__cause__ or error.__context__
+    return one_line(error)
+
+
+def _silence_abandoned_reads() -> None:
+    """After a failed restore, Orbax's abandoned read coroutines each print their error ("Exception ignored in
+    <coroutine ...>: Encountered error while reading array index") when Python collects them, which may be at any
+    later point: from then on, those reports (only those) are dropped; the failure was reported once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not str(unraisable.exc_value).startswith("Encountered error while reading array index"):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def _not_a_disk_error(record: logging.LogRecord) -> bool:

@@ -963,3 +963,56 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_good_checkpo
     strip = ("time", "tokens_per_s", "mfu")
     assert [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(roomy)] == [
         {k: v for k, v in m.items() if k not in strip} for m in read_metrics(a_dir)]
+
+
+# -- 9. damaged checkpoints at resume ----------------------------------------------------------------------------------
+def damaged_copy(run_a, tmp_path: Path, damage: str, steps=(16,)) -> Path:
+    """Run A's directory as a run stopped after step 16 (checkpoint 24 and final/ removed), with checkpoint(s)
+    `steps` damaged: a data file cut to half its size, or its tree's metadata file deleted."""
+    a_dir, _ = run_a
+    run = tmp_path / "damaged"
+    shutil.copytree(a_dir, run, ignore=shutil.ignore_patterns("final"))
+    shutil.rmtree(run / "checkpoints" / "24")
+    for step in steps:
+        root = run / "checkpoints" / str(step)
+        if damage == "truncated":
+            biggest = max((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+            os.truncate(biggest, biggest.stat().st_size // 2)
+        else:
+            (root / "default" / "_METADATA").unlink()
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing_file"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(run_a, recipe_file, tmp_path,
+                                                                                    damage):
+    a_dir, _ = run_a
+    run = damaged_copy(run_a, tmp_path, damage)
+    code, out, err = run_cli("train", recipe_file, f"output_dir={run}", f"tokenizer={a_dir}",
+                             f"data_cache={a_dir / 'data-cache'}")
+    assert code == 0, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith(("checkpoint step", "resuming"))]
+    expected = (rf"checkpoint step 16: {re.escape(str(run / 'checkpoints' / '16'))} lacks default/_METADATA"
+                if damage == "missing_file" else
+                rf"checkpoint step 16: \S+ in {re.escape(str(run / 'checkpoints' / '16'))}/default/: Requested byte "
+                r"range \[\d+, \d+\) is not valid for value of size \d+")
+    assert len(said) == 2 and re.fullmatch(expected, said[0]), said
+    assert said[1] == (f"resuming from step 8 of {run / 'checkpoints'}, the newest checkpoint that restores (set "
+                       "aside: 16.unrestorable)")
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "16.unrestorable", "24", "8"]
+    strip = ("time", "tokens_per_s", "mfu")
+    assert [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(run)] == [
+        {k: v for k, v in m.items() if k not in strip} for m in read_metrics(a_dir)]
+
+
+def test_no_checkpoint_that_restores_stops_the_run_naming_each(run_a, recipe_file, tmp_path):
+    a_dir, _ = run_a
+    run = damaged_copy(run_a, tmp_path, "truncated", steps=(8, 16))
+    code, out, err = run_cli("train", recipe_file, f"output_dir={run}", f"tokenizer={a_dir}",
+                             f"data_cache={a_dir / 'data-cache'}")
+    assert code == 2 and out == ""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"bloom-jax: error: no checkpoint in {run / 'checkpoints'} restores (step 16: ")
+    assert "; step 8: " in last and last.endswith("): move them away to start over")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "8"]  # nothing set aside or removed
