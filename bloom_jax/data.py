@@ -31,8 +31,11 @@ import grain
 import numpy as np
 from tqdm.auto import tqdm
 
-from bloom_jax.errors import BloomJaxError
+from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax.log import get_logger
 from bloom_jax.tokenizer import Tokenizer
+
+log = get_logger(__name__)
 
 Files = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -160,7 +163,9 @@ class TokenizedCorpus:
         key = cache_key(paths, tokenizer, jsonl_field)
         tokens_file, offsets_file = cache / f"{key}.tokens.npy", cache / f"{key}.offsets.npy"
         if tokens_file.is_file() and offsets_file.is_file():
-            return cls(np.load(tokens_file, mmap_mode="r"), np.load(offsets_file, mmap_mode="r"), tokenized=False)
+            cached = _read_cache(tokens_file, offsets_file)
+            if cached is not None:
+                return cls(*cached, tokenized=False)
         tokens_t, doc_offsets = tokenize_documents(iter_documents(paths, jsonl_field), tokenizer, progress)
         if len(doc_offsets) == 1:
             raise BloomJaxError(f"no documents in {', '.join(map(str, paths))}")
@@ -198,6 +203,37 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
+
+
+def _read_cache(tokens_file: Path, offsets_file: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A cache entry's arrays, memory-mapped; None, with a warning and the entry removed, when it is damaged (a
+    file cut short or overwritten: the next load tokenizes again). Checked: both files parse as the arrays they
+    should be, and the offsets run from 0 up to the token count, never backwards. Flipped bits inside the token
+    array are not looked for: that would read the whole corpus at every start."""
+    arrays, why = [], None
+    for path, dtype in ((tokens_file, np.uint32), (offsets_file, np.int64)):
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            why = f"{path.name}: {one_line(e)}"
+            break
+        if array.dtype != dtype or array.ndim != 1:
+            why = f"{path.name}: {array.dtype} [{', '.join(map(str, array.shape))}], not {np.dtype(dtype)} [n]"
+            break
+        arrays.append(array)
+    if why is None:
+        tokens_t, doc_offsets = arrays
+        if len(doc_offsets) < 2 or doc_offsets[0] != 0 or doc_offsets[-1] != len(tokens_t):
+            why = f"{offsets_file.name}: the offsets do not run from 0 to the {len(tokens_t)} tokens"
+        elif np.any(np.diff(doc_offsets) < 0):
+            why = f"{offsets_file.name}: the offsets run backwards"
+        else:
+            return tokens_t, doc_offsets
+    log.warning(f"the tokenized data cache in {tokens_file.parent} is damaged ({why}): tokenizing again")
+    del arrays
+    tokens_file.unlink(missing_ok=True)
+    offsets_file.unlink(missing_ok=True)
+    return None
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:

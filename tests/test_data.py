@@ -234,3 +234,31 @@ def test_train_tokenizer_special_ids_round_trip_and_save(tmp_path, tokenizer, co
     assert loaded.encode(text) == tokenizer.encode(text) and len(tokenizer.encode(text)) < len(text.encode())
     with pytest.raises(BloomJaxError, match="vocab_size must be at least 260"):
         train_tokenizer(iter_documents([corpus_dir]), vocab_size=100)
+
+
+@pytest.mark.parametrize("damage", ["tokens_cut_short", "tokens_header", "offsets_overwritten", "offsets_backwards"])
+def test_a_damaged_cache_entry_is_detected_and_tokenized_again(tmp_path, tokenizer, caplog, damage):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    write_jsonl(data / "docs.jsonl", make_documents(6))
+    first = load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0)
+    tokens_file = next(cache.glob("*.tokens.npy"))
+    offsets_file = next(cache.glob("*.offsets.npy"))
+    if damage == "tokens_cut_short":  # a copy or a disk that stopped part-way
+        os.truncate(tokens_file, tokens_file.stat().st_size // 2)
+    elif damage == "tokens_header":
+        tokens_file.write_bytes(b"\0" * 64 + tokens_file.read_bytes()[64:])
+    elif damage == "offsets_overwritten":
+        np.save(offsets_file, np.arange(3, dtype=np.int64))
+    else:
+        offsets = np.load(offsets_file)
+        offsets[2], offsets[3] = offsets[3], offsets[2]
+        np.save(offsets_file, offsets)
+    with caplog.at_level("WARNING", logger="bloom_jax.data"):
+        again = load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0)
+    assert again.tokens.tokenized  # not silently used
+    assert [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()][0].startswith(
+        f"the tokenized data cache in {cache} is damaged (")
+    np.testing.assert_array_equal(again.tokens.tokens_t, first.tokens.tokens_t)
+    np.testing.assert_array_equal(again.tokens.doc_offsets, first.tokens.doc_offsets)
+    assert not load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0).tokens.tokenized  # rebuilt entry
