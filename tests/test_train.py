@@ -1016,3 +1016,22 @@ def test_no_checkpoint_that_restores_stops_the_run_naming_each(run_a, recipe_fil
     assert last.startswith(f"bloom-jax: error: no checkpoint in {run / 'checkpoints'} restores (step 16: ")
     assert "; step 8: " in last and last.endswith("): move them away to start over")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "8"]  # nothing set aside or removed
+
+
+def test_ctrl_c_during_training_stops_cleanly_and_the_rerun_resumes(run_a, recipe_file, tmp_path):
+    from faults import signalled, stopped
+
+    a_dir, _ = run_a
+    output_dir = tmp_path / "run"
+    overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
+    # Stopped while fetching the batch of step 12 (call 12), after the step-8 save.
+    child = stopped(tmp_path, 12, "bloom_jax.train:Trainer._global_batch", "train", str(recipe_file), *overrides)
+    status, printed = signalled(child, signal.SIGINT)
+    assert status == 130 and printed.strip().splitlines()[-1] == "bloom-jax: interrupted"
+    assert "Traceback" not in printed
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["8"]  # committed, nothing partial
+    code, out, err = run_cli("train", recipe_file, *overrides)
+    assert code == 0 and "resuming from step 8" in err
+    strip = ("time", "tokens_per_s", "mfu")
+    assert [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(output_dir)] == [
+        {k: v for k, v in m.items() if k not in strip} for m in read_metrics(a_dir)]
