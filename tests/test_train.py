@@ -1018,7 +1018,8 @@ def test_no_checkpoint_that_restores_stops_the_run_naming_each(run_a, recipe_fil
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "8"]  # nothing set aside or removed
 
 
-def test_ctrl_c_during_training_stops_cleanly_and_the_rerun_resumes(run_a, recipe_file, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl_c", "sigkill"])
+def test_a_run_stopped_mid_step_by_ctrl_c_or_sigkill_resumes_exactly(run_a, recipe_file, tmp_path, signum):
     from faults import signalled, stopped
 
     a_dir, _ = run_a
@@ -1026,9 +1027,12 @@ def test_ctrl_c_during_training_stops_cleanly_and_the_rerun_resumes(run_a, recip
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
     # Stopped while fetching the batch of step 12 (call 12), after the step-8 save.
     child = stopped(tmp_path, 12, "bloom_jax.train:Trainer._global_batch", "train", str(recipe_file), *overrides)
-    status, printed = signalled(child, signal.SIGINT)
-    assert status == 130 and printed.strip().splitlines()[-1] == "bloom-jax: interrupted"
-    assert "Traceback" not in printed
+    status, printed = signalled(child, signum)
+    if signum == signal.SIGINT:
+        assert status == 130 and printed.strip().splitlines()[-1] == "bloom-jax: interrupted"
+        assert "Traceback" not in printed
+    else:
+        assert status == -signal.SIGKILL
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["8"]  # committed, nothing partial
     code, out, err = run_cli("train", recipe_file, *overrides)
     assert code == 0 and "resuming from step 8" in err
