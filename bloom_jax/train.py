@@ -359,7 +359,10 @@ class Trainer:
                     if done % cfg.eval_every == 0 or done == cfg.steps:
                         metrics.update(self._evaluate(lambda p, t: eval_fn(p, t, frozen), state["params"],
                                                       corpus, data_sharding))
-                    writer.write(metrics)
+                    try:
+                        writer.write(metrics)
+                    except BloomJaxError as error:  # a full disk: say what survives
+                        raise self._stopped_on_disk(manager, str(error)) from None
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                     mfu=f"{metrics['mfu']:.1%}")
                     window_start, window_steps = time.perf_counter(), 0
@@ -382,10 +385,18 @@ class Trainer:
                 else:
                     self._save_adapter(state["params"], final)
                 log.info(f"final checkpoint: {final}")
+        except BaseException:
+            failing = True
+            raise
+        else:
+            failing = False
         finally:
             bar.close()  # idempotent; on a failed run it ends the bar's line, so the error starts one of its own
             signal.signal(signal.SIGTERM, previous)
-            manager.close()
+            # A failing run's error is what it reports; a save that failed with it (the same full disk) would
+            # only replace it with Orbax's traceback.
+            with contextlib.suppress(Exception) if failing else self._save_errors_reported(manager):
+                manager.close()
             writer.close()
             absl_logger.removeFilter(_not_a_disk_error)
         return metrics
@@ -468,21 +479,28 @@ class Trainer:
             raise self._save_failed(manager, code) from None
 
     def _save_failed(self, manager, code: int) -> BloomJaxError:
+        self._settle(manager)
         directory = self.output_dir / "checkpoints"
-        try:
-            manager.wait_until_finished()
-        except Exception:  # noqa: BLE001 - the same failure again: it is being reported
-            pass
-        for partial in directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
-        latest = manager.latest_step()
-        kept = f"the last good checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
         message = f"cannot save a checkpoint in {directory}: {DISK_ERRORS[code]}"
         if code in (errno.ENOSPC, errno.EDQUOT):
             needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self._state_shapes))
-            free = shutil.disk_usage(directory).free
+            free = shutil.disk_usage(directory).free  # measured with the failed save's data gone
             message += f" (a checkpoint needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there)"
-        return BloomJaxError(f"{message}; {kept}")
+        return BloomJaxError(f"{message}; {_kept(manager)}")
+
+    def _stopped_on_disk(self, manager, message: str) -> BloomJaxError:
+        """The error that stops a run on a full or unwritable disk: `message` and the last good checkpoint."""
+        self._settle(manager)
+        return BloomJaxError(f"{message}; {_kept(manager)}")
+
+    def _settle(self, manager) -> None:
+        """Waits for the saves in flight and removes the temporary directories of those that failed."""
+        try:
+            manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - a save the same disk failed: the caller says what is kept
+            pass
+        for partial in (self.output_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -510,6 +528,11 @@ class Trainer:
                 if last is not None else "No checkpoint had been saved")
         raise RunFailed(f"non-finite loss, gradients or weights at step {bad_step} "
                         f"(loss {float(health['bad_loss'])}); stopping. {kept}")
+
+
+def _kept(manager) -> str:
+    latest = manager.latest_step()
+    return f"the last good checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
 
 
 def _restore_failure(directory: Path, step: int, steps: list[int], error: BaseException) -> str:
@@ -589,18 +612,30 @@ class _MetricsWriter:
         self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
 
     def write(self, metrics: dict) -> None:
+        """Appends a step's metrics; a full or unwritable disk raises one `BloomJaxError` naming the file."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+            self._jsonl.flush()
+        except OSError as error:
+            code = disk_error(error)
+            if code is None:
+                raise
+            path = Path(self._jsonl.name)
+            raise BloomJaxError(f"cannot write {path}: {DISK_ERRORS[code]} in {path.parent}") from None
         for key, value in metrics.items():
             if key != "step":
                 self._tensorboard.add_scalar(key, value, metrics["step"])
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
-            self._tensorboard.close()
+            for close in (self._jsonl.close, self._tensorboard.close):
+                try:
+                    close()
+                except OSError as error:  # the lines it could not flush: a full disk, reported by `write`
+                    if disk_error(error) is None:
+                        raise
 
 
 def export_run_adapter(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None,
