@@ -454,8 +454,13 @@ class Trainer:
                 _silence_abandoned_reads()
                 continue
             if failed:
-                for bad in steps[: steps.index(step)]:
-                    os.replace(directory / str(bad), directory / f"{bad}.unrestorable")
+                if jax.process_index() == 0:  # the directory is shared: one process renames
+                    for bad in steps[: steps.index(step)]:
+                        os.replace(directory / str(bad), directory / f"{bad}.unrestorable")
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices("bloom_jax: unrestorable checkpoints set aside")
                 manager.reload()
                 log.warning(f"resuming from step {step} of {directory}, the newest checkpoint that restores (set "
                             f"aside: {', '.join(f'{bad}.unrestorable' for bad in steps[: steps.index(step)])})")

@@ -150,3 +150,24 @@ def test_save_pretrained_on_a_full_disk_raises_one_error_and_leaves_nothing(tiny
         with pytest.raises(BloomJaxError, match=rf"cannot write {disk / 'saved'}: no space left on device"):
             save_pretrained(tiny.params, tiny.model.config, disk / "saved")
         assert list(disk.iterdir()) == []
+
+
+def test_a_filesystem_without_locks_converts_unlocked_and_leaves_other_staging(source, clean, tmp_path, monkeypatch,
+                                                                               caplog):
+    # Some FUSE mounts answer flock with ENOLCK: the write goes on, saying what it cannot guard against, and a
+    # staging directory it cannot tell from a live writer's is left alone.
+    import errno
+
+    from bloom_jax.checkpoints import storage
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(storage.fcntl, "flock", no_locks)
+    other = tmp_path / ".out.partial-other"
+    other.mkdir()
+    with caplog.at_level("WARNING", logger="bloom_jax.checkpoints.storage"):
+        convert(source, tmp_path / "out", progress=False)
+    assert any("takes no file locks" in r.getMessage() for r in caplog.records)
+    assert other.is_dir() and leftovers(tmp_path, "out") == [".out.partial-other"]
+    assert digests(tmp_path / "out") == digests(clean["converted"])

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import time
 import signal
 import socket
 import struct
@@ -1027,6 +1028,10 @@ def test_a_run_stopped_mid_step_by_ctrl_c_or_sigkill_resumes_exactly(run_a, reci
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
     # Stopped while fetching the batch of step 12 (call 12), after the step-8 save.
     child = stopped(tmp_path, 12, "bloom_jax.train:Trainer._global_batch", "train", str(recipe_file), *overrides)
+    deadline = time.monotonic() + 60
+    while not (output_dir / "checkpoints" / "8").is_dir():  # the step-8 save commits in the background
+        assert time.monotonic() < deadline, "the step-8 save never committed"
+        time.sleep(0.05)
     status, printed = signalled(child, signum)
     if signum == signal.SIGINT:
         assert status == 130 and printed.strip().splitlines()[-1] == "bloom-jax: interrupted"

@@ -126,6 +126,9 @@ def disk_error(error: BaseException | None) -> int | None:
     return None
 
 
+_NO_LOCKS = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 class WriterLock:
     """The lock a writer of local directory `final` holds beside it, `.NAME.lock`: an exclusive `flock`, which
     the kernel drops when its process ends however it ends (SIGKILL too). Held, it means a live writer; free,
@@ -133,6 +136,7 @@ class WriterLock:
 
     def __init__(self, final: Path):
         self.path = final.parent / f".{final.name}.lock"
+        self.held = True
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -141,6 +145,14 @@ class WriterLock:
                 os.close(fd)
                 raise BloomJaxError(f"another process is writing {final} (it holds {self.path}): wait for it to "
                                     "finish or stop it") from None
+            except OSError as e:  # a filesystem without locks (some FUSE mounts): write unlocked, say so
+                if e.errno not in _NO_LOCKS:
+                    os.close(fd)
+                    raise
+                log.warning(f"{final.parent} takes no file locks: a second writer of {final} would not be noticed, "
+                            "and the staging of interrupted writes is left for you to remove")
+                self.held = False
+                break
             try:  # the holder before us may have removed the file between our open and our lock: lock anew
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -187,7 +199,8 @@ class Destination:
             raise BloomJaxError(f"cannot write in {final.parent}: {e.strerror}") from None
         try:
             refuse_non_empty(location, overwrite)
-            remove_stale_staging(final)
+            if self.lock.held:  # unlocked, another writer's staging cannot be told from a dead one's
+                remove_stale_staging(final)
             self.root = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
         except BaseException as e:
             self.lock.release()
