@@ -478,7 +478,7 @@ class Trainer:
         try:
             yield
         except Exception as error:
-            code = disk_error(error)
+            code = disk_error(error, where=self.output_dir)
             if code is None:
                 raise
             raise self._save_failed(manager, code) from None
@@ -624,7 +624,7 @@ class _MetricsWriter:
             self._jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
             self._jsonl.flush()
         except OSError as error:
-            code = disk_error(error)
+            code = disk_error(error, where=self._jsonl.name)
             if code is None:
                 raise
             path = Path(self._jsonl.name)

@@ -111,16 +111,19 @@ _DISK_PHRASES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded":
                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
 
 
-def disk_error(error: BaseException | None) -> int | None:
+def disk_error(error: BaseException | None, where: str | os.PathLike | None = None) -> int | None:
     """The errno of a full or unwritable disk behind `error` (itself, or its causes, or quoted in their
-    messages); None for any other error."""
+    messages); None for any other error. A permission error counts only where it names `where` (given): reading
+    an unreadable source file is not a destination's fault."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-            return error.errno
-        code = next((code for phrase, code in _DISK_PHRASES.items() if phrase in str(error)), None)
-        if code is not None:
+            code, text = error.errno, str(error.filename or "")
+        else:
+            text = str(error)
+            code = next((code for phrase, code in _DISK_PHRASES.items() if phrase in text), None)
+        if code is not None and (code != errno.EACCES or where is None or str(where) in text):
             return code
         error = error.__cause__ or error.__context__
     return None
@@ -223,7 +226,7 @@ class Destination:
         try:
             if exc_type is not None:
                 shutil.rmtree(self.root, ignore_errors=True)
-                code = disk_error(exc)
+                code = disk_error(exc, where=final.parent)
                 if code is not None:
                     raise BloomJaxError(self._disk_message(final, code)) from None
                 return
