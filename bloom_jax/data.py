@@ -230,7 +230,6 @@ def _read_cache(tokens_file: Path, offsets_file: Path) -> tuple[np.ndarray, np.n
         else:
             return tokens_t, doc_offsets
     log.warning(f"the tokenized data cache in {tokens_file.parent} is damaged ({why}): tokenizing again")
-    del arrays
     tokens_file.unlink(missing_ok=True)
     offsets_file.unlink(missing_ok=True)
     return None

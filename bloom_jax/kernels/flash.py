@@ -183,7 +183,7 @@ def _flash_bwd(config, residuals, d_out):
     # the log-sum-exp: [b, n, 1, s] over the TPU layout's h axis, else [b, n, s].
     tpu = config.backend == "tpu"
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-2 if tpu else -1, keepdims=tpu)
-    backward = _tpu_backward if config.backend == "tpu" else _gpu_backward
+    backward = _tpu_backward if tpu else _gpu_backward
     dq, dk, dv = backward(q, k, v, d_out.astype(q.dtype), lse, delta, slopes_n, key_pos_bt, offset_b, config)
     # Slopes, positions and offsets are data, not parameters: no gradient flows to them.
     return (dq, dk, dv, jnp.zeros_like(slopes_n), np.zeros(key_pos_bt.shape, jax.dtypes.float0),
