@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -51,13 +50,14 @@ from bloom_jax.checkpoints import (
     save_pretrained,
 )
 from bloom_jax.checkpoints.peft import adapter_config_json, save_adapter
-from bloom_jax.checkpoints.storage import DISK_ERRORS, disk_error
+from bloom_jax.checkpoints.storage import DISK_ERRORS, disk_error, room, write_failure
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
 from bloom_jax.errors import BloomJaxError, RunFailed, one_line
 from bloom_jax.log import get_logger
 from bloom_jax.lora import ADAPTER_LEAVES, LoraConfig, merge_trees, split_adapters
 from bloom_jax.losses import LOSS_CHUNK_TOKENS, next_token_loss
+from bloom_jax.metrics import MetricsWriter
 from bloom_jax.model import BloomForCausalLM, forward_flops, init_params, make_model
 from bloom_jax.quantize import FROZEN_FORMATS, quantize_base
 from bloom_jax.recipe import TrainConfig, data_files
@@ -273,8 +273,6 @@ class Trainer:
         """Trains to `cfg.steps` (or until SIGTERM), evaluating and checkpointing on the way; returns the last
         metrics. Writes OUTPUT_DIR/final, a converted checkpoint that `bloom-jax generate` reads. A non-finite
         loss stops the run with `RunFailed`, the last good checkpoint kept."""
-        import orbax.checkpoint as ocp
-
         cfg, plan = self.cfg, self.sharding
         corpus = self._corpus()
         abstract_state, abstract_frozen = self._abstract_state()
@@ -295,16 +293,50 @@ class Trainer:
                 chunk_tokens=cfg.loss_chunk_tokens),
             in_shardings=(state_shardings["params"], data_sharding, frozen_shardings), out_shardings=replicated)
 
-        manager = ocp.CheckpointManager(
-            (self.output_dir / "checkpoints").absolute(),
-            # should_save_fn rather than save_interval_steps: the latter adds an unwanted save at the first step.
-            # A save killed mid-way (SIGKILL, preemption) leaves a `STEP.orbax-checkpoint-tmp-*` directory. Orbax
-            # replaces it when the resumed run saves STEP again (tests/test_train.py kills one); with
-            # cleanup_tmp_directories it also goes when STEP is never saved again (a changed save_every).
-            options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True, create=True,
-                                                 cleanup_tmp_directories=True,
-                                                 should_save_fn=lambda step, _: step % cfg.save_every == 0))
-        state = self._restore_or_init(manager, abstract_state, state_shardings)
+        # Orbax and TensorStore report a save that a full or unwritable disk failed many times over, from their
+        # threads and when Python collects the save's futures; it is reported once, as one line.
+        with _DiskFailureEchoesDropped() as echoes:
+            manager = self._checkpoint_manager()
+            try:
+                state = self._restore_or_init(manager, abstract_state, state_shardings, echoes)
+                metrics = self._loop(manager, state, step_fn, eval_fn, frozen, corpus, data_sharding, replicated)
+            except BaseException:
+                # A failing run's error is what it reports; a save that failed with it (the same full disk)
+                # would only replace it with Orbax's traceback.
+                with contextlib.suppress(Exception):
+                    manager.close()
+                raise
+            with self._save_errors_reported(manager):
+                manager.close()
+        return metrics
+
+    def _checkpoint_manager(self):
+        import orbax.checkpoint as ocp
+
+        cfg, directory = self.cfg, (self.output_dir / "checkpoints").absolute()
+        try:
+            return ocp.CheckpointManager(
+                directory,
+                # should_save_fn rather than save_interval_steps: the latter adds an unwanted save at the first
+                # step. A save killed mid-way (SIGKILL, preemption) leaves a `STEP.orbax-checkpoint-tmp-*`
+                # directory. Orbax replaces it when the resumed run saves STEP again (tests/test_train.py kills
+                # one); with cleanup_tmp_directories it also goes when STEP is never saved again (a changed
+                # save_every).
+                options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True,
+                                                     create=True, cleanup_tmp_directories=True,
+                                                     should_save_fn=lambda step, _: step % cfg.save_every == 0))
+        except OSError as error:
+            code = disk_error(error)
+            if code is None:
+                raise
+            raise BloomJaxError(f"cannot write checkpoints in {directory}: {DISK_ERRORS[code]}") from None
+
+    def _loop(self, manager, state, step_fn, eval_fn, frozen, corpus, data_sharding, replicated) -> dict:
+        """Steps from `state` to `cfg.steps` (or a signal): logs, evaluates and saves on the way, then writes
+        OUTPUT_DIR/final. Returns the last metrics."""
+        import orbax.checkpoint as ocp
+
+        cfg, plan = self.cfg, self.sharding
         start_step = int(state["step"])
         batches = corpus.train.train_batches(cfg.batch_size)
         tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -312,24 +344,30 @@ class Trainer:
         flops_per_step = (3 if self.lora is None else 2) * forward_flops(self.model_config, cfg.batch_size,
                                                                            cfg.seq_len)
         peak = peak_flops_per_device(cfg) * jax.device_count()
-        writer = _MetricsWriter(self.output_dir, enabled=jax.process_index() == 0, resume_step=start_step)
-        if self.lora is not None and jax.process_index() == 0:
-            (self.output_dir / RUN_ADAPTER_CONFIG).write_text(
-                json.dumps(adapter_config_json(self.lora, self.cfg.init_from), indent=2) + "\n")
         schedule = learning_rate_schedule(cfg)
-        previous = signal.signal(signal.SIGTERM, self._on_signal)
-        # Orbax logs a failed background save from each of its threads, tracebacks and all; a full or
-        # unwritable disk is reported once, as one line (`_save_errors_reported`).
-        absl_logger = logging.getLogger("absl")
-        absl_logger.addFilter(_not_a_disk_error)
         metrics: dict = {}
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step", file=sys.stderr,
-                   disable=not self.progress or jax.process_index() != 0, dynamic_ncols=True)
         # The first non-finite step (0: none) and its loss, kept on the devices: the loop reads them, and the
         # metrics, only when it logs or saves, so that it never waits for a step to finish just to dispatch the
         # next one. A bad step is thus caught at the next log or save point, before any checkpoint of it.
         health = jax.device_put({"bad_step": jnp.int32(0), "bad_loss": jnp.float32(0)}, replicated)
-        try:
+        with contextlib.ExitStack() as stack:
+            try:  # a full or unwritable disk met by the metrics: say what survives
+                writer = stack.enter_context(contextlib.closing(
+                    MetricsWriter(self.output_dir, enabled=jax.process_index() == 0, resume_step=start_step)))
+                if self.lora is not None and jax.process_index() == 0:
+                    path = self.output_dir / RUN_ADAPTER_CONFIG
+                    try:
+                        path.write_text(json.dumps(adapter_config_json(self.lora, self.cfg.init_from), indent=2)
+                                        + "\n")
+                    except OSError as error:
+                        raise write_failure(error, path) from None
+            except BloomJaxError as error:
+                raise self._stopped_on_disk(manager, str(error)) from None
+            previous = signal.signal(signal.SIGTERM, self._on_signal)
+            stack.callback(signal.signal, signal.SIGTERM, previous)
+            bar = stack.enter_context(tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step",
+                                           file=sys.stderr, dynamic_ncols=True,
+                                           disable=not self.progress or jax.process_index() != 0))
             window_start, window_steps, done = time.perf_counter(), 0, start_step
             for step in range(start_step, cfg.steps):
                 # An implicit device-to-host read here (a float() of a metric, say) would be a sync per step: on
@@ -361,7 +399,7 @@ class Trainer:
                                                       corpus, data_sharding))
                     try:
                         writer.write(metrics)
-                    except BloomJaxError as error:  # a full disk: say what survives
+                    except BloomJaxError as error:
                         raise self._stopped_on_disk(manager, str(error)) from None
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                     mfu=f"{metrics['mfu']:.1%}")
@@ -373,32 +411,18 @@ class Trainer:
                         with self._save_errors_reported(manager):
                             manager.save(done, args=ocp.args.StandardSave(state), force=True)
                     break
-            bar.close()
-            with self._save_errors_reported(manager):
-                manager.wait_until_finished()
-                manager.check_for_errors()
-            if done == cfg.steps:
-                final = self.output_dir / "final"
-                if self.lora is None:
-                    save_pretrained(state["params"], self.model_config, final, self.tokenizer,
-                                    extra_files=self._carried_files(), overwrite=True)
-                else:
-                    self._save_adapter(state["params"], final)
-                log.info(f"final checkpoint: {final}")
-        except BaseException:
-            failing = True
-            raise
-        else:
-            failing = False
-        finally:
-            bar.close()  # idempotent; on a failed run it ends the bar's line, so the error starts one of its own
-            signal.signal(signal.SIGTERM, previous)
-            # A failing run's error is what it reports; a save that failed with it (the same full disk) would
-            # only replace it with Orbax's traceback.
-            with contextlib.suppress(Exception) if failing else self._save_errors_reported(manager):
-                manager.close()
-            writer.close()
-            absl_logger.removeFilter(_not_a_disk_error)
+        # The bar closed (on a failed run too, so that the error starts a line of its own).
+        with self._save_errors_reported(manager):
+            manager.wait_until_finished()
+            manager.check_for_errors()
+        if done == cfg.steps:
+            final = self.output_dir / "final"
+            if self.lora is None:
+                save_pretrained(state["params"], self.model_config, final, self.tokenizer,
+                                extra_files=self._carried_files(), overwrite=True)
+            else:
+                self._save_adapter(state["params"], final)
+            log.info(f"final checkpoint: {final}")
         return metrics
 
     def _save_adapter(self, adapters: dict, dst: Path) -> None:
@@ -434,7 +458,7 @@ class Trainer:
         loss = float(np.mean(losses))
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
 
-    def _restore_or_init(self, manager, abstract_state, state_shardings) -> dict:
+    def _restore_or_init(self, manager, abstract_state, state_shardings, echoes) -> dict:
         """The newest checkpoint that restores, or a fresh state. A newer one that does not (truncated, a file
         missing: a preempted copy, a full disk) is named with what is wrong, set aside as `STEP.unrestorable`
         once an older one restores, and the run resumes from that; `BloomJaxError` if none restores."""
@@ -451,7 +475,7 @@ class Trainer:
             except Exception as error:  # noqa: BLE001 - whatever a damaged checkpoint raises, say it and go on
                 failed.append(f"step {step}: {_restore_failure(directory, step, steps, error)}")
                 log.warning(f"checkpoint {failed[-1]}")
-                _silence_abandoned_reads()
+                echoes.keep()
                 continue
             if failed:
                 if jax.process_index() == 0:  # the directory is shared: one process renames
@@ -486,11 +510,10 @@ class Trainer:
     def _save_failed(self, manager, code: int) -> BloomJaxError:
         self._settle(manager)
         directory = self.output_dir / "checkpoints"
-        message = f"cannot save a checkpoint in {directory}: {DISK_ERRORS[code]}"
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self._state_shapes))
-            free = shutil.disk_usage(directory).free  # measured with the failed save's data gone
-            message += f" (a checkpoint needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there)"
+        needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self._state_shapes))
+        # What is free is measured with the failed save's data gone.
+        message = (f"cannot save a checkpoint in {directory}: {DISK_ERRORS[code]}"
+                   f"{room(code, needed, directory, 'a checkpoint')}")
         return BloomJaxError(f"{message}; {_kept(manager)}")
 
     def _stopped_on_disk(self, manager, message: str) -> BloomJaxError:
@@ -561,86 +584,52 @@ def _restore_failure(directory: Path, step: int, steps: list[int], error: BaseEx
     return one_line(error)
 
 
-def _silence_abandoned_reads() -> None:
-    """After a failed restore, Orbax's abandoned read coroutines each print their error ("Exception ignored in
-    <coroutine ...>: Encountered error while reading array index") when Python collects them, which may be at any
-    later point: from then on, those reports (only those) are dropped; the failure was reported once."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_abandoned_reads", False):
-        return
+class _DiskFailureEchoesDropped:
+    """While a run lasts, drops what Orbax, TensorStore and asyncio print, besides the one line the trainer
+    reports, about a save that a full or unwritable disk failed, or a damaged checkpoint that failed a restore:
 
-    def hook(unraisable):
-        if not str(unraisable.exc_value).startswith("Encountered error while reading array index"):
-            previous(unraisable)
+    - records of a disk error logged by absl (Orbax logs a failed save from each of its threads, tracebacks and
+      all: 1,015 lines of stderr for one full disk) or by asyncio ("Task exception was never retrieved", for
+      each of the save's futures, when Python collects them);
+    - unraisable `RuntimeError("Event loop is closed")`: TensorStore completing a write of the failed save after
+      Orbax closed the save's event loop (117 tracebacks for one full disk, printed from step to step);
+    - unraisable "Encountered error while reading array index": the abandoned reads of a failed restore.
 
-    hook.drops_abandoned_reads = True
-    sys.unraisablehook = hook
+    Futures are collected at any later point, at exit often: once something failed (`keep()`, or the run
+    raised), the filters stay for the process's life. Otherwise they go when the run ends.
+    """
+
+    def __enter__(self) -> _DiskFailureEchoesDropped:
+        self._kept = False
+        self._loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+        for logger in self._loggers:
+            logger.addFilter(_not_a_disk_error)
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        return self
+
+    def keep(self) -> None:
+        self._kept = True
+
+    def _hook(self, unraisable) -> None:
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not closed_loop and not str(error).startswith("Encountered error while reading array index"):
+            self._previous_hook(unraisable)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._kept:
+            return
+        for logger in self._loggers:
+            logger.removeFilter(_not_a_disk_error)
+        if sys.unraisablehook == self._hook:  # else another hook was chained after ours: it stays
+            sys.unraisablehook = self._previous_hook
 
 
 def _not_a_disk_error(record: logging.LogRecord) -> bool:
     """A log filter: False for records of a full or unwritable disk."""
     error = record.exc_info[1] if record.exc_info else None
     return disk_error(error) is None and disk_error(Exception(record.getMessage())) is None
-
-
-def _logged_step(line: str) -> float:
-    """The step of one metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-class _MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard scalars under OUTPUT_DIR/tensorboard."""
-
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int = 0):
-        """Appends to metrics.jsonl after dropping its lines past `resume_step`: a run killed after its last
-        checkpoint logged steps that the resumed run logs again."""
-        self.enabled = enabled
-        if not enabled:
-            return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / "metrics.jsonl"
-        if path.is_file():
-            lines = path.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if _logged_step(line) <= resume_step]
-            if len(kept) < len(lines):
-                staged = path.with_name(path.name + ".tmp")
-                staged.write_text("".join(kept))
-                os.replace(staged, path)
-                log.info(f"metrics.jsonl: dropped {len(lines) - len(kept)} steps logged after step {resume_step}, "
-                         "the checkpoint this run resumes from")
-        self._jsonl = open(path, "a")
-        from tensorboardX import SummaryWriter
-
-        self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-
-    def write(self, metrics: dict) -> None:
-        """Appends a step's metrics; a full or unwritable disk raises one `BloomJaxError` naming the file."""
-        if not self.enabled:
-            return
-        try:
-            self._jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
-            self._jsonl.flush()
-        except OSError as error:
-            code = disk_error(error, where=self._jsonl.name)
-            if code is None:
-                raise
-            path = Path(self._jsonl.name)
-            raise BloomJaxError(f"cannot write {path}: {DISK_ERRORS[code]} in {path.parent}") from None
-        for key, value in metrics.items():
-            if key != "step":
-                self._tensorboard.add_scalar(key, value, metrics["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            for close in (self._jsonl.close, self._tensorboard.close):
-                try:
-                    close()
-                except OSError as error:  # the lines it could not flush: a full disk, reported by `write`
-                    if disk_error(error) is None:
-                        raise
 
 
 def export_run_adapter(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None,

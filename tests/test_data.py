@@ -137,7 +137,7 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tokenizer):
     data.mkdir()
     write_jsonl(data / "docs.jsonl", make_documents(6))
     first = load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0)
-    assert first.tokens.tokenized and sorted(p.suffix for p in cache.iterdir()) == [".npy", ".npy"]
+    assert first.tokens.tokenized and sorted(p.suffix for p in cache.iterdir()) == [".json", ".npy", ".npy"]
     second = load_corpus([data], Tokenizer(NoEncoding(tokenizer.tokenizer)), SEQ_LEN, cache, eval_fraction=0)
     assert not second.tokens.tokenized and isinstance(second.tokens.tokens_t, np.memmap)
     np.testing.assert_array_equal(second.tokens.tokens_t, first.tokens.tokens_t)
@@ -236,7 +236,8 @@ def test_train_tokenizer_special_ids_round_trip_and_save(tmp_path, tokenizer, co
         train_tokenizer(iter_documents([corpus_dir]), vocab_size=100)
 
 
-@pytest.mark.parametrize("damage", ["tokens_cut_short", "tokens_header", "offsets_overwritten", "offsets_backwards"])
+@pytest.mark.parametrize("damage", ["tokens_cut_short", "tokens_header", "offsets_overwritten", "offsets_backwards",
+                                    "tokens_bit_flipped", "checksums_cut_short"])
 def test_a_damaged_cache_entry_is_detected_and_tokenized_again(tmp_path, tokenizer, caplog, damage):
     data, cache = tmp_path / "data", tmp_path / "cache"
     data.mkdir()
@@ -250,15 +251,54 @@ def test_a_damaged_cache_entry_is_detected_and_tokenized_again(tmp_path, tokeniz
         tokens_file.write_bytes(b"\0" * 64 + tokens_file.read_bytes()[64:])
     elif damage == "offsets_overwritten":
         np.save(offsets_file, np.arange(3, dtype=np.int64))
-    else:
+    elif damage == "offsets_backwards":
         offsets = np.load(offsets_file)
         offsets[2], offsets[3] = offsets[3], offsets[2]
         np.save(offsets_file, offsets)
+    elif damage == "tokens_bit_flipped":  # a token id that is still a valid id: only the checksum sees it
+        stored = bytearray(tokens_file.read_bytes())
+        stored[-7] ^= 0x01
+        tokens_file.write_bytes(bytes(stored))
+    else:
+        checksums = next(cache.glob("*.json"))
+        checksums.write_bytes(checksums.read_bytes()[:10])
     with caplog.at_level("WARNING", logger="bloom_jax.data"):
         again = load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0)
     assert again.tokens.tokenized  # not silently used
-    assert [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()][0].startswith(
-        f"the tokenized data cache in {cache} is damaged (")
+    said = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert said[0].startswith(f"the tokenized data cache in {cache} is damaged (")
+    if damage == "tokens_bit_flipped":
+        assert f"{tokens_file.name}: its CRC-32 is not the one it was written with" in said[0]
     np.testing.assert_array_equal(again.tokens.tokens_t, first.tokens.tokens_t)
     np.testing.assert_array_equal(again.tokens.doc_offsets, first.tokens.doc_offsets)
     assert not load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0).tokens.tokenized  # rebuilt entry
+
+
+def test_an_entry_without_its_checksums_is_tokenized_again_and_completed(tmp_path, tokenizer, caplog):
+    # An entry whose writer died before its last file (or one an earlier version wrote, without checksums).
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    write_jsonl(data / "docs.jsonl", make_documents(6))
+    load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0)
+    next(cache.glob("*.json")).unlink()
+    with caplog.at_level("WARNING", logger="bloom_jax.data"):
+        assert load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0).tokens.tokenized
+    assert not caplog.records
+    assert len(list(cache.iterdir())) == 3
+    assert not load_corpus([data], tokenizer, SEQ_LEN, cache, eval_fraction=0).tokens.tokenized
+
+
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_a_full_or_read_only_cache_is_one_error_and_leaves_nothing(tmp_path, tokenizer, fault):
+    from faults import tmpfs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "docs.jsonl", make_documents(400))  # about 80 KB of tokens
+    with tmpfs(tmp_path / "disk", "16k", read_only=fault == "read_only") as disk:
+        expected = (r"no space left on device \(it needs about 0\.\d MB, 0\.0 MB are free there\)"
+                    if fault == "full" else "read-only file system")
+        with pytest.raises(BloomJaxError, match=rf"^cannot cache the tokenized data in {disk}: {expected}; set "
+                           "data_cache to a place with room$"):
+            load_corpus([data], tokenizer, SEQ_LEN, disk, eval_fraction=0)
+        assert list(disk.iterdir()) == []

@@ -129,6 +129,27 @@ def disk_error(error: BaseException | None, where: str | os.PathLike | None = No
     return None
 
 
+def room(code: int, needed_bytes: int, where: Path, what: str = "it") -> str:
+    """For a full disk (`code` ENOSPC or EDQUOT), " (WHAT needs about X MB, Y MB are free there)"; else ""."""
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    free = shutil.disk_usage(where).free
+    return f" ({what} needs about {needed_bytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there)"
+
+
+def write_failure(error: OSError, path: Path) -> BaseException:
+    """A full or unwritable disk met writing `path` as one `BloomJaxError` naming it (and, for a permission
+    error, the directory it could not create); any other error as it is."""
+    code = disk_error(error)
+    if code is None:
+        return error
+    if code == errno.EACCES:
+        creating = error.filename and Path(error.filename) != path
+        return BloomJaxError(f"cannot write {path}: permission denied" +
+                             (f" (creating {error.filename})" if creating else ""))
+    return BloomJaxError(f"cannot write {path}: {DISK_ERRORS[code]} in {path.parent}")
+
+
 _NO_LOCKS = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -241,7 +262,6 @@ class Destination:
 
     def _disk_message(self, final: Path, code: int) -> str:
         message = f"cannot write {final}: {DISK_ERRORS[code]} in {final.parent}"
-        if code in (errno.ENOSPC, errno.EDQUOT) and self.needed_bytes:
-            free = shutil.disk_usage(final.parent).free  # measured after the partial data went
-            message += f" (it needs about {self.needed_bytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there)"
+        if self.needed_bytes:
+            message += room(code, self.needed_bytes, final.parent)  # measured after the partial data went
         return message
