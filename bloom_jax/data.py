@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import itertools
@@ -269,9 +270,10 @@ class _CacheEntry:
             code = disk_error(error) if isinstance(error, OSError) else None
             if code is None:
                 raise
+            elsewhere = "a directory with room" if code in (errno.ENOSPC, errno.EDQUOT) else "a writable directory"
             raise BloomJaxError(f"cannot cache the tokenized data in {self.cache}: {DISK_ERRORS[code]}"
                                 f"{room(code, tokens_t.nbytes + doc_offsets.nbytes, self.cache)}; set data_cache to "
-                                "a place with room") from None
+                                f"{elsewhere}") from None
 
     def remove(self) -> None:
         """Removes what exists of the entry (an unwritable cache is reported by the write that follows)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import re
@@ -50,7 +49,7 @@ from bloom_jax.checkpoints import (
     save_pretrained,
 )
 from bloom_jax.checkpoints.peft import adapter_config_json, save_adapter
-from bloom_jax.checkpoints.storage import DISK_ERRORS, disk_error, room, write_failure
+from bloom_jax.checkpoints.storage import DISK_ERRORS, FailureEchoesDropped, disk_error, room, write_failure
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
 from bloom_jax.errors import BloomJaxError, RunFailed, one_line
@@ -295,7 +294,7 @@ class Trainer:
 
         # Orbax and TensorStore report a save that a full or unwritable disk failed many times over, from their
         # threads and when Python collects the save's futures; it is reported once, as one line.
-        with _DiskFailureEchoesDropped() as echoes:
+        with FailureEchoesDropped() as echoes:
             manager = self._checkpoint_manager()
             try:
                 state = self._restore_or_init(manager, abstract_state, state_shardings, echoes)
@@ -322,9 +321,13 @@ class Trainer:
                 # directory. Orbax replaces it when the resumed run saves STEP again (tests/test_train.py kills
                 # one); with cleanup_tmp_directories it also goes when STEP is never saved again (a changed
                 # save_every).
-                options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=True,
-                                                     create=True, cleanup_tmp_directories=True,
-                                                     should_save_fn=lambda step, _: step % cfg.save_every == 0))
+                # Step directories made before save() returns: made in the background, a directory that cannot
+                # be made (an unwritable or full disk) left the save's other threads waiting 300 s for its
+                # signal, holding the process at exit, and then printing their timeouts.
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=cfg.keep, enable_async_checkpointing=True, create=True,
+                    cleanup_tmp_directories=True, should_save_fn=lambda step, _: step % cfg.save_every == 0,
+                    async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
         except OSError as error:
             code = disk_error(error)
             if code is None:
@@ -362,7 +365,7 @@ class Trainer:
                     except OSError as error:
                         raise write_failure(error, path) from None
             except BloomJaxError as error:
-                raise self._stopped_on_disk(manager, str(error)) from None
+                raise self._stopped(manager, str(error)) from None
             previous = signal.signal(signal.SIGTERM, self._on_signal)
             stack.callback(signal.signal, signal.SIGTERM, previous)
             bar = stack.enter_context(tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step",
@@ -400,7 +403,7 @@ class Trainer:
                     try:
                         writer.write(metrics)
                     except BloomJaxError as error:
-                        raise self._stopped_on_disk(manager, str(error)) from None
+                        raise self._stopped(manager, str(error)) from None
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                     mfu=f"{metrics['mfu']:.1%}")
                     window_start, window_steps = time.perf_counter(), 0
@@ -417,11 +420,14 @@ class Trainer:
             manager.check_for_errors()
         if done == cfg.steps:
             final = self.output_dir / "final"
-            if self.lora is None:
-                save_pretrained(state["params"], self.model_config, final, self.tokenizer,
-                                extra_files=self._carried_files(), overwrite=True)
-            else:
-                self._save_adapter(state["params"], final)
+            try:
+                if self.lora is None:
+                    save_pretrained(state["params"], self.model_config, final, self.tokenizer,
+                                    extra_files=self._carried_files(), overwrite=True)
+                else:
+                    self._save_adapter(state["params"], final)
+            except BloomJaxError as error:  # a full or unwritable disk, another writer: the checkpoints survive
+                raise self._stopped(manager, str(error)) from None
             log.info(f"final checkpoint: {final}")
         return metrics
 
@@ -516,8 +522,8 @@ class Trainer:
                    f"{room(code, needed, directory, 'a checkpoint')}")
         return BloomJaxError(f"{message}; {_kept(manager)}")
 
-    def _stopped_on_disk(self, manager, message: str) -> BloomJaxError:
-        """The error that stops a run on a full or unwritable disk: `message` and the last good checkpoint."""
+    def _stopped(self, manager, message: str) -> BloomJaxError:
+        """The error that stops a run (a full or unwritable disk, say): `message` and the last good checkpoint."""
         self._settle(manager)
         return BloomJaxError(f"{message}; {_kept(manager)}")
 
@@ -582,54 +588,6 @@ def _restore_failure(directory: Path, step: int, steps: list[int], error: BaseEx
             return f"{found[1]} in {found[2]}: {found[3].strip()[:200]}"
         error = error.__cause__ or error.__context__
     return one_line(error)
-
-
-class _DiskFailureEchoesDropped:
-    """While a run lasts, drops what Orbax, TensorStore and asyncio print, besides the one line the trainer
-    reports, about a save that a full or unwritable disk failed, or a damaged checkpoint that failed a restore:
-
-    - records of a disk error logged by absl (Orbax logs a failed save from each of its threads, tracebacks and
-      all: 1,015 lines of stderr for one full disk) or by asyncio ("Task exception was never retrieved", for
-      each of the save's futures, when Python collects them);
-    - unraisable `RuntimeError("Event loop is closed")`: TensorStore completing a write of the failed save after
-      Orbax closed the save's event loop (117 tracebacks for one full disk, printed from step to step);
-    - unraisable "Encountered error while reading array index": the abandoned reads of a failed restore.
-
-    Futures are collected at any later point, at exit often: once something failed (`keep()`, or the run
-    raised), the filters stay for the process's life. Otherwise they go when the run ends.
-    """
-
-    def __enter__(self) -> _DiskFailureEchoesDropped:
-        self._kept = False
-        self._loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-        for logger in self._loggers:
-            logger.addFilter(_not_a_disk_error)
-        self._previous_hook = sys.unraisablehook
-        sys.unraisablehook = self._hook
-        return self
-
-    def keep(self) -> None:
-        self._kept = True
-
-    def _hook(self, unraisable) -> None:
-        error = unraisable.exc_value
-        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        if not closed_loop and not str(error).startswith("Encountered error while reading array index"):
-            self._previous_hook(unraisable)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or self._kept:
-            return
-        for logger in self._loggers:
-            logger.removeFilter(_not_a_disk_error)
-        if sys.unraisablehook == self._hook:  # else another hook was chained after ours: it stays
-            sys.unraisablehook = self._previous_hook
-
-
-def _not_a_disk_error(record: logging.LogRecord) -> bool:
-    """A log filter: False for records of a full or unwritable disk."""
-    error = record.exc_info[1] if record.exc_info else None
-    return disk_error(error) is None and disk_error(Exception(record.getMessage())) is None
 
 
 def export_run_adapter(run_dir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None,

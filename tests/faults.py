@@ -1,9 +1,11 @@
 """Faults for the tests to inject: a bloom-jax command in a child process stopped dead at a chosen call
-(`fault_worker.py`), then signalled or SIGKILLed; small and read-only filesystems."""
+(`fault_worker.py`), then signalled or SIGKILLed, or a disk filled at that call; small and read-only
+filesystems; a child command for which `chmod` holds even under root (`unprivileged.py`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -12,13 +14,52 @@ import time
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("fault_worker.py")
+UNPRIVILEGED = Path(__file__).with_name("unprivileged.py")
+FILLER = ".filler"
 
 
-def stopped(tmp_path: Path, call: int, target: str, *args: str) -> subprocess.Popen:
-    """`bloom-jax ARGS` in a child process, stopped dead at the `call`-th call of `target` (see fault_worker)."""
+def cli(*args, unprivileged: bool = False) -> tuple[int, str, str]:
+    """`bloom-jax ARGS` in a child process: see `child`."""
+    return child("-m", "bloom_jax.cli", *args, unprivileged=unprivileged)
+
+
+def child(*args, unprivileged: bool = False) -> tuple[int, str, str]:
+    """`python ARGS` in a child process (with `unprivileged`, one that permission bits stop even under root):
+    (exit status, stdout, stderr). Skips the test where root cannot shed its permission overrides."""
+    import pytest
+
+    command = [sys.executable, *map(str, args)]
+    done = subprocess.run([sys.executable, str(UNPRIVILEGED), *command] if unprivileged else command,
+                          capture_output=True, text=True, timeout=600)
+    if unprivileged and done.stderr.startswith("unprivileged.py: "):
+        pytest.skip(done.stderr.strip())
+    return done.returncode, done.stdout, done.stderr
+
+
+def fill(directory: Path) -> None:
+    """Fills the filesystem of `directory` to its last byte with DIRECTORY/.filler (a real ENOSPC for the next
+    write that needs a block)."""
+    fd = os.open(directory / FILLER, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            while True:
+                try:
+                    os.write(fd, bytes(size))
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+
+
+def stopped(tmp_path: Path, call: int, target: str, *args: str, filling: Path | None = None) -> subprocess.Popen:
+    """`bloom-jax ARGS` in a child process, stopped dead at the `call`-th call of `target`, or, with `filling`,
+    going on after that call with the disk of `filling` full (see fault_worker)."""
     ready, output = (tmp_path / f"{what}-{time.monotonic_ns()}" for what in ("ready", "output"))
+    options = ["--fill", str(filling)] if filling is not None else []
     with open(output, "w") as log:  # a file, not a pipe: a chatty child would block on a full pipe
-        child = subprocess.Popen([sys.executable, str(WORKER), str(ready), str(call), target, "--", *args],
+        child = subprocess.Popen([sys.executable, str(WORKER), str(ready), str(call), target, *options, "--", *args],
                                  stdout=log, stderr=subprocess.STDOUT)
     child.output_path = output
     deadline = time.monotonic() + 180
@@ -29,6 +70,12 @@ def stopped(tmp_path: Path, call: int, target: str, *args: str) -> subprocess.Po
             raise AssertionError(f"the worker never reached call {call}: {output.read_text()[-2000:]}")
         time.sleep(0.05)
     return child
+
+
+def finished(child: subprocess.Popen) -> tuple[int, str]:
+    """Waits for a child of `stopped(..., filling=...)` to end: (its exit status, everything it printed)."""
+    child.wait(600)
+    return child.returncode, child.output_path.read_text()
 
 
 def kill(child: subprocess.Popen) -> None:

@@ -296,9 +296,9 @@ def test_a_full_or_read_only_cache_is_one_error_and_leaves_nothing(tmp_path, tok
     data.mkdir()
     write_jsonl(data / "docs.jsonl", make_documents(400))  # about 80 KB of tokens
     with tmpfs(tmp_path / "disk", "16k", read_only=fault == "read_only") as disk:
-        expected = (r"no space left on device \(it needs about 0\.\d MB, 0\.0 MB are free there\)"
-                    if fault == "full" else "read-only file system")
-        with pytest.raises(BloomJaxError, match=rf"^cannot cache the tokenized data in {disk}: {expected}; set "
-                           "data_cache to a place with room$"):
+        expected = (r"no space left on device \(it needs about 0\.\d MB, 0\.0 MB are free there\); set data_cache "
+                    "to a directory with room" if fault == "full" else
+                    "read-only file system; set data_cache to a writable directory")
+        with pytest.raises(BloomJaxError, match=rf"^cannot cache the tokenized data in {disk}: {expected}$"):
             load_corpus([data], tokenizer, SEQ_LEN, disk, eval_fraction=0)
         assert list(disk.iterdir()) == []

@@ -1,6 +1,8 @@
 """Real faults, not mocks: a conversion or export SIGKILLed at several points and rerun, two writers of one
-destination at once, Ctrl-C and SIGTERM, a full disk (a small tmpfs) and a read-only one. Each checks the exit status, the message, what is left on disk, and that the rerun gives the
-bytes of a run without the fault."""
+destination at once, Ctrl-C and SIGTERM, a full disk (a small tmpfs), a read-only one and a directory without
+write permission (`chmod`, for a child that root's overrides do not help: tests/unprivileged.py). Each checks the
+exit status, the message, what is left on disk, and that the rerun gives the bytes of a run without the fault.
+(The trainer's faults are in test_train.py, the token cache's in test_data.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from faults import kill, signalled, stopped, tmpfs
+from faults import child, cli, kill, signalled, stopped, tmpfs
 
 from bloom_jax import BloomJaxError
 from bloom_jax.checkpoints import convert, export
@@ -141,6 +143,45 @@ def test_a_read_only_destination_is_one_line_and_leaves_nothing(source, clean, t
         assert capsys.readouterr().err.strip().splitlines()[-1:] == [
             f"bloom-jax: error: cannot write in {disk}: Read-only file system"]
         assert list(disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_a_destination_without_write_permission_is_one_line_and_leaves_nothing(source, clean, tmp_path, command):
+    src = source if command == "convert" else clean["converted"]
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        code, out, err = cli(command, src, locked / "out", unprivileged=True)
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"bloom-jax: error: cannot write in {locked}: Permission denied"
+    assert list(locked.iterdir()) == []
+    assert main([command, str(src), str(locked / "out")]) == 0  # writable again: the bytes of a clean run
+    assert digests(locked / "out") == digests(clean[f"{command}ed"])
+
+
+SAVE_PRETRAINED = """
+import sys
+from bloom_jax import BloomJaxError
+from bloom_jax.checkpoints import from_pretrained, save_pretrained
+model, params = from_pretrained(sys.argv[1])
+try:
+    save_pretrained(params, model.config, sys.argv[2])
+except BloomJaxError as error:
+    sys.exit(f"error: {error}")
+"""
+
+
+def test_save_pretrained_without_write_permission_raises_one_error_and_leaves_nothing(clean, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        code, _, err = child("-c", SAVE_PRETRAINED, clean["converted"], locked / "saved", unprivileged=True)
+    finally:
+        locked.chmod(0o755)
+    assert (code, err.strip().splitlines()[-1]) == (1, f"error: cannot write in {locked}: Permission denied")
+    assert list(locked.iterdir()) == []
 
 
 def test_save_pretrained_on_a_full_disk_raises_one_error_and_leaves_nothing(tiny, tmp_path):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -150,6 +152,63 @@ def write_failure(error: OSError, path: Path) -> BaseException:
     return BloomJaxError(f"cannot write {path}: {DISK_ERRORS[code]} in {path.parent}")
 
 
+class FailureEchoesDropped:
+    """While it lasts, drops what Orbax, TensorStore and asyncio print, beside the one error reported, about a
+    write that a full or unwritable disk failed, or a read of a damaged checkpoint:
+
+    - records of a disk error logged by absl (Orbax logs a failed save from each of its threads, tracebacks and
+      all: 1,015 lines of stderr for one full disk) or by asyncio ("Future exception was never retrieved", for
+      each of a failed save's futures, when Python collects them);
+    - unraisable `RuntimeError("Event loop is closed")`: TensorStore completing a write of a failed save after
+      Orbax closed the save's event loop (17 to 117 tracebacks for one full disk, from step to step);
+    - unraisable "Encountered error while reading array index": the abandoned reads of a failed restore.
+
+    Futures are collected at any later point, at exit often: once something failed (`keep()`, or the block
+    raised), the filters stay for the process's life; otherwise they go when the block ends.
+    """
+
+    _for_good: FailureEchoesDropped | None = None
+
+    def __enter__(self) -> FailureEchoesDropped:
+        self._kept = False
+        self._filter = lambda record: not _of_a_disk_error(record)  # one per instance: each removes its own
+        self._loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+        for logger in self._loggers:
+            logger.addFilter(self._filter)
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        return self
+
+    def keep(self) -> None:
+        self._kept = True
+
+    @classmethod
+    def from_now_on(cls) -> None:
+        """For the rest of the process: a failure was reported, and its futures are collected later."""
+        if cls._for_good is None:
+            cls._for_good = cls().__enter__()
+            cls._for_good.keep()
+
+    def _hook(self, unraisable) -> None:
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not closed_loop and not str(error).startswith("Encountered error while reading array index"):
+            self._previous_hook(unraisable)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._kept:
+            return
+        for logger in self._loggers:
+            logger.removeFilter(self._filter)
+        if sys.unraisablehook == self._hook:  # else another hook was chained after ours: it stays
+            sys.unraisablehook = self._previous_hook
+
+
+def _of_a_disk_error(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return disk_error(error) is not None or disk_error(Exception(record.getMessage())) is not None
+
+
 _NO_LOCKS = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -249,6 +308,7 @@ class Destination:
                 shutil.rmtree(self.root, ignore_errors=True)
                 code = disk_error(exc, where=final.parent)
                 if code is not None:
+                    FailureEchoesDropped.from_now_on()
                     raise BloomJaxError(self._disk_message(final, code)) from None
                 return
             umask = os.umask(0)
