@@ -88,6 +88,13 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def same_final_weights(output_dir: Path, reference_dir: Path) -> bool:
+    """Whether two runs' final/ checkpoints hold the same weights, bit for bit."""
+    _, ours = from_pretrained(output_dir / "final")
+    _, ref = from_pretrained(reference_dir / "final")
+    return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), ours, ref))
+
+
 def checkpoint_steps(output_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in (output_dir / "checkpoints").iterdir() if p.name.isdigit())
 
@@ -518,9 +525,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(run_a, run_b):
         assert {k: v for k, v in ours.items() if k not in strip} == {k: v for k, v in ref.items() if k not in strip}
     printed = json.loads(run_b["stdout"])
     assert printed["output_dir"] == str(b_dir) and printed["step"] == 24 and printed["loss"] == a[-1]["loss"]
-    _, params_a = from_pretrained(a_dir / "final")
-    _, params_b = from_pretrained(b_dir / "final")
-    assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), params_a, params_b))
+    assert same_final_weights(b_dir, a_dir)
 
 
 # -- 7. NaN stop ---------------------------------------------------------------------------------------------------
@@ -934,9 +939,7 @@ def test_a_run_killed_during_an_async_save_resumes_exactly(run_a, recipe_file, t
     assert [m["step"] for m in ours] == list(range(1, 25))
     assert [{k: v for k, v in m.items() if k not in strip} for m in ours] == [
         {k: v for k, v in m.items() if k not in strip} for m in ref]
-    _, params_a = from_pretrained(a_dir / "final")
-    _, params_c = from_pretrained(output_dir / "final")
-    assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), params_a, params_c))
+    assert same_final_weights(output_dir, a_dir)
 
 
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_good_checkpoint(run_a, recipe_file, tmp_path):
@@ -1059,9 +1062,43 @@ def test_an_unwritable_place_stops_the_run_with_one_line_and_the_rerun_ends_as_r
     code, out, err = run_cli("train", recipe_file, *overrides)
     assert code == 0, err[-3000:]
     assert same_losses(read_metrics(run), read_metrics(a_dir)) and len(read_metrics(run)) == 24
-    _, params_a = from_pretrained(a_dir / "final")
-    _, params = from_pretrained(run / "final")
-    assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), params_a, params))
+    assert same_final_weights(run, a_dir)
+
+
+def test_a_run_killed_writing_its_final_checkpoint_leaves_no_final_and_the_rerun_writes_it(run_a, recipe_file,
+                                                                                           tmp_path):
+    # Run A's directory without final/: the run resumes from step 24 and only writes final/. Killed with the
+    # config written to the staging directory but not the weights, it leaves no final/; the rerun removes the
+    # staging and writes the weights of run A.
+    from faults import kill, stopped
+
+    a_dir, _ = run_a
+    run = tmp_path / "run"
+    shutil.copytree(a_dir, run, ignore=shutil.ignore_patterns("final"))
+    overrides = [f"output_dir={run}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
+    kill(stopped(tmp_path, 1, "bloom_jax.checkpoints.converted:_save_params", "train", str(recipe_file), *overrides))
+    staged = list(run.glob(".final.partial-*"))
+    assert len(staged) == 1 and (staged[0] / "config.json").is_file() and not (run / "final").exists()
+    code, out, err = run_cli("train", recipe_file, *overrides)
+    assert code == 0 and f"removed {staged[0]}" in err, err[-3000:]
+    assert not list(run.glob(".final.*"))
+    assert same_final_weights(run, a_dir)
+
+
+def test_a_read_only_output_dir_stops_the_run_with_one_line(run_a, recipe_file, tmp_path):
+    from faults import tmpfs
+
+    a_dir, _ = run_a
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        run = disk / "run"
+        shutil.copytree(stopped_at_16(run_a, tmp_path), run)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        code, out, err = run_cli("train", recipe_file, f"output_dir={run}", f"tokenizer={a_dir}",
+                                 f"data_cache={a_dir / 'data-cache'}")
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (
+            f"bloom-jax: error: cannot write {run / 'metrics.jsonl'}: read-only file system in {run}; the last good "
+            "checkpoint, step 16, is kept")
 
 
 # -- 9. damaged checkpoints at resume ----------------------------------------------------------------------------------
