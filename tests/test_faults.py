@@ -123,13 +123,12 @@ def test_sigterm_stops_eval_with_nothing_on_stdout(clean, tmp_path):
 
 # -- full and unwritable disks --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["convert", "export"])
-def test_a_full_disk_is_one_line_naming_what_was_needed_and_leaves_nothing(source, clean, tmp_path, capsys,
-                                                                           command):
+def test_a_full_disk_is_one_line_naming_what_was_needed_and_leaves_nothing(source, clean, tmp_path, command):
     src = source if command == "convert" else clean["converted"]
     with tmpfs(tmp_path / "disk", "64k") as disk:  # the tiny checkpoint needs about 0.5 MB
-        assert main([command, str(src), str(disk / "out")]) == 2
-        err = capsys.readouterr().err
-        assert "Traceback" not in err and re.fullmatch(  # the last line, after the progress bar's
+        code, out, err = cli(command, src, disk / "out")  # a child: all it prints, up to its exit
+        assert code == 2 and out == "" and "Traceback" not in err and "Exception" not in err
+        assert re.fullmatch(  # the last line, after the progress bar's
             rf"bloom-jax: error: cannot write {disk / 'out'}: no space left on device in {disk} \(it needs about "
             r"0\.\d MB, 0\.\d MB are free there\)", err.strip().splitlines()[-1]), err
         assert list(disk.iterdir()) == []  # no DST, no staging, no lock
@@ -184,11 +183,14 @@ def test_save_pretrained_without_write_permission_raises_one_error_and_leaves_no
     assert list(locked.iterdir()) == []
 
 
-def test_save_pretrained_on_a_full_disk_raises_one_error_and_leaves_nothing(tiny, tmp_path):
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_save_pretrained_on_a_full_or_read_only_disk_raises_one_error_and_leaves_nothing(tiny, tmp_path, fault):
     from bloom_jax.checkpoints import save_pretrained
 
-    with tmpfs(tmp_path / "disk", "64k") as disk:
-        with pytest.raises(BloomJaxError, match=rf"cannot write {disk / 'saved'}: no space left on device"):
+    with tmpfs(tmp_path / "disk", "64k", read_only=fault == "read_only") as disk:
+        expected = (f"cannot write {disk / 'saved'}: no space left on device in {disk} (it needs about "
+                    if fault == "full" else f"cannot write in {disk}: Read-only file system")
+        with pytest.raises(BloomJaxError, match=re.escape(expected)):
             save_pretrained(tiny.params, tiny.model.config, disk / "saved")
         assert list(disk.iterdir()) == []
 

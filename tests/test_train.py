@@ -1085,20 +1085,27 @@ def test_a_run_killed_writing_its_final_checkpoint_leaves_no_final_and_the_rerun
     assert same_final_weights(run, a_dir)
 
 
-def test_a_read_only_output_dir_stops_the_run_with_one_line(run_a, recipe_file, tmp_path):
+@pytest.mark.parametrize("place", ["output_dir", "checkpoints"])
+def test_a_read_only_output_dir_or_checkpoints_dir_stops_the_run_with_one_line(run_a, recipe_file, tmp_path, place):
+    # A run resumed from step 16 on a read-only filesystem: the whole OUTPUT_DIR (the metrics meet it first), or
+    # only checkpoints/ (a read-only tmpfs mounted there: the step-24 save meets it).
     from faults import tmpfs
 
     a_dir, _ = run_a
-    with tmpfs(tmp_path / "disk", "8m") as disk:
-        run = disk / "run"
-        shutil.copytree(stopped_at_16(run_a, tmp_path), run)
+    run = stopped_at_16(run_a, tmp_path)
+    mounted = run if place == "output_dir" else run / "checkpoints"
+    shutil.move(mounted, tmp_path / "kept")
+    with tmpfs(mounted, "8m") as disk:
+        shutil.copytree(tmp_path / "kept", disk, dirs_exist_ok=True)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         code, out, err = run_cli("train", recipe_file, f"output_dir={run}", f"tokenizer={a_dir}",
                                  f"data_cache={a_dir / 'data-cache'}")
         assert code == 2 and out == "" and "Traceback" not in err
-        assert err.strip().splitlines()[-1] == (
-            f"bloom-jax: error: cannot write {run / 'metrics.jsonl'}: read-only file system in {run}; the last good "
-            "checkpoint, step 16, is kept")
+        failed = (f"cannot write {run / 'metrics.jsonl'}: read-only file system in {run}" if place == "output_dir"
+                  else f"cannot save a checkpoint in {run / 'checkpoints'}: read-only file system")
+        assert err.strip().splitlines()[-1] == (f"bloom-jax: error: {failed}; the last good checkpoint, step 16, "
+                                                "is kept")
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "8"]
 
 
 # -- 9. damaged checkpoints at resume ----------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ class FailureEchoesDropped:
     - unraisable "Encountered error while reading array index": the abandoned reads of a failed restore.
 
     Futures are collected at any later point, at exit often: once something failed (`keep()`, or the block
-    raised), the filters stay for the process's life; otherwise they go when the block ends.
+    raised), one set of these filters stays for the process's life (`from_now_on`); otherwise they go when the
+    block ends.
     """
 
     _for_good: FailureEchoesDropped | None = None
@@ -185,9 +186,9 @@ class FailureEchoesDropped:
     @classmethod
     def from_now_on(cls) -> None:
         """For the rest of the process: a failure was reported, and its futures are collected later."""
-        if cls._for_good is None:
+        keeper = cls._for_good
+        if keeper is None or sys.unraisablehook != keeper._hook:  # none yet, or its hook was replaced since
             cls._for_good = cls().__enter__()
-            cls._for_good.keep()
 
     def _hook(self, unraisable) -> None:
         error = unraisable.exc_value
@@ -196,12 +197,12 @@ class FailureEchoesDropped:
             self._previous_hook(unraisable)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or self._kept:
-            return
         for logger in self._loggers:
             logger.removeFilter(self._filter)
         if sys.unraisablehook == self._hook:  # else another hook was chained after ours: it stays
             sys.unraisablehook = self._previous_hook
+        if exc_type is not None or self._kept:
+            FailureEchoesDropped.from_now_on()
 
 
 def _of_a_disk_error(record: logging.LogRecord) -> bool:
@@ -294,12 +295,14 @@ class Destination:
     def __enter__(self) -> Destination:
         if is_url(self.location) and self.overwrite:
             clear(self.location)
+        self._echoes = FailureEchoesDropped().__enter__()
         return self
 
     def write_bytes(self, key: str, data: bytes) -> None:
         write_bytes(self.root, key, data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._echoes.__exit__(exc_type, exc, tb)  # kept after a failure: its futures report when collected
         if is_url(self.location):
             return  # an incomplete URL destination lacks the metadata written last, so nothing will load it
         final = Path(self.location)
@@ -308,7 +311,6 @@ class Destination:
                 shutil.rmtree(self.root, ignore_errors=True)
                 code = disk_error(exc, where=final.parent)
                 if code is not None:
-                    FailureEchoesDropped.from_now_on()
                     raise BloomJaxError(self._disk_message(final, code)) from None
                 return
             umask = os.umask(0)
