@@ -1085,6 +1085,23 @@ def test_a_run_killed_writing_its_final_checkpoint_leaves_no_final_and_the_rerun
     assert same_final_weights(run, a_dir)
 
 
+def test_an_unwritable_output_dir_stops_a_new_run_with_one_line_before_it_trains(run_a, recipe_file, tmp_path):
+    from faults import cli
+
+    a_dir, _ = run_a
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        code, out, err = cli("train", recipe_file, f"output_dir={locked / 'run'}", f"tokenizer={a_dir}",
+                             f"data_cache={a_dir / 'data-cache'}", unprivileged=True)
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"bloom-jax: error: cannot write checkpoints in {locked}/run/checkpoints: "
+                                            "permission denied")
+    assert list(locked.iterdir()) == []
+
+
 @pytest.mark.parametrize("place", ["output_dir", "checkpoints"])
 def test_a_read_only_output_dir_or_checkpoints_dir_stops_the_run_with_one_line(run_a, recipe_file, tmp_path, place):
     # A run resumed from step 16 on a read-only filesystem: the whole OUTPUT_DIR (the metrics meet it first), or
