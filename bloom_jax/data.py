@@ -225,19 +225,22 @@ class _CacheEntry:
         the arrays they should be, the offsets run from 0 up to the token count, never backwards, and both
         arrays have the CRC-32 they were written with (zlib, 2.3 GB/s measured: 1.7 s for a billion tokens, whose
         tokenizing took hours)."""
-        why = self._damage(progress)
-        if isinstance(why, tuple):
-            return why
-        log.warning(f"the tokenized data cache in {self.cache} is damaged ({why}): tokenizing again")
+        checked = self._checked(progress)
+        if isinstance(checked, tuple):
+            return checked
+        log.warning(f"the tokenized data cache in {self.cache} is damaged ({checked}): tokenizing again")
         self.remove()
         return None
 
-    def _damage(self, progress: bool) -> tuple[np.ndarray, np.ndarray] | str:
+    def _checked(self, progress: bool) -> tuple[np.ndarray, np.ndarray] | str:
+        """The arrays, or what is wrong with the entry."""
         arrays = []
         try:
             expected = json.loads(self.checksums_file.read_text())["crc32"]
         except (ValueError, OSError, KeyError, TypeError) as e:
             return f"{self.checksums_file.name}: {one_line(e)}"
+        if not isinstance(expected, dict):
+            return f"{self.checksums_file.name}: no checksums"
         for path, dtype in ((self.tokens_file, np.uint32), (self.offsets_file, np.int64)):
             try:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -146,7 +146,7 @@ def write_failure(error: OSError, path: Path) -> BaseException:
     if code is None:
         return error
     if code == errno.EACCES:
-        creating = error.filename and Path(error.filename) != path
+        creating = error.filename and Path(error.filename) in path.parents
         return BloomJaxError(f"cannot write {path}: permission denied" +
                              (f" (creating {error.filename})" if creating else ""))
     return BloomJaxError(f"cannot write {path}: {DISK_ERRORS[code]} in {path.parent}")
