@@ -153,7 +153,7 @@ class TokenizedCorpus:
 
     @classmethod
     def load(cls, files: Files, tokenizer: Tokenizer, cache_dir: str | os.PathLike, jsonl_field: str = "text",
-             progress: bool = True) -> TokenizedCorpus:
+             progress: bool = True, cache_setting: str = "data_cache") -> TokenizedCorpus:
         """The corpus of `files` from `cache_dir` if cached under the same key, else tokenized and cached.
 
         The key hashes the resolved paths, sizes and mtimes of the files, `jsonl_field`, the tokenizer's JSON and
@@ -173,7 +173,7 @@ class TokenizedCorpus:
         tokens_t, doc_offsets = tokenize_documents(iter_documents(paths, jsonl_field), tokenizer, progress)
         if len(doc_offsets) == 1:
             raise BloomJaxError(f"no documents in {', '.join(map(str, paths))}")
-        entry.write(tokens_t, doc_offsets)
+        entry.write(tokens_t, doc_offsets, cache_setting)
         return cls(tokens_t, doc_offsets, tokenized=True)
 
 
@@ -259,9 +259,9 @@ class _CacheEntry:
                 return f"{path.name}: its CRC-32 is not the one it was written with"
         return tokens_t, doc_offsets
 
-    def write(self, tokens_t: np.ndarray, doc_offsets: np.ndarray) -> None:
-        """Writes the entry, checksums last; on a full or unwritable disk, one `BloomJaxError` naming the cache
-        and what the entry needs, with nothing of the entry left."""
+    def write(self, tokens_t: np.ndarray, doc_offsets: np.ndarray, cache_setting: str) -> None:
+        """Writes the entry, checksums last; on a full or unwritable disk, one `BloomJaxError` naming the cache,
+        what the entry needs and `cache_setting`, with nothing of the entry left."""
         checksums = {"crc32": {"tokens.npy": _crc32(tokens_t), "offsets.npy": _crc32(doc_offsets)}}
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ class _CacheEntry:
                 raise
             elsewhere = "a directory with room" if code in (errno.ENOSPC, errno.EDQUOT) else "a writable directory"
             raise BloomJaxError(f"cannot cache the tokenized data in {self.cache}: {DISK_ERRORS[code]}"
-                                f"{room(code, tokens_t.nbytes + doc_offsets.nbytes, self.cache)}; set data_cache to "
+                                f"{room(code, tokens_t.nbytes + doc_offsets.nbytes, self.cache)}; set {cache_setting} to "
                                 f"{elsewhere}") from None
 
     def remove(self) -> None:
@@ -496,10 +496,11 @@ class Corpus:
 
 
 def load_corpus(files: Files, tokenizer: Tokenizer, seq_len: int, cache_dir: str | os.PathLike,
-                eval_fraction: float = 0.01, seed: int = 0, jsonl_field: str = "text", progress: bool = True
-                ) -> Corpus:
+                eval_fraction: float = 0.01, seed: int = 0, jsonl_field: str = "text", progress: bool = True,
+                cache_setting: str = "data_cache") -> Corpus:
     """The documents of `files`, tokenized (or read from `cache_dir`), split into train and eval by a permutation
     seeded with `seed` (which also seeds the training shuffle) and packed into windows of `seq_len + 1`.
+    `cache_setting`: what the user sets to move the cache, named in the error of a full or unwritable one.
 
     Errors when the train split has less than one window, or when eval_fraction > 0 and the eval split has none.
     """
@@ -507,7 +508,7 @@ def load_corpus(files: Files, tokenizer: Tokenizer, seq_len: int, cache_dir: str
         raise BloomJaxError(f"seq_len must be at least 1, got {seq_len}")
     if seed < 0:
         raise BloomJaxError(f"seed must be non-negative, got {seed}")
-    corpus = TokenizedCorpus.load(files, tokenizer, cache_dir, jsonl_field, progress)
+    corpus = TokenizedCorpus.load(files, tokenizer, cache_dir, jsonl_field, progress, cache_setting)
     train_d, eval_d = split_documents(corpus.n_documents, eval_fraction, seed)
     train, held_out = (PackedSplit(corpus, d, seq_len, seed) for d in (train_d, eval_d))
     if train.n_sequences == 0:

@@ -630,7 +630,8 @@ def evaluate(checkpoint: str, data: Sequence[str], seq_len: int = 512, batch_siz
         raise BloomJaxError(f"{checkpoint} has no tokenizer.json")
     model, params = from_pretrained(location)
     with tempfile.TemporaryDirectory(prefix="bloom-jax-eval-") as cache:
-        split = load_corpus(data, tokenizer, seq_len, cache, eval_fraction=0.0, jsonl_field=jsonl_field).train
+        split = load_corpus(data, tokenizer, seq_len, cache, eval_fraction=0.0, jsonl_field=jsonl_field,
+                            cache_setting="TMPDIR").train
         n_batches = split.n_sequences // batch_size
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)

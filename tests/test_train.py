@@ -690,6 +690,21 @@ def test_eval_command_on_the_held_out_text_gives_the_run_s_eval_loss(run_a):
     assert result["loss"] == pytest.approx(run_eval, rel=1e-5)
 
 
+def test_eval_on_a_full_temporary_disk_is_one_line_naming_tmpdir(run_a, tmp_path):
+    from faults import cli, tmpfs
+
+    a_dir, _ = run_a
+    data = tmp_path / "text.txt"
+    data.write_text("The cat sat on the mat. " * 4000)  # its tokens take more than the 16 KiB disk
+    with tmpfs(tmp_path / "disk", "16k") as disk:
+        code, out, err = cli("eval", a_dir / "final", "--data", data, env={"TMPDIR": str(disk)})
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert re.fullmatch(rf"bloom-jax: error: cannot cache the tokenized data in {disk}/bloom-jax-eval-\S+: no "
+                            r"space left on device \(it needs about 0\.\d+ MB, 0\.0 MB are free there\); set TMPDIR "
+                            "to a directory with room", err.strip().splitlines()[-1]), err
+        assert list(disk.iterdir()) == []
+
+
 def test_tokenizer_train_command(tmp_path):
     files = [str(p) for p in expand_files(data_files(TrainConfig(**RECIPE)))]
     code, out, err = run_cli("tokenizer", "train", *files, "--vocab-size", 300, "--out", tmp_path / "tok")
