@@ -19,11 +19,11 @@ FILLER = ".filler"
 
 
 def cli(*args, unprivileged: bool = False, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """`bloom-jax ARGS` in a child process: see `child`."""
-    return child("-m", "bloom_jax.cli", *args, unprivileged=unprivileged, env=env)
+    """`bloom-jax ARGS` in a child process: see `in_child`."""
+    return in_child("-m", "bloom_jax.cli", *args, unprivileged=unprivileged, env=env)
 
 
-def child(*args, unprivileged: bool = False, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def in_child(*args, unprivileged: bool = False, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """`python ARGS` in a child process (with `unprivileged`, one that permission bits stop even under root;
     `env` added to the environment): (exit status, stdout, stderr). Skips the test where root cannot shed its
     permission overrides."""

@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from faults import child, cli, kill, signalled, stopped, tmpfs
+from faults import cli, in_child, kill, signalled, stopped, tmpfs
 
 from bloom_jax import BloomJaxError
 from bloom_jax.checkpoints import convert, export
@@ -176,7 +176,7 @@ def test_save_pretrained_without_write_permission_raises_one_error_and_leaves_no
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     try:
-        code, _, err = child("-c", SAVE_PRETRAINED, clean["converted"], locked / "saved", unprivileged=True)
+        code, _, err = in_child("-c", SAVE_PRETRAINED, clean["converted"], locked / "saved", unprivileged=True)
     finally:
         locked.chmod(0o755)
     assert (code, err.strip().splitlines()[-1]) == (1, f"error: cannot write in {locked}: Permission denied")

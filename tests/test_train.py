@@ -1070,9 +1070,10 @@ def test_an_unwritable_place_stops_the_run_with_one_line_and_the_rerun_ends_as_r
     assert code == 2 and out == "" and "Traceback" not in err, err[-3000:]
     assert re.fullmatch("bloom-jax: error: " + line.format(run=re.escape(str(run))), err.strip().splitlines()[-1])
     after = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    new = set(after) - set(before)  # the failed run's traces: the step-24 checkpoint (where it could save) and
+    # The failed run's only traces: the step-24 checkpoint (where it could save) and TensorBoard's new event file.
+    new = set(after) - set(before)
     assert all(p == "checkpoints/24" or p.startswith(("checkpoints/24/", "tensorboard/")) for p in new), new
-    assert not (run / "final").exists() and not list(run.glob(".final.*"))  # TensorBoard's new event file
+    assert not (run / "final").exists() and not list(run.glob(".final.*"))
 
     code, out, err = run_cli("train", recipe_file, *overrides)
     assert code == 0, err[-3000:]
