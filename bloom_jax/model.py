@@ -25,9 +25,8 @@ from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.kernels import Kernels
 from bloom_jax.kernels.attention import AttentionMask
-from bloom_jax.kernels.decode_matmul import DECODE_WEIGHTS
-from bloom_jax.lora import LoraConfig, lora_a_init
-from bloom_jax.quantize import FROZEN_FORMATS, KERNEL_IN_AXES, dequantize, int8_per_channel, stored_shapes
+from bloom_jax.lora import LoraConfig
+from bloom_jax.weights import WeightFormat
 
 Dtype = Any
 # Logical axis names of the activations at block boundaries.
@@ -72,19 +71,11 @@ class Linear(nn.Module):
     """y = x . kernel + bias, contracting the trailing `len(in_features)` axes of x.
 
     The kernel is [*in_features, *out_features] (a PyTorch weight transposed, then reshaped), the bias
-    [*out_features]. `tp_slices > 1` reproduces transformers' `slow_but_exact` path: the flattened input is cut
-    into `tp_slices` column blocks whose partial products are added one by one, and no bias is added.
-    With `decode_weights` (a key of `DECODE_WEIGHTS`) the kernel is out-major [*out_features, *in_features] in
-    that dtype (int8 adds a float32 `scale` [*out_features]), multiplied by `kernels.decode_matmul`; `tp_slices`
-    is then ignored.
-
-    With `frozen_weights` (a key of `bloom_jax.quantize.FROZEN_FORMATS`: a QLoRA base) the kernel is stored in
-    that format and dequantized into the compute dtype for the product, inside a rematerialised function so that
-    the backward pass recomputes it rather than keeping it.
-
-    With `lora` naming this layer among its targets, a low-rank adapter is added: `lora_a` [*in_features, r] and
-    `lora_b` [r, *out_features] in `lora.param_dtype`, y += scaling * (dropout(x) . lora_a) . lora_b, as peft's
-    LoRA computes it (`bloom_jax.lora`).
+    [*out_features]; `weights` says how the kernel is stored and multiplied (decode weights out-major, a frozen
+    quantized base) and whether an adapter sits beside it (`bloom_jax.weights.WeightFormat`). `tp_slices > 1`
+    reproduces transformers' `slow_but_exact` path for float kernels: the flattened input is cut into
+    `tp_slices` column blocks whose partial products are added one by one, and no bias is added (decode weights
+    ignore it).
     """
 
     in_features: tuple[int, ...]
@@ -94,68 +85,29 @@ class Linear(nn.Module):
     tp_slices: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    decode_weights: str | None = None
+    weights: WeightFormat = WeightFormat()
     kernels: Kernels = Kernels()
-    lora: LoraConfig | None = None
     deterministic: bool = True  # no adapter dropout
-    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.in_features)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
-                          self.out_features, self.param_dtype)
-        if self.decode_weights is not None:
-            y = self._decode(x) + bias.astype(self.dtype)
-        elif self.frozen_weights is not None:
-            if self.tp_slices > 1:
+        fmt = self.weights
+        bias_axes = self.axes[len(self.in_features):]
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), self.out_features,
+                          self.param_dtype)
+        stored = fmt.kernel(self, self.in_features, self.out_features, self.axes, self.kernel_init, self.param_dtype)
+        if self.tp_slices > 1 and fmt.decode is None:
+            if fmt.frozen is not None:
                 raise BloomJaxError("frozen (quantized) weights do not reproduce slow_but_exact's tp slices")
             x = x.astype(self.dtype)
-            stored = {name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, dtype)
-                      for name, (shape, dtype, axes) in stored_shapes(self.frozen_weights, self.in_features,
-                                                                      self.out_features, self.axes).items()}
-            y = _frozen_product(x, stored, n_in, self.frozen_weights, self.dtype) + bias.astype(self.dtype)
+            y = self._tp_partial_sums(x, stored["kernel"].astype(self.dtype))
         else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                                self.in_features + self.out_features, self.param_dtype)
-            x = x.astype(self.dtype)
-            kernel = kernel.astype(self.dtype)
-            if self.tp_slices > 1:
-                y = self._tp_partial_sums(x, kernel)
-            else:
-                y = _product(x, kernel, n_in) + bias.astype(self.dtype)
-        if self.lora is not None and self.name in self.lora.targets:
-            y = y + self._adapter(x.astype(self.dtype))
+            y = fmt.multiply(self.kernels, x, stored, self.in_features, self.out_features, self.dtype)
+            y = y + bias.astype(self.dtype)
+        if fmt.adapts(self.name):
+            y = y + fmt.adapter(self, x.astype(self.dtype), self.in_features, self.out_features, self.axes,
+                                self.dtype, self.deterministic)
         return y
-
-    def _adapter(self, x: jax.Array) -> jax.Array:
-        """The adapter's term scaling * (dropout(x) . lora_a) . lora_b, in the compute dtype."""
-        lora, n_in = self.lora, len(self.in_features)
-        lora_a = self.param("lora_a", nn.with_logical_partitioning(lora_a_init, self.axes[:n_in] + ("lora_rank",)),
-                            self.in_features + (lora.rank,), lora.param_dtype)
-        lora_b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                   ("lora_rank",) + self.axes[n_in:]),
-                            (lora.rank,) + self.out_features, lora.param_dtype)
-        if lora.dropout > 0 and not self.deterministic:
-            x = nn.Dropout(lora.dropout)(x, deterministic=False)
-        x_r = _product(x, lora_a.astype(self.dtype), n_in)
-        delta = _product(x_r, lora_b.astype(self.dtype), 1)
-        return delta * jnp.asarray(lora.scaling, self.dtype)
-
-    def _decode(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.in_features)
-        # Decode kernels are always converted from float ones (`to_decode_weights`): zeros only give shapes.
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                   self.axes[n_in:] + self.axes[:n_in]),
-                            self.out_features + self.in_features, DECODE_WEIGHTS[self.decode_weights])
-        scale = None
-        if self.decode_weights == "int8":
-            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes[n_in:]),
-                               self.out_features, jnp.float32).reshape(-1)
-        size_in, size_out = math.prod(self.in_features), math.prod(self.out_features)
-        lead = x.shape[: x.ndim - n_in]
-        y = ops.matmul(self.kernels, x.reshape(-1, size_in), kernel.reshape(size_out, size_in), scale)
-        return y.reshape(*lead, *self.out_features).astype(self.dtype)
 
     def _tp_partial_sums(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         n_in, size_in = len(self.in_features), math.prod(self.in_features)
@@ -169,45 +121,21 @@ class Linear(nn.Module):
         return y.reshape(*y.shape[:-1], *self.out_features)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
-def _frozen_product(x: jax.Array, stored: dict, n_in: int, fmt: str, dtype) -> jax.Array:
-    """x . dequantize(stored): rematerialised, so that the backward pass rebuilds the kernel (one layer's, in
-    the compute dtype) instead of keeping it per layer for the input gradient."""
-    return _product(x, dequantize(stored, 0, n_in, fmt, dtype), n_in)
-
-
-def _product(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    """x [..., *in] . kernel [*in, *out] -> [..., *out]. (Merging the axes into one [in, out] product instead cost
-    the TPU compiler's BLOOM-176B decode step 1.2 GiB more per v5p chip, 87.1 against 85.9.)"""
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return lax.dot_general(x, kernel, (contract, ((), ())))
-
-
 class Embed(nn.Module):
-    """The word embedding [v, d], also the tied LM head (`attend`).
-
-    With `decode_weights` the table is stored in that dtype (int8 with a float32 `scale` [v] per row) and the
-    LM head runs through `kernels.decode_matmul`: the table is already out-major.
-    """
+    """The word embedding [v, d], also the tied LM head (`attend`), stored as `weights` says (decode weights: in
+    their dtype, int8 with a float32 `scale` [v] per row, the head through `kernels.decode_matmul`)."""
 
     vocab_size: int
     features: int
     embedding_init: Callable = nn.initializers.normal(0.02)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    decode_weights: str | None = None
+    weights: WeightFormat = WeightFormat()
     kernels: Kernels = Kernels()
 
     def setup(self):
-        dtype, init = self.param_dtype, self.embedding_init
-        if self.decode_weights is not None:
-            dtype, init = DECODE_WEIGHTS[self.decode_weights], nn.initializers.zeros
-        self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
-                                    (self.vocab_size, self.features), dtype)
-        self.scale = None
-        if self.decode_weights == "int8":
-            self.scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("vocab",)),
-                                    (self.vocab_size,), jnp.float32)
+        self.embedding, self.scale = self.weights.embedding(self, self.vocab_size, self.features,
+                                                            self.embedding_init, self.param_dtype)
 
     def __call__(self, ids_bs: jax.Array) -> jax.Array:
         """Embeddings [b, s, d] in the compute dtype."""
@@ -218,11 +146,7 @@ class Embed(nn.Module):
 
     def attend(self, x_bsd: jax.Array) -> jax.Array:
         """Logits float32 [b, s, v] = x . embedding^T, accumulated in float32."""
-        if self.decode_weights is not None:
-            b, s, d = x_bsd.shape
-            return ops.matmul(self.kernels, x_bsd.reshape(b * s, d), self.embedding, self.scale).reshape(b, s, -1)
-        return jnp.einsum("bsd,vd->bsv", x_bsd, self.embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return self.weights.logits(self.kernels, x_bsd, self.embedding, self.scale, self.dtype)
 
 
 class Attention(nn.Module):
@@ -232,10 +156,8 @@ class Attention(nn.Module):
     config: BloomConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    decode_weights: str | None = None
+    weights: WeightFormat = WeightFormat()
     kernels: Kernels = Kernels()
-    lora: LoraConfig | None = None
-    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, mask: AttentionMask, deterministic: bool,
@@ -246,9 +168,8 @@ class Attention(nn.Module):
         cfg = self.config
         d, n, h = cfg.hidden_size, cfg.n_head, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=self.kernels, lora=self.lora, deterministic=deterministic,
-                  frozen_weights=self.frozen_weights)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weights=self.weights, kernels=self.kernels,
+                  deterministic=deterministic)
         qkv_bsn3h = Linear((d,), (n, 3, h), ("embed", "heads", "qkv", "head_dim"), init, name="query_key_value",
                            **kw)(x_bsd)
         # Head-major [3, b, n, s, h] before the batched matmuls: XLA:CPU runs them 2-3x faster than on the
@@ -277,20 +198,17 @@ class Mlp(nn.Module):
     config: BloomConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    decode_weights: str | None = None
+    weights: WeightFormat = WeightFormat()
     kernels: Kernels = Kernels()
-    lora: LoraConfig | None = None
     deterministic: bool = True
-    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array) -> jax.Array:
         cfg = self.config
         d, f = cfg.hidden_size, cfg.mlp_dim
         init = nn.initializers.normal(cfg.initializer_range)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=self.kernels, lora=self.lora, deterministic=self.deterministic,
-                  frozen_weights=self.frozen_weights)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weights=self.weights, kernels=self.kernels,
+                  deterministic=self.deterministic)
         x_bsf = Linear((d,), (f,), ("embed", "mlp"), init, name="dense_h_to_4h", **kw)(x_bsd)
         x_bsf = bloom_gelu(x_bsf)
         tp = cfg.pretraining_tp if cfg.slow_but_exact else 1
@@ -304,10 +222,8 @@ class Block(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    decode_weights: str | None = None
+    weights: WeightFormat = WeightFormat()
     kernels: Kernels = Kernels()
-    lora: LoraConfig | None = None
-    frozen_weights: str | None = None
 
     @nn.compact
     def __call__(self, x_bsd: jax.Array, mask: AttentionMask, kv_cache: tuple[jax.Array, jax.Array] | None = None):
@@ -318,8 +234,7 @@ class Block(nn.Module):
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="input_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        attention = Attention(cfg, name="self_attention", decode_weights=self.decode_weights, kernels=self.kernels,
-                              lora=self.lora, frozen_weights=self.frozen_weights, **kw)
+        attention = Attention(cfg, name="self_attention", weights=self.weights, kernels=self.kernels, **kw)
         attn_bsd = attention(ln_bsd, mask, self.deterministic, kv_cache)
         if kv_cache is not None:
             attn_bsd, kv_cache = attn_bsd
@@ -327,8 +242,8 @@ class Block(nn.Module):
 
         ln_bsd = LayerNorm(cfg.layer_norm_epsilon, name="post_attention_layernorm", **kw)(x_bsd)
         residual = ln_bsd if cfg.apply_residual_connection_post_layernorm else x_bsd
-        mlp_bsd = Mlp(cfg, name="mlp", decode_weights=self.decode_weights, kernels=self.kernels, lora=self.lora,
-                      deterministic=self.deterministic, frozen_weights=self.frozen_weights, **kw)(ln_bsd)
+        mlp_bsd = Mlp(cfg, name="mlp", weights=self.weights, kernels=self.kernels, deterministic=self.deterministic,
+                      **kw)(ln_bsd)
         x_bsd = residual + nn.Dropout(cfg.hidden_dropout)(mlp_bsd, deterministic=self.deterministic)
         return nn.with_logical_constraint(x_bsd, ACT_BSD), kv_cache
 
@@ -345,15 +260,16 @@ class BloomForCausalLM(nn.Module):
         `h_0` .. `h_{L-1}`: longer compiles, but no per-layer slicing of stacked weights, which is 25% faster
         at 1 x 128 tokens on a 2-core CPU. `stack_layers` / `unstack_layers` convert between the layouts.
       remat_policy: a key of `REMAT_POLICIES`, the activation checkpointing of each block in training.
-      decode_weights: None, or a key of `DECODE_WEIGHTS`: the inference-only weight formats that
-        `to_decode_weights` makes (out-major kernels in float32, bfloat16 or int8), read at memory speed in
-        matrix-vector products. LayerNorms and biases stay in `param_dtype`.
+      decode_weights: None, or a key of `bloom_jax.weights.DECODE_WEIGHTS`: the inference-only weight formats
+        that `bloom_jax.weights.to_decode_weights` makes (out-major kernels in float32, bfloat16 or int8), read
+        at memory speed in matrix-vector products. LayerNorms and biases stay in `param_dtype`.
       kernels: the implementations of attention, the decode matmul, the gradient barrier and the embedding
         gather (`bloom_jax.kernels.Kernels`); None: `Kernels.create()` for JAX's default backend.
       lora: low-rank adapters on the linear layers it names (`bloom_jax.lora.LoraConfig`): parameters `lora_a`
         and `lora_b` beside each targeted kernel.
       frozen_weights: None, or a key of `bloom_jax.quantize.FROZEN_FORMATS`: the linear layers' kernels stored
-        quantized (a QLoRA base, for training adapters beside it).
+        quantized (a QLoRA base made by `bloom_jax.quantize.quantize_base`, for training adapters beside it).
+        The three are one `bloom_jax.weights.WeightFormat` for the layers (`weight_format`).
     """
 
     config: BloomConfig
@@ -384,7 +300,7 @@ class BloomForCausalLM(nn.Module):
         mask_bs = jnp.ones(ids_bs.shape, jnp.int32) if attention_mask is None else attention_mask
 
         embed = Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
-                      decode_weights=self.decode_weights, kernels=kernels, name="word_embeddings", **kw)
+                      weights=self.weight_format, kernels=kernels, name="word_embeddings", **kw)
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(ids_bs))
 
         # The dense ALiBi bias and visibility are built once here, for every layer, only for the reference.
@@ -411,6 +327,11 @@ class BloomForCausalLM(nn.Module):
         logits_bsv = nn.with_logical_constraint(
             logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
         return logits_bsv if cache is None else (logits_bsv, cache)
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        """`decode_weights`, `frozen_weights` and `lora` as the one object every layer asks."""
+        return WeightFormat(self.decode_weights, self.frozen_weights, self.lora)
 
     @property
     def resolved_kernels(self) -> Kernels:
@@ -441,14 +362,7 @@ class BloomForCausalLM(nn.Module):
         block_cls = Block
         if self.remat_policy != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, decode_weights=self.decode_weights,
-                  kernels=kernels, lora=self.lora, frozen_weights=self.frozen_weights)
-        if self.decode_weights is not None and self.decode_weights not in DECODE_WEIGHTS:
-            raise BloomJaxError(f"unknown decode weights {self.decode_weights!r} "
-                                f"(choose from {', '.join(DECODE_WEIGHTS)})")
-        if self.frozen_weights is not None and self.frozen_weights not in FROZEN_FORMATS:
-            raise BloomJaxError(f"unknown frozen weights {self.frozen_weights!r} "
-                                f"(choose from {', '.join(FROZEN_FORMATS)})")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weights=self.weight_format, kernels=kernels)
         if not self.scan_layers:
             return [block_cls(self.config, deterministic, **kw, name=f"h_{i}") for i in range(self.config.n_layer)]
         scanned = nn.scan(
@@ -476,34 +390,6 @@ def unstack_layers(params: dict) -> dict:
     for i in range(n_layer):
         out[f"h_{i}"] = jax.tree.map(lambda a: a[i], params["h"])
     return out
-
-
-def to_decode_weights(params: dict, decode_weights: str) -> dict:
-    """Float parameters (scanned or unrolled layout) as those of the same model with `decode_weights`: kernels
-    transposed out-major, kernels and the embedding stored in that dtype. int8 is symmetric per output channel
-    (per vocabulary row for the embedding): scale = max |w| / 127, w ~= scale * round(w / scale)."""
-    if decode_weights not in DECODE_WEIGHTS:
-        raise BloomJaxError(f"unknown decode weights {decode_weights!r} (choose from {', '.join(DECODE_WEIGHTS)})")
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    out = {}
-    for path, value in flatten_dict(params).items():
-        name = path[-1]
-        if name not in ("kernel", "embedding"):
-            out[path] = value
-            continue
-        value = jnp.asarray(value)
-        n_in = 1 if name == "embedding" else KERNEL_IN_AXES[path[-2]]  # the embedding is already out-major
-        if name == "kernel":
-            lead = 1 if path[0] == "h" else 0
-            axes = tuple(range(value.ndim))
-            value = value.transpose(axes[:lead] + axes[lead + n_in:] + axes[lead:lead + n_in])
-        value = value.astype(jnp.float32)
-        if decode_weights == "int8":
-            value, scale = int8_per_channel(value, tuple(range(value.ndim - n_in, value.ndim)))
-            out[path[:-1] + ("scale",)] = scale.reshape(scale.shape[: value.ndim - n_in])
-        out[path] = value.astype(DECODE_WEIGHTS[decode_weights])
-    return unflatten_dict(out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -555,5 +441,5 @@ def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dty
 __all__: Sequence[str] = (
     "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "bloom_gelu",
     "abstract_params", "param_logical_axes", "count_params", "init_params", "make_model", "stack_layers",
-    "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "DECODE_WEIGHTS", "to_decode_weights", "forward_flops",
+    "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "forward_flops",
 )

@@ -1,8 +1,8 @@
-"""Frozen base weights for QLoRA: the kernels of BLOOM's linear layers stored in 8 or 4 bits, dequantized into
-the compute dtype where they are used (`bloom_jax.model.Linear` with `frozen_weights`).
+"""Quantized kernels of BLOOM's linear layers, in 8 or 4 bits: a frozen QLoRA base (`quantize_base`), dequantized
+into the compute dtype where it is used (`bloom_jax.weights.WeightFormat`), and the int8 decode weights.
 
-- `int8`: symmetric per output channel, scale = max |w| / 127 over the inputs (`kernel` int8 [*in, *out],
-  `kernel_scale` float32 [*out]): 1 byte per weight.
+- `int8`: symmetric per output channel, scale = max |w| / 127 over the inputs, the kernel out-major as the decode
+  weights keep it (`kernel` int8 [*out, *in], `scale` float32 [*out]): 1 byte per weight.
 - `nf4`: QLoRA's 4-bit NormalFloat (the 16 levels of `NF4_LEVELS`, quantiles of a normal distribution), absmax
   per block of `NF4_BLOCK` weights along the last input axis (`kernel` uint8 [*in[:-1], in[-1] / 2, *out], two
   codes a byte, the even input in the low nibble; `kernel_absmax` float32 [*in[:-1], in[-1] / block, *out]):
@@ -50,14 +50,15 @@ def check_format(fmt: str) -> None:
 
 def stored_shapes(fmt: str, in_features: tuple[int, ...], out_features: tuple[int, ...], axes: tuple[str, ...]
                   ) -> dict[str, tuple[tuple[int, ...], Any, tuple[str, ...]]]:
-    """name -> (shape, dtype, logical axes) of a kernel [*in, *out] with logical `axes` stored in `fmt`. The
+    """name -> (shape, dtype, logical axes) of a kernel [*in, *out] with logical `axes` stored in `fmt` (int8:
+    out-major, the axes permuted with it). The
     packed nf4 axis keeps its name; the absmax blocks take `frozen_blocks` (never sharded: 4096 / 64 = 64 blocks
     split over 8 devices would do, BLOOM-176B's 14336 / 64 = 224 over 64 would not)."""
     check_format(fmt)
     n_in = len(in_features)
     if fmt == "int8":
-        return {"kernel": (in_features + out_features, jnp.int8, axes),
-                "kernel_scale": (out_features, jnp.float32, axes[n_in:])}
+        return {"kernel": (out_features + in_features, jnp.int8, axes[n_in:] + axes[:n_in]),
+                "scale": (out_features, jnp.float32, axes[n_in:])}
     *lead, last = in_features
     if last % 2:
         raise BloomJaxError(f"nf4 packs two weights a byte: the input axis of {last} is odd")
@@ -68,21 +69,29 @@ def stored_shapes(fmt: str, in_features: tuple[int, ...], out_features: tuple[in
 
 def int8_per_channel(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """(q int8, scale float32 with `in_axes` kept at size 1): symmetric per output channel, scale = max |w| / 127
-    over `in_axes` (1 where a channel is all zeros), w ~= scale * q. The int8 decode weights use it too."""
+    over `in_axes` (1 where a channel is all zeros), w ~= scale * q: the one int8 scheme of every int8 weight."""
     absmax = jnp.max(jnp.abs(w), axis=in_axes, keepdims=True)
     scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
     return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+def out_major(kernel: jax.Array, n_lead: int, n_in: int) -> jax.Array:
+    """A kernel [*lead, *in, *out] transposed to [*lead, *out, *in]."""
+    axes = tuple(range(kernel.ndim))
+    return kernel.transpose(axes[:n_lead] + axes[n_lead + n_in:] + axes[n_lead:n_lead + n_in])
 
 
 def quantize(kernel: jax.Array, n_lead: int, n_in: int, fmt: str) -> dict[str, jax.Array]:
     """A float kernel [*lead, *in, *out] stored in `fmt`: `n_lead` leading (stacked layer) axes, `n_in` input
     axes."""
     check_format(fmt)
+    if fmt == "int8":
+        w = out_major(kernel, n_lead, n_in).astype(jnp.float32)
+        in_axes = tuple(range(w.ndim - n_in, w.ndim))
+        q, scale = int8_per_channel(w, in_axes)
+        return {"kernel": q, "scale": jnp.squeeze(scale, axis=in_axes)}
     w = kernel.astype(jnp.float32)
     in_axes = tuple(range(n_lead, n_lead + n_in))
-    if fmt == "int8":
-        q, scale = int8_per_channel(w, in_axes)
-        return {"kernel": q, "kernel_scale": jnp.squeeze(scale, axis=in_axes)}
     axis = in_axes[-1]  # the last input axis: blocks and pairs run along it
     last = w.shape[axis]
     block = nf4_block(last)
@@ -97,12 +106,14 @@ def quantize(kernel: jax.Array, n_lead: int, n_in: int, fmt: str) -> dict[str, j
 
 
 def dequantize(stored: dict[str, jax.Array], n_lead: int, n_in: int, fmt: str, dtype) -> jax.Array:
-    """The kernel [*lead, *in, *out] in `dtype` from its stored form (`quantize`'s inverse, up to rounding)."""
+    """The kernel in `dtype` from its stored form (`quantize`'s inverse, up to rounding): [*lead, *in, *out], but
+    int8's stays out-major [*lead, *out, *in]."""
     check_format(fmt)
-    in_axes = tuple(range(n_lead, n_lead + n_in))
     if fmt == "int8":
-        scale = jnp.expand_dims(stored["kernel_scale"], in_axes)
-        return (stored["kernel"].astype(jnp.float32) * scale).astype(dtype)
+        q = stored["kernel"]
+        scale = jnp.expand_dims(stored["scale"], tuple(range(q.ndim - n_in, q.ndim)))
+        return (q.astype(jnp.float32) * scale).astype(dtype)
+    in_axes = tuple(range(n_lead, n_lead + n_in))
     packed, absmax = stored["kernel"], stored["kernel_absmax"]
     axis = in_axes[-1]
     codes = jnp.stack([packed & 0x0F, packed >> 4], axis=axis + 1)
@@ -137,8 +148,8 @@ def quantize_base(params: dict, fmt: str, shardings: dict | None = None, consume
 
 
 def stored_names(fmt: str) -> tuple[str, str]:
-    return ("kernel", "kernel_scale") if fmt == "int8" else ("kernel", "kernel_absmax")
+    return ("kernel", "scale") if fmt == "int8" else ("kernel", "kernel_absmax")
 
 
 __all__ = ["FROZEN_FORMATS", "KERNEL_IN_AXES", "NF4_BLOCK", "NF4_LEVELS", "dequantize", "nf4_block", "quantize",
-           "quantize_base", "stored_names", "stored_shapes", "int8_per_channel"]
+           "out_major", "quantize_base", "stored_names", "stored_shapes", "int8_per_channel"]

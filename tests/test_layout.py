@@ -17,6 +17,7 @@ LAYERS = [
     ["recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul", "kernels.pick",
      "kernels.barriers"],
     ["kernels"],
+    ["weights"],
     ["model"],
     ["losses", "sharding"],
     ["checkpoints.storage", "checkpoints.hub", "checkpoints.hf_files"],
@@ -85,7 +86,7 @@ def test_the_model_loads_alone():
                             "bloom_jax.kernels", "bloom_jax.kernels.attention", "bloom_jax.kernels.barriers",
                             "bloom_jax.kernels.decode_matmul", "bloom_jax.kernels.flash", "bloom_jax.kernels.pick",
                             "bloom_jax.lora",
-                            "bloom_jax.model", "bloom_jax.platforms", "bloom_jax.quantize"]
+                            "bloom_jax.model", "bloom_jax.platforms", "bloom_jax.quantize", "bloom_jax.weights"]
 
 
 def test_a_recipe_loads_without_jax():

@@ -1,5 +1,5 @@
-"""The matmul of the decode weight formats: x [b, k] . kernel^T for an out-major kernel [n, k] stored in float32,
-bfloat16 or int8 (with a float32 scale per output channel).
+"""The matmul of the decode weight formats (`bloom_jax.weights`): x [b, k] . kernel^T for an out-major kernel
+[n, k] stored in float32, bfloat16 or int8 (with a float32 scale per output channel).
 
 `reference` is the plain product (int8: activations quantized per token to int8, accumulated in int32). `xla_cpu`
 computes the same numbers around two XLA:CPU behaviours measured on bloom-560m decode steps: its bf16 and int8
@@ -12,11 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-# Storage formats of the decode weights (see `bloom_jax.model.to_decode_weights`): matmul kernels out-major
-# [*out, *in], which XLA:CPU reads 1.1-3x faster in matrix-vector products than [*in, *out]; float32, bfloat16
-# (activations rounded to bfloat16 for the product) or int8 with a float32 scale per output channel.
-DECODE_WEIGHTS: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
 
 def _product_nb(x_bk: jax.Array, kernel_nk: jax.Array) -> jax.Array:
@@ -57,4 +52,4 @@ def xla_cpu(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None) -> 
 
 IMPLEMENTATIONS = {"reference": reference, "xla_cpu": xla_cpu}
 
-__all__ = ["DECODE_WEIGHTS", "IMPLEMENTATIONS", "reference", "xla_cpu"]
+__all__ = ["IMPLEMENTATIONS", "reference", "xla_cpu"]
