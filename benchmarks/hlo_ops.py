@@ -65,7 +65,8 @@ def programs(only: str | None):
     import numpy as np
 
     from bloom_jax.config import load_config
-    from bloom_jax.model import abstract_params, make_model, to_decode_weights, unstack_layers
+    from bloom_jax.model import abstract_params, make_model, unstack_layers
+    from bloom_jax.weights import to_decode_weights
 
     config = load_config("bloom-560m")
     scanned = make_model(config)

@@ -31,9 +31,10 @@ from bloom_jax.errors import BloomJaxError
 from bloom_jax import kernels as ops
 from bloom_jax.kernels import Kernels
 from bloom_jax.lora import fold, merge_trees, split_adapters
-from bloom_jax.model import BloomForCausalLM, stack_layers, to_decode_weights, unstack_layers
+from bloom_jax.model import BloomForCausalLM, stack_layers, unstack_layers
 from bloom_jax.sharding import ShardingPlan
 from bloom_jax.tokenizer import left_pad
+from bloom_jax.weights import to_decode_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +285,7 @@ class Generator:
 
     Parameters are held unrolled on CPU (the decode loop then reads each layer's weights in place: 25% faster at
     1 x 128 on 2 cores) and scanned on accelerators (one compiled block whatever the depth: an unrolled
-    BLOOM-176B compiles 70 of them), in `decode_weights` if given (see `bloom_jax.model.DECODE_WEIGHTS`:
+    BLOOM-176B compiles 70 of them), in `decode_weights` if given (see `bloom_jax.weights.DECODE_WEIGHTS`:
     float32, bfloat16 or int8 out-major kernels, the fastest for decoding on CPU). Prompt lengths, batch sizes and token budgets are padded up to
     powers of two (at least 16 tokens), so most new requests reuse a compiled program.
     """
