@@ -34,7 +34,7 @@ import grain
 import numpy as np
 from tqdm.auto import tqdm
 
-from bloom_jax.checkpoints.storage import DISK_ERRORS, disk_error, room
+from bloom_jax.disk_faults import DISK_ERRORS, disk_error, room
 from bloom_jax.errors import BloomJaxError, one_line
 from bloom_jax.log import get_logger
 from bloom_jax.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ import struct
 import time
 from pathlib import Path
 
-from bloom_jax.checkpoints.storage import disk_error, write_failure
+from bloom_jax.disk_faults import disk_error, write_failure
 from bloom_jax.log import get_logger
 
 log = get_logger(__name__)

@@ -49,9 +49,9 @@ from bloom_jax.checkpoints import (
     save_pretrained,
 )
 from bloom_jax.checkpoints.peft import adapter_config_json, save_adapter
-from bloom_jax.checkpoints.storage import DISK_ERRORS, FailureEchoesDropped, disk_error, room, write_failure
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
+from bloom_jax.disk_faults import DISK_ERRORS, FailureEchoesDropped, disk_error, room, write_failure
 from bloom_jax.errors import BloomJaxError, RunFailed, one_line
 from bloom_jax.log import get_logger
 from bloom_jax.lora import ADAPTER_LEAVES, LoraConfig, merge_trees, split_adapters

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bloom_jax"
 # Lowest first. A module may import modules of earlier rows only (at module level or inside a function).
 LAYERS = [
     ["errors", "log", "platforms"],
-    ["config", "devices", "runtime", "distributed", "tokenizer", "kernels.flash"],
+    ["config", "devices", "runtime", "distributed", "tokenizer", "kernels.flash", "disk_faults"],
     ["recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul", "kernels.pick",
      "kernels.barriers"],
     ["kernels"],
