@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import log, machine, markdown_table, median_seconds, run_times  # noqa: E402
+from common import DOCS_FLAG, log, machine, markdown_table, median_seconds, published, run_times  # noqa: E402
 
 
 def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
@@ -46,7 +46,8 @@ def attention_flops(b: int, n: int, s: int, h: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[DOCS_FLAG])
     parser.add_argument("--shapes", default="2x16x1024x64", help="comma-separated BATCHxHEADSxSEQxHEAD_DIM")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5)
@@ -111,4 +112,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with published("attention"):
+        main()

@@ -1,13 +1,19 @@
-"""Shared pieces of the benchmarks: timing, the measured matmul peak, same-weights peer models, the machine."""
+"""Shared pieces of the benchmarks: timing, the measured matmul peak, same-weights peer models, the machine, and
+publishing a run's tables into the docs (`--docs`)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -137,3 +143,69 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(4, vocab, size=(batch, seq), dtype=np.int32)
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+# `argparse.ArgumentParser(parents=[DOCS_FLAG])` gives a benchmark the flag that `published` acts on.
+DOCS_FLAG = argparse.ArgumentParser(add_help=False)
+DOCS_FLAG.add_argument("--docs", action="store_true",
+                       help="also write what this prints into its <!-- benchmark:NAME --> block under docs/")
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes through to `stream` and keeps a copy."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def published(name: str, machine_line: str | None = None) -> Iterator[None]:
+    """Prints as usual; with `--docs` on the command line, also puts what the block printed to stdout into the docs
+    page that holds `<!-- benchmark:NAME -->` ... `<!-- /benchmark:NAME -->`, under the command and the date
+    (and `machine_line`, for output that does not name its machine). Nothing is written if the block fails."""
+    if "--docs" not in sys.argv[1:]:
+        yield
+        return
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        yield
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}",
+                          *(arg for arg in sys.argv[1:] if arg != "--docs")])
+    header = f"`{command}`, {time.strftime('%Y-%m-%d')}" + (f"; {machine_line}" if machine_line else "")
+    pages = [page for page in sorted(DOCS.rglob("*.md")) if begin_marker(name) in page.read_text()]
+    if len(pages) != 1:
+        raise SystemExit(f"--docs: {len(pages)} pages under {DOCS} hold {begin_marker(name)}; it must be one")
+    pages[0].write_text(replace_block(pages[0].read_text(), name, header + ":\n\n" + as_markdown("".join(tee.parts))))
+    log(f"wrote the {name} block of {pages[0]}")
+
+
+def begin_marker(name: str) -> str:
+    return f"<!-- benchmark:{name} -->"
+
+
+def as_markdown(output: str) -> str:
+    """A benchmark's printed lines as markdown: each line of prose its own paragraph, tables kept whole."""
+    lines: list[str] = []
+    for line in output.strip().splitlines():
+        if lines and lines[-1] and line and not (line.startswith("|") and lines[-1].startswith("|")):
+            lines.append("")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def replace_block(page: str, name: str, body: str) -> str:
+    """`page` with the text between NAME's begin and end markers replaced by `body` (the markers kept)."""
+    begin, end = begin_marker(name), f"<!-- /benchmark:{name} -->"
+    start, stop = page.find(begin), page.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"--docs: no {begin} ... {end} block to replace")
+    return page[: start + len(begin)] + "\n\n" + body.strip() + "\n\n" + page[stop:]

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import log, machine, markdown_table  # noqa: E402
+from common import DOCS_FLAG, log, machine, markdown_table, published  # noqa: E402
 
 from bloom_jax.checkpoints.hf import hf_tensor_shapes, plan_hf_tensors  # noqa: E402
 from bloom_jax.checkpoints.hf_files import WeightFiles, write_safetensors  # noqa: E402
@@ -93,7 +93,8 @@ def run_convert(src: Path, dst: Path, dtype: str) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[DOCS_FLAG])
     parser.add_argument("--models", default="bloom-560m,bloom-1b7")
     parser.add_argument("--dtype", default="bfloat16", help="stored dtype of the conversion")
     parser.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
@@ -139,4 +140,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with published("convert"):
+        main()

@@ -17,11 +17,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    DOCS_FLAG,
     jax_matmul_peak,
     log,
     machine,
     markdown_table,
     median_seconds,
+    published,
     random_ids,
     torch_and_ours,
     torch_matmul_peak,
@@ -30,7 +32,8 @@ from common import (  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[DOCS_FLAG])
     parser.add_argument("--model", default="bloom-560m", help="preset name (random weights)")
     parser.add_argument("--shapes", default="8x128,1x128", help="comma-separated BATCHxSEQ")
     parser.add_argument("--repeats", type=int, default=5)
@@ -82,4 +85,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with published("forward"):
+        main()

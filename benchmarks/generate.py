@@ -31,11 +31,13 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    DOCS_FLAG,
     interleaved_times,
     jax_matvec,
     log,
     machine,
     markdown_table,
+    published,
     random_ids,
     torch_and_ours,
     versions,
@@ -70,7 +72,8 @@ def time_to_first_token(name: str, prompt: int, weights: str, cache_dir: str) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[DOCS_FLAG])
     parser.add_argument("--model", default="bloom-560m", help="preset name (random weights)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new", type=int, default=64, help="new tokens")
@@ -182,5 +185,6 @@ def ttft(model: str, prompt: int, weight_formats: list[str]) -> str:
 
 if __name__ == "__main__":
     started = time.perf_counter()
-    main()
+    with published("generate"):
+        main()
     log(f"done in {time.perf_counter() - started:.0f} s")

@@ -25,10 +25,11 @@ import os
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import log, markdown_table  # noqa: E402
+from common import DOCS_FLAG, log, markdown_table, published  # noqa: E402
 
 from bloom_jax.devices import ACCELERATORS  # noqa: E402
 
@@ -207,22 +208,23 @@ def bloom_176b(quick: bool) -> None:
     print(markdown_table(["step", "TPU", "chips: GiB per chip", "smallest that fits"], rows))
 
 
+SECTIONS = {"fine-tunes": fine_tunes, "lora": lora_fine_tunes, "attention": attention_memory, "bloom-176b": bloom_176b}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[DOCS_FLAG])
     parser.add_argument("--quick", action="store_true", help="fewer batch and slice sizes")
-    parser.add_argument("--only", choices=("fine-tunes", "lora", "attention", "bloom-176b"), default=None)
+    parser.add_argument("--only", choices=tuple(SECTIONS), default=None)
     parser.add_argument("--attention-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.attention_child:
         return attention_child(args.attention_child)
-    if args.only in (None, "fine-tunes"):
-        fine_tunes(args.quick)
-    if args.only in (None, "lora"):
-        lora_fine_tunes(args.quick)
-    if args.only in (None, "attention"):
-        attention_memory(args.quick)
-    if args.only in (None, "bloom-176b"):
-        bloom_176b(args.quick)
+    for name, section in SECTIONS.items():
+        if args.only in (None, name):
+            # Each section is its own block in the docs; the figures are the compiler's, whatever the machine.
+            with published(f"plan_tpu-{name}", f"libtpu {version('libtpu')}, jax {version('jax')}"):
+                section(args.quick)
 
 
 if __name__ == "__main__":

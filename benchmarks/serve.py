@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import jax_matvec, log, machine, markdown_table, median_seconds  # noqa: E402
+from common import DOCS_FLAG, jax_matvec, log, machine, markdown_table, median_seconds, published  # noqa: E402
 
 PROMPT_LENGTHS = (16, 64)
 
@@ -112,7 +112,8 @@ def p99(values: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[DOCS_FLAG])
     parser.add_argument("--model", default="bloom-560m")
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--slots", type=int, default=16)
@@ -196,4 +197,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with published("serve"):
+        main()

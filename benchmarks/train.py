@@ -24,11 +24,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    DOCS_FLAG,
     jax_matmul_peak,
     log,
     machine,
     markdown_table,
     median_seconds,
+    published,
     random_ids,
     torch_bloom,
     torch_matmul_peak,
@@ -109,7 +111,8 @@ def side_in_child(args, side: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[DOCS_FLAG])
     parser.add_argument("--model", default="bloom-560m", help="preset name (random weights)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
@@ -141,4 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with published("train"):
+        main()
