@@ -1,5 +1,5 @@
-"""The README's fine-tuning picture: LoRA, QLoRA (int8 and nf4 bases) and a full fine-tune of one base on the same
-new text, on this machine's CPU, their loss curves in one plot.
+"""The fine-tuning picture of docs/lora.md: LoRA, QLoRA (int8 and nf4 bases) and a full fine-tune of one base on
+the same new text, on this machine's CPU, their loss curves in one plot.
 
     pip install matplotlib && python scripts/lora_curve.py [--out docs/lora-loss.png] [--steps 60]
 
