@@ -1,8 +1,8 @@
 """Real faults, not mocks: a conversion or export SIGKILLed at several points and rerun, two writers of one
 destination at once, Ctrl-C and SIGTERM, a full disk (a small tmpfs), a read-only one and a directory without
-write permission (`chmod`, for a child that root's overrides do not help: tests/unprivileged.py). Each checks the
-exit status, the message, what is left on disk, and that the rerun gives the bytes of a run without the fault.
-(The trainer's faults are in test_train.py, the token cache's in test_data.py.)"""
+write permission (`chmod`, for a child that root's overrides do not help: helpers/unprivileged.py). Each checks
+the exit status, the message, what is left on disk, and that the rerun gives the bytes of a run without the fault.
+(The trainer's faults are in train/test_faults.py, the token cache's in test_data.py.)"""
 
 from __future__ import annotations
 

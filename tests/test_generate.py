@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import hf_model, left_padded, relative_max_error, save_hf, tiny_config
+from reference import hf_generate, hf_model, left_padded, relative_max_error, save_hf, tiny_config
 
 from bloom_jax.checkpoints import from_pretrained
 from bloom_jax.cache import KVCache
@@ -24,23 +24,12 @@ def setup(tmp_path_factory):
     return config, torch_model, directory, ids, mask
 
 
-def hf_generate(torch_model, ids, mask, eos_token_id=2):
-    import torch
-
-    with torch.no_grad():
-        out = torch_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                                   attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                                   max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=3,
-                                   eos_token_id=eos_token_id)
-    return out.numpy()[:, ids.shape[1]:]
-
-
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_greedy_equals_transformers(setup, scan_layers):
     _, torch_model, directory, ids, mask = setup
     model, params = from_pretrained(directory, scan_layers=scan_layers)
     ours = np.asarray(generate(model, params, ids, mask, max_new_tokens=NEW_TOKENS))
-    expected = hf_generate(torch_model, ids, mask)
+    expected = hf_generate(torch_model, ids, mask, NEW_TOKENS)
     assert all(len(set(row)) >= 4 for row in expected.tolist())  # continuations vary: the test can fail
     np.testing.assert_array_equal(ours, expected)
 
@@ -62,11 +51,11 @@ def test_cached_logits_equal_the_full_forward(setup):
 
 def test_stops_at_eos_like_transformers(setup):
     _, torch_model, directory, ids, mask = setup
-    greedy = hf_generate(torch_model, ids, mask)
+    greedy = hf_generate(torch_model, ids, mask, NEW_TOKENS)
     eos = int(greedy[0, 3])  # a token row 0 produces midway: treat it as EOS
     model, params = from_pretrained(directory)
     ours = np.asarray(generate(model, params, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos))
-    expected = hf_generate(torch_model, ids, mask, eos_token_id=eos)
+    expected = hf_generate(torch_model, ids, mask, NEW_TOKENS, eos_token_id=eos)
     np.testing.assert_array_equal(ours, expected)
     first = list(ours[0]).index(eos)
     assert (ours[0, first + 1:] == 3).all() and first <= 3
@@ -131,7 +120,8 @@ def test_greedy_with_repetition_penalty_equals_transformers(setup):
             input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=3, eos_token_id=2,
             repetition_penalty=1.5).numpy()[:, ids.shape[1]:]
-    assert (expected != hf_generate(torch_model, ids, mask)).any()  # the penalty changes the continuation
+    # The penalty changes the continuation.
+    assert (expected != hf_generate(torch_model, ids, mask, NEW_TOKENS)).any()
     np.testing.assert_array_equal(ours, expected)
 
 

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import config_says, hf_model, left_padded, relative_max_error, save_hf, tiny_config
+from commands import run_cli
+from reference import (config_says, hf_generate, hf_model, left_padded, relative_max_error, save_hf,
+                       tiny_config)
 
 from bloom_jax.checkpoints import convert
-from bloom_jax.cli import main
 from bloom_jax.config import load_config
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.generate import GenerationDefaults, Generator, Sampling, TextPiece, bucket, decode, prefill
@@ -56,18 +57,6 @@ def train_tokenizer(directory, vocab_size: int = 400) -> None:
     tok.save(str(directory / "tokenizer.json"))
 
 
-def hf_generate(torch_model, ids, mask, eos_token_id=EOS):
-    """transformers' greedy continuation [b, NEW_TOKENS] of a left-padded batch."""
-    import torch
-
-    with torch.no_grad():
-        out = torch_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                                   attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                                   max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD,
-                                   eos_token_id=eos_token_id)
-    return out.numpy()[:, ids.shape[1]:]
-
-
 def until_eos(row, eos: int) -> list[int]:
     """A row of new tokens up to and including its first EOS (what `Completion.completion_ids` holds)."""
     row = [int(t) for t in row]
@@ -89,7 +78,7 @@ def setup(tmp_path_factory):
     convert(with_tokenizer, converted, progress=False)
     ids, mask = left_padded(config, [7, 4, 1])
     prompts = [row[m == 1].tolist() for row, m in zip(ids, mask)]
-    expected = hf_generate(torch_model, ids, mask)
+    expected = hf_generate(torch_model, ids, mask, NEW_TOKENS)
     assert all(len(set(row)) >= 4 for row in expected.tolist())  # continuations vary: the tests can fail
     return dict(config=config, torch_model=torch_model, hf_dir=hf_dir, converted=converted, ids=ids, mask=mask,
                 prompts=prompts, expected=expected)
@@ -172,7 +161,7 @@ def test_eos_stops_a_sequence_like_transformers(setup, plain):
     generator = Generator(plain.model.clone(config=config.replace(eos_token_id=eos)), plain.params)
     assert generator.eos_token_id == eos
     completions = generator.generate(setup["prompts"], max_new_tokens=NEW_TOKENS)
-    reference = hf_generate(setup["torch_model"], setup["ids"], setup["mask"], eos_token_id=eos)
+    reference = hf_generate(setup["torch_model"], setup["ids"], setup["mask"], NEW_TOKENS, eos_token_id=eos)
     assert [c.completion_ids for c in completions] == [until_eos(row, eos) for row in reference]
     assert completions[0].completion_ids == row0[: first + 1]  # stops at EOS, EOS included, nothing after
     assert eos not in row0[:first] and len(completions[0].completion_ids) < NEW_TOKENS
@@ -372,18 +361,12 @@ def _no_cache_from_the_environment(monkeypatch):
     monkeypatch.delenv("BLOOM_JAX_COMPILATION_CACHE", raising=False)
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["generate", *map(str, argv)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def prompt_flags(prompts):
     return [flag for p in prompts for flag in ("--prompt", p)]
 
 
-def test_cli_json_lines(setup, gen, capsys):
-    code, out, _ = run_cli(capsys, setup["converted"], *prompt_flags(PROMPTS), "--max-new-tokens", 12, "--json")
+def test_cli_json_lines(setup, gen):
+    code, out, _ = run_cli("generate", setup["converted"], *prompt_flags(PROMPTS), "--max-new-tokens", 12, "--json")
     assert code == 0
     lines = out.splitlines()
     assert len(lines) == len(PROMPTS)
@@ -398,17 +381,17 @@ def test_cli_json_lines(setup, gen, capsys):
     assert [r["completion"] for r in results] == [c.completion for c in expected]
 
 
-def test_cli_text_prints_each_prompt_and_its_completion(setup, gen, capsys):
-    code, out, _ = run_cli(capsys, setup["converted"], *prompt_flags(PROMPTS), "--max-new-tokens", 12)
+def test_cli_text_prints_each_prompt_and_its_completion(setup, gen):
+    code, out, _ = run_cli("generate", setup["converted"], *prompt_flags(PROMPTS), "--max-new-tokens", 12)
     assert code == 0
     completions = [c.completion for c in gen.generate(PROMPTS, max_new_tokens=12)]
     assert out == "".join(f"{p}{c}\n" for p, c in zip(PROMPTS, completions))
 
 
-def test_cli_prompts_file(setup, tmp_path, capsys):
+def test_cli_prompts_file(setup, tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text(f"{PROMPTS[1]}\n\n{PROMPTS[2]}\n")  # blank lines are skipped
-    code, out, _ = run_cli(capsys, setup["converted"], "--prompt", PROMPTS[0], "--prompts-file", path,
+    code, out, _ = run_cli("generate", setup["converted"], "--prompt", PROMPTS[0], "--prompts-file", path,
                            "--max-new-tokens", 4, "--json")
     assert code == 0
     results = [json.loads(line) for line in out.splitlines()]
@@ -427,9 +410,9 @@ def test_cli_prompts_file(setup, tmp_path, capsys):
     ([], "no prompt: give --prompt TEXT or --prompts-file FILE"),
     (["--prompts-file", "{tmp}/missing.txt"], "cannot read"),
 ])
-def test_cli_bad_flags_are_one_line_and_exit_2(setup, tmp_path, capsys, flags, message):
+def test_cli_bad_flags_are_one_line_and_exit_2(setup, tmp_path, flags, message):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-    code, out, err = run_cli(capsys, setup["converted"], *flags)
+    code, out, err = run_cli("generate", setup["converted"], *flags)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bloom-jax: error:") and message in lines[0], err
@@ -446,10 +429,10 @@ def error_line(err: str) -> str:
     return errors[0]
 
 
-def test_cli_checkpoint_mistakes(setup, tmp_path, capsys):
-    code, out, err = run_cli(capsys, setup["hf_dir"], "--prompt", "hi")
+def test_cli_checkpoint_mistakes(setup, tmp_path):
+    code, out, err = run_cli("generate", setup["hf_dir"], "--prompt", "hi")
     assert code == 2 and out == "" and "has no tokenizer.json" in error_line(err)
-    code, out, err = run_cli(capsys, tmp_path / "missing", "--prompt", "hi")
+    code, out, err = run_cli("generate", tmp_path / "missing", "--prompt", "hi")
     assert code == 2 and out == "" and "no such directory" in error_line(err)
 
 
@@ -457,18 +440,18 @@ def test_cli_checkpoint_mistakes(setup, tmp_path, capsys):
     "n_positions",
     "seq_length",
 ])
-def test_cli_prompt_beyond_the_length_limit(setup, gen, tmp_path, capsys, key):
+def test_cli_prompt_beyond_the_length_limit(setup, gen, tmp_path, key):
     limited = tmp_path / "limited"
     shutil.copytree(setup["converted"], limited)
     config_says(**{key: 16})(limited)
     n = max(len(gen.tokenizer.encode(p)) for p in PROMPTS)  # the longest prompt decides
     assert 1 < n < 16
-    code, out, err = run_cli(capsys, limited, *prompt_flags(PROMPTS), "--max-new-tokens", 17 - n, "--json")
+    code, out, err = run_cli("generate", limited, *prompt_flags(PROMPTS), "--max-new-tokens", 17 - n, "--json")
     message = error_line(err)
     assert code == 2 and out == ""
     assert f"a prompt of {n} tokens plus {17 - n} new ones exceeds the model's length limit of 16" in message
     # Just within the limit: runs (batch, prompt and token buckets as elsewhere: nothing new to compile).
-    code, out, _ = run_cli(capsys, limited, *prompt_flags(PROMPTS), "--max-new-tokens", 16 - n, "--json")
+    code, out, _ = run_cli("generate", limited, *prompt_flags(PROMPTS), "--max-new-tokens", 16 - n, "--json")
     assert code == 0 and all(len(json.loads(line)["completion_ids"]) <= 16 - n for line in out.splitlines())
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import flax.linen as nn
 import pytest
+from commands import WORKERS, free_port
 from jax.sharding import AxisType
 from reference import relative_max_error, tiny_config
 
@@ -159,12 +158,6 @@ def test_restore_onto_any_mesh_gives_single_device_logits(converted, spec):
     assert relative_max_error(logits, expected, mask) <= 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_single_process_logits(converted, tmp_path):
     config = tiny_config()
@@ -176,7 +169,7 @@ def test_two_processes_give_single_process_logits(converted, tmp_path):
     model, params = from_pretrained(converted)
     expected = np.asarray(jax.jit(lambda p: model.apply({"params": p}, ids, mask))(params))
 
-    port, worker = _free_port(), Path(__file__).with_name("multihost_worker.py")
+    port, worker = free_port(), WORKERS / "multihost_worker.py"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     args = [str(tmp_path / n) for n in ("ids.npy", "mask.npy", "out.npy", "saved")]
     procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(converted), *args], env=env,

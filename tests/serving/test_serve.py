@@ -41,7 +41,7 @@ TEXTS = ["The cat sat on the mat. The dog sat on the log. A bird sang in the tre
          "¿Qué tal? El modelo habla español, français, English y más… 🌍🚀 大型语言模型。"]
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from attention_cases import (CASES, assert_equals_the_reference, assert_model_equals_the_reference, attention_inputs,
                              relative_to_largest)
+from commands import WORKERS
 from jax.sharding import PartitionSpec as P
 from reference import tiny_config
 
@@ -190,7 +190,7 @@ def attention_loss(backend, block_q=None, block_k=None):
 @pytest.mark.parametrize("topology, bounds", [("v5e:1x1", "1,1,1"), ("v5p:2x2x1", "2,2,1")])
 def test_the_tpu_kernel_compiles_for_tpus_forward_and_backward(topology, bounds):
     pytest.importorskip("libtpu", reason="the TPU compiler comes with libtpu (pip install 'bloom-jax[tpu]')")
-    worker = Path(__file__).with_name("tpu_compile_worker.py")
+    worker = WORKERS / "tpu_compile_worker.py"
     done = subprocess.run([sys.executable, str(worker), topology, bounds], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""The attention cases every implementation is held to (tests/test_kernels.py, tests/test_kernels_flash.py):
+"""The attention cases every implementation is held to (kernels/test_kernels.py, kernels/test_flash.py):
 inputs, the real queries, and the comparison with the reference forward and backward."""
 
 from __future__ import annotations

@@ -74,6 +74,20 @@ def hf_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = 
     return out.logits.float().numpy()
 
 
+def hf_generate(model, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
+                eos_token_id: int = 2) -> np.ndarray:
+    """transformers' greedy continuation int [b, max_new_tokens] of a left-padded batch, padded with the model's
+    `pad_token_id` once a row has met `eos_token_id`."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor(input_ids, dtype=torch.long),
+                             attention_mask=torch.as_tensor(attention_mask, dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=model.config.pad_token_id, eos_token_id=eos_token_id)
+    return out.numpy()[:, input_ids.shape[1]:]
+
+
 def random_ids(config: BloomConfig, batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(4, config.vocab_size, size=(batch, seq), dtype=np.int32)
 

@@ -2,24 +2,20 @@
 optimizer, and whole runs (the loss falls, metrics, exact resume after SIGTERM, the NaN stop, 2 processes), through
 the API and the `bloom-jax` command.
 
-The runs share one recipe (`RECIPE`, run A): a 2-layer BLOOM learning Python's `json` package for 24 steps on the
-8 simulated devices. JAX's persistent compilation cache is on for this module, so the runs after A (same
-programs) do not compile again.
+The runs share one recipe (`RECIPE`, run A: conftest.py): a 2-layer BLOOM learning Python's `json` package for
+24 steps on the 8 simulated devices. JAX's persistent compilation cache is on here, so the runs after A (same
+programs) do not compile again. The trainer's faults (kills, full and unwritable disks, damaged checkpoints) are
+in test_faults.py beside this file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import math
 import os
-import re
 import shutil
-import time
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,17 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import yaml
 from flax.traverse_util import flatten_dict
+from commands import WORKERS, error_line, free_port, run_cli
 from reference import hf_model, random_ids, save_hf, tiny_config
+from runs import MESH, RECIPE, checkpoint_steps, read_metrics, same_final_weights, without_timing, write_recipe
 
 from bloom_jax import Generator, from_pretrained
 from bloom_jax.checkpoints import hf
-from bloom_jax.cli import main
 from bloom_jax.config import configs_dir, load_config
 from bloom_jax.data import expand_files, load_corpus, split_documents
 from bloom_jax.model import abstract_params, forward_flops, make_model
-from bloom_jax.runtime import enable_compilation_cache
 from bloom_jax.sharding import ShardingPlan, load_rules, make_mesh
 from bloom_jax.tokenizer import Tokenizer
 from bloom_jax.losses import next_token_loss
@@ -59,13 +54,6 @@ from bloom_jax.train import (
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-MESH = "data=2,fsdp=2,tensor=2"
-# Run A: bloom-tiny (vocab 1024, hidden 64, 2 layers, 8 heads) on json/*.py (5 documents, ~48 KB; one held out),
-# with a 512-token BPE the Trainer trains itself.
-RECIPE = dict(model="bloom-tiny", train_data=["{python_stdlib}/json/*.py"], tokenizer_vocab_size=512, seq_len=32,
-              eval_fraction=0.2, batch_size=8, steps=24, learning_rate=3e-3, warmup_steps=4, mesh=MESH,
-              rules="fsdp_tensor", save_every=8, keep=3, eval_every=12, eval_batches=2, log_every=1,
-              peak_tflops=1.0)
 KILL_AT = 10  # run B gets SIGTERM during this step (not a save step: the signal's own save is what resumes)
 MULTIHOST_STOP = 4  # the 2-process run stops after this step
 
@@ -82,40 +70,6 @@ def worst_relative_error(ours: dict, ref: dict) -> tuple[float, str]:
     a, b = flatten_dict(ours), flatten_dict(ref)
     assert a.keys() == b.keys()
     return max((relative_error(a[k], b[k]), "/".join(k)) for k in a)
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def same_final_weights(output_dir: Path, reference_dir: Path) -> bool:
-    """Whether two runs' final/ checkpoints hold the same weights, bit for bit."""
-    _, ours = from_pretrained(output_dir / "final")
-    _, ref = from_pretrained(reference_dir / "final")
-    return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), ours, ref))
-
-
-def checkpoint_steps(output_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (output_dir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def write_recipe(path: Path, **changes) -> Path:
-    path.write_text(yaml.safe_dump({**RECIPE, **changes}))
-    return path
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    """`main(argv)` with stdout and stderr captured (usable from module-scoped fixtures, unlike capsys)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bloom-jax: error: "), err
-    return lines[0]
 
 
 def tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
@@ -146,36 +100,7 @@ def sigterm_during_step(step: int):
     return global_batch
 
 
-# -- module fixtures: the compilation cache and the shared runs ----------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache for this module (then the previous settings back)."""
-    from jax._src import compilation_cache as jax_cache  # reset_cache: so that the directory set here applies
-
-    flags = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in flags}
-    jax_cache.reset_cache()
-    enable_compilation_cache(tmp_path_factory.mktemp("jax-cache"))
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def recipe_file(tmp_path_factory) -> Path:
-    return write_recipe(tmp_path_factory.mktemp("recipe") / "recipe.yaml")
-
-
-@pytest.fixture(scope="module")
-def run_a(recipe_file, tmp_path_factory) -> tuple[Path, dict]:
-    """Run A: RECIPE from scratch, uninterrupted (the Trainer trains its tokenizer). (output_dir, returned metrics)."""
-    output_dir = tmp_path_factory.mktemp("run") / "a"
-    cfg = TrainConfig.from_yaml(recipe_file, [f"output_dir={output_dir}"])
-    return output_dir, Trainer(cfg, progress=False).run()
-
-
+# -- module fixtures: the runs after run A (conftest) ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_b(run_a, recipe_file, tmp_path_factory) -> dict:
     """Run B: RECIPE with A's tokenizer, SIGTERM during step KILL_AT, then the same command again (the CLI)."""
@@ -520,9 +445,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(run_a, run_b):
     assert f"resuming from step {KILL_AT}" in run_b["stderr"]
     a, b = read_metrics(a_dir), read_metrics(b_dir)
     assert [m["step"] for m in b] == list(range(1, 25))  # the resumed run appends steps 11..24
-    strip = ("time", "tokens_per_s", "mfu")  # wall-clock figures
-    for ours, ref in zip(b, a):  # before and after the kill: loss, grad norm, lr, eval, bit for bit (CPU)
-        assert {k: v for k, v in ours.items() if k not in strip} == {k: v for k, v in ref.items() if k not in strip}
+    # Before and after the kill: loss, grad norm, lr, eval, bit for bit (CPU).
+    assert without_timing(b) == without_timing(a)
     printed = json.loads(run_b["stdout"])
     assert printed["output_dir"] == str(b_dir) and printed["step"] == 24 and printed["loss"] == a[-1]["loss"]
     assert same_final_weights(b_dir, a_dir)
@@ -690,21 +614,6 @@ def test_eval_command_on_the_held_out_text_gives_the_run_s_eval_loss(run_a):
     assert result["loss"] == pytest.approx(run_eval, rel=1e-5)
 
 
-def test_eval_on_a_full_temporary_disk_is_one_line_naming_tmpdir(run_a, tmp_path):
-    from faults import cli, tmpfs
-
-    a_dir, _ = run_a
-    data = tmp_path / "text.txt"
-    data.write_text("The cat sat on the mat. " * 4000)  # its tokens take more than the 16 KiB disk
-    with tmpfs(tmp_path / "disk", "16k") as disk:
-        code, out, err = cli("eval", a_dir / "final", "--data", data, env={"TMPDIR": str(disk)})
-        assert code == 2 and out == "" and "Traceback" not in err
-        assert re.fullmatch(rf"bloom-jax: error: cannot cache the tokenized data in {disk}/bloom-jax-eval-\S+: no "
-                            r"space left on device \(it needs about 0\.\d+ MB, 0\.0 MB are free there\); set TMPDIR "
-                            "to a directory with room", err.strip().splitlines()[-1]), err
-        assert list(disk.iterdir()) == []
-
-
 def test_tokenizer_train_command(tmp_path):
     files = [str(p) for p in expand_files(data_files(TrainConfig(**RECIPE)))]
     code, out, err = run_cli("tokenizer", "train", *files, "--vocab-size", 300, "--out", tmp_path / "tok")
@@ -717,7 +626,7 @@ def test_tokenizer_train_command(tmp_path):
     assert code == 2 and "vocab_size must be at least 260" in error_line(err)
 
 
-# -- 11. LoRA --------------------------------------------------------------------------------------------------
+# -- 10. LoRA --------------------------------------------------------------------------------------------------
 LORA_STEPS, LORA_KILL_AT = 40, 13
 
 
@@ -787,9 +696,7 @@ def test_lora_trains_only_the_adapters_and_writes_a_peft_adapter(run_a, lora_run
 def test_lora_resume_reproduces_the_uninterrupted_run_exactly(lora_runs):
     assert f"resuming from step {LORA_KILL_AT}" in lora_runs["stderr"]
     a, b = read_metrics(lora_runs["whole"]), read_metrics(lora_runs["resumed"])
-    strip = ("time", "tokens_per_s", "mfu")
-    assert [{k: v for k, v in m.items() if k not in strip} for m in b] == \
-        [{k: v for k, v in m.items() if k not in strip} for m in a]
+    assert without_timing(b) == without_timing(a)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (lora_runs["resumed"] / "final" / name).read_bytes() == (lora_runs["whole"] / "final" / name).read_bytes()
 
@@ -879,13 +786,7 @@ def test_qlora_run_on_an_nf4_base_tracks_the_float_run(run_a, recipe_file, lora_
     assert (output_dir / "final" / "adapter_model.safetensors").is_file()
 
 
-# -- 10. two processes ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# -- 11. two processes ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_processes_train_as_one(run_a, recipe_file, tmp_path):
     """2 processes x 4 CPU devices (gloo), the same mesh as run A: the same losses; a SIGTERM to process 1 alone
@@ -897,7 +798,7 @@ def test_two_processes_train_as_one(run_a, recipe_file, tmp_path):
                 eval_fraction=RECIPE["eval_fraction"], seed=0)
     output_dir = tmp_path / "out"
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={cache}"]
-    port, worker = _free_port(), Path(__file__).with_name("train_worker.py")
+    port, worker = free_port(), WORKERS / "train_worker.py"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(MULTIHOST_STOP), str(recipe_file),
                                *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -924,298 +825,3 @@ def test_two_processes_train_as_one(run_a, recipe_file, tmp_path):
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     # The signal's save, written by both processes (plus step 1: see test_checkpoints_only_every_save_every_steps).
     assert max(checkpoint_steps(output_dir)) == MULTIHOST_STOP
-
-
-# -- 8. SIGKILL during an asynchronous save --------------------------------------------------------------------------
-ASYNC_COMMIT = "orbax.checkpoint._src.path.atomicity:AtomicRenameTemporaryPath.finalize"
-COMMIT_CALL = 3  # Orbax commits each save twice (its item, then the step directory): 3 is step 16's first
-
-
-def test_a_run_killed_during_an_async_save_resumes_exactly(run_a, recipe_file, tmp_path):
-    # The second save's commit (step 16) never happens: the process dies with the step's data in Orbax's
-    # temporary directory and the trainer steps past it. The rerun removes that directory, resumes from step 8,
-    # logs each step once, and ends where the uninterrupted run A ended, bit for bit.
-    from faults import kill, stopped
-
-    a_dir, _ = run_a
-    output_dir = tmp_path / "c"
-    overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
-    kill(stopped(tmp_path, COMMIT_CALL, ASYNC_COMMIT, "train", str(recipe_file), *overrides))
-    saved = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
-    assert saved[0].startswith("16.orbax-checkpoint-tmp"), saved
-    assert "8" in saved and not (output_dir / "final").exists()
-
-    code, out, err = run_cli("train", recipe_file, *overrides)
-    assert code == 0, err[-3000:]
-    assert "resuming from step 8" in err
-    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["16", "24", "8"]
-    strip = ("time", "tokens_per_s", "mfu")
-    ours, ref = read_metrics(output_dir), read_metrics(a_dir)
-    assert [m["step"] for m in ours] == list(range(1, 25))
-    assert [{k: v for k, v in m.items() if k not in strip} for m in ours] == [
-        {k: v for k, v in m.items() if k not in strip} for m in ref]
-    assert same_final_weights(output_dir, a_dir)
-
-
-def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_good_checkpoint(run_a, recipe_file, tmp_path):
-    # 3 MB hold one checkpoint (2.0 MB: weights and AdamW moments) but not two: the step-16 save fails in
-    # Orbax's background thread. Then, with room again (the run copied to a roomier disk), the rerun resumes from
-    # step 8 and ends where run A ended.
-    from faults import tmpfs
-
-    a_dir, _ = run_a
-    with tmpfs(tmp_path / "disk", "3m") as disk:
-        output_dir = disk / "run"
-        overrides = [f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
-        code, out, err = run_cli("train", recipe_file, f"output_dir={output_dir}", *overrides)
-        assert code == 2 and out == ""
-        # Orbax's and TensorStore's own reports of the failed save (117 tracebacks once) are dropped.
-        assert "Traceback" not in err and "Exception" not in err and "ERROR" not in err
-        assert re.fullmatch(  # what is free depends on the metrics and event files beside the checkpoints
-            re.escape(f"bloom-jax: error: cannot save a checkpoint in {output_dir / 'checkpoints'}: no space left "
-                      "on device (a checkpoint needs about 2.0 MB, ") + r"1\.\d MB are free there\); the last good "
-            r"checkpoint, step 8, is kept", err.strip().splitlines()[-1]), err[-2000:]
-        assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["8"]  # the failed save removed
-        assert not (output_dir / "final").exists()
-        roomy = tmp_path / "run"
-        shutil.copytree(output_dir, roomy)
-    code, out, err = run_cli("train", recipe_file, f"output_dir={roomy}", *overrides)
-    assert code == 0 and "resuming from step 8" in err
-    strip = ("time", "tokens_per_s", "mfu")
-    assert [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(roomy)] == [
-        {k: v for k, v in m.items() if k not in strip} for m in read_metrics(a_dir)]
-
-
-
-SAVE = "orbax.checkpoint:CheckpointManager.save"
-STRIP = ("time", "tokens_per_s", "mfu")
-
-
-def same_losses(ours: list[dict], ref: list[dict]) -> bool:
-    """Equal metrics at the steps `ours` logged, bit for bit (times and throughput aside)."""
-    by_step = {m["step"]: m for m in ref}
-    return bool(ours) and all({k: v for k, v in m.items() if k not in STRIP} ==
-                              {k: v for k, v in by_step[m["step"]].items() if k not in STRIP} for m in ours)
-
-
-def test_a_full_disk_met_by_the_metrics_stops_the_run_with_one_line(run_a, recipe_file, tmp_path):
-    # The disk fills right after the step-8 save committed; step 8's metrics line is the file's first, and a
-    # file's first write needs a block of its own (later ones may fit in the slack of its last), so the metrics
-    # meet the full disk first. The rerun, with room again, resumes from step 8.
-    from faults import FILLER, finished, stopped, tmpfs
-
-    a_dir, _ = run_a
-    with tmpfs(tmp_path / "disk", "8m") as disk:
-        output_dir = disk / "run"
-        overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}",
-                     "log_every=8"]
-        code, printed = finished(stopped(tmp_path, 1, SAVE, "train", str(recipe_file), *overrides, filling=disk))
-        assert code == 2 and "Traceback" not in printed and "Exception" not in printed, printed[-3000:]
-        assert printed.strip().splitlines()[-1] == (
-            f"bloom-jax: error: cannot write {output_dir / 'metrics.jsonl'}: no space left on device in "
-            f"{output_dir}; the last good checkpoint, step 8, is kept")
-        assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["8"]
-        assert (output_dir / "metrics.jsonl").read_text() == "" and not (output_dir / "final").exists()
-        (disk / FILLER).unlink()
-        code, out, err = run_cli("train", recipe_file, *overrides)
-        assert code == 0 and "resuming from step 8" in err
-        assert [m["step"] for m in read_metrics(output_dir)] == [16, 24]  # step 8's line went with the disk
-        assert same_losses(read_metrics(output_dir), read_metrics(a_dir))
-
-
-def stopped_at_16(run_a, tmp_path: Path) -> Path:
-    """Run A's directory as a run stopped after step 16: checkpoint 24, final/ and the later metrics removed."""
-    a_dir, _ = run_a
-    run = tmp_path / "stopped"
-    shutil.copytree(a_dir, run, ignore=shutil.ignore_patterns("final"))
-    shutil.rmtree(run / "checkpoints" / "24")
-    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in read_metrics(a_dir)[:16]))
-    return run
-
-
-# What `chmod` makes unwritable, and the line the run stops with.
-UNWRITABLE = {
-    "checkpoints": ("checkpoints", 0o555, r"cannot save a checkpoint in {run}/checkpoints: permission denied; the "
-                                          r"last good checkpoint, step 16, is kept"),
-    "metrics": ("metrics.jsonl", 0o444, r"cannot write {run}/metrics.jsonl: permission denied; the last good "
-                                        r"checkpoint, step 16, is kept"),
-    "tensorboard": ("tensorboard", 0o555, r"cannot write {run}/tensorboard/events\.out\.tfevents\.\d+\.\S+: "
-                                          r"permission denied; the last good checkpoint, step 16, is kept"),
-    "data_cache": ("data-cache", 0o555, r"cannot cache the tokenized data in {run}/data-cache: permission denied; "
-                                        r"set data_cache to a writable directory"),
-    "final": (".", 0o555, r"cannot write in {run}: Permission denied; the last good checkpoint, step 24, is kept"),
-}
-
-
-@pytest.mark.parametrize("place", list(UNWRITABLE))
-def test_an_unwritable_place_stops_the_run_with_one_line_and_the_rerun_ends_as_run_a(run_a, recipe_file, tmp_path,
-                                                                                     place):
-    # A run resumed from step 16 as a user for whom the permission bits hold (tests/unprivileged.py: root, in CI,
-    # would write through them); then, writable again, the same command ends where run A ended.
-    from faults import cli
-
-    a_dir, _ = run_a
-    run = stopped_at_16(run_a, tmp_path)
-    name, mode, line = UNWRITABLE[place]
-    if place == "data_cache":
-        for entry in (run / "data-cache").iterdir():
-            entry.unlink()
-    overrides = [f"output_dir={run}", f"tokenizer={a_dir}", f"data_cache={run / 'data-cache'}"]
-    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    (run / name).chmod(mode)
-    try:
-        code, out, err = cli("train", recipe_file, *overrides, unprivileged=True)
-    finally:
-        (run / name).chmod(0o755 if mode == 0o555 else 0o644)
-    assert code == 2 and out == "" and "Traceback" not in err, err[-3000:]
-    assert re.fullmatch("bloom-jax: error: " + line.format(run=re.escape(str(run))), err.strip().splitlines()[-1])
-    after = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    # The failed run's only traces: the step-24 checkpoint (where it could save) and TensorBoard's new event file.
-    new = set(after) - set(before)
-    assert all(p == "checkpoints/24" or p.startswith(("checkpoints/24/", "tensorboard/")) for p in new), new
-    assert not (run / "final").exists() and not list(run.glob(".final.*"))
-
-    code, out, err = run_cli("train", recipe_file, *overrides)
-    assert code == 0, err[-3000:]
-    assert same_losses(read_metrics(run), read_metrics(a_dir)) and len(read_metrics(run)) == 24
-    assert same_final_weights(run, a_dir)
-
-
-def test_a_run_killed_writing_its_final_checkpoint_leaves_no_final_and_the_rerun_writes_it(run_a, recipe_file,
-                                                                                           tmp_path):
-    # Run A's directory without final/: the run resumes from step 24 and only writes final/. Killed with the
-    # config written to the staging directory but not the weights, it leaves no final/; the rerun removes the
-    # staging and writes the weights of run A.
-    from faults import kill, stopped
-
-    a_dir, _ = run_a
-    run = tmp_path / "run"
-    shutil.copytree(a_dir, run, ignore=shutil.ignore_patterns("final"))
-    overrides = [f"output_dir={run}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
-    kill(stopped(tmp_path, 1, "bloom_jax.checkpoints.converted:_save_params", "train", str(recipe_file), *overrides))
-    staged = list(run.glob(".final.partial-*"))
-    assert len(staged) == 1 and (staged[0] / "config.json").is_file() and not (run / "final").exists()
-    code, out, err = run_cli("train", recipe_file, *overrides)
-    assert code == 0 and f"removed {staged[0]}" in err, err[-3000:]
-    assert not list(run.glob(".final.*"))
-    assert same_final_weights(run, a_dir)
-
-
-def test_an_unwritable_output_dir_stops_a_new_run_with_one_line_before_it_trains(run_a, recipe_file, tmp_path):
-    from faults import cli
-
-    a_dir, _ = run_a
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    try:
-        code, out, err = cli("train", recipe_file, f"output_dir={locked / 'run'}", f"tokenizer={a_dir}",
-                             f"data_cache={a_dir / 'data-cache'}", unprivileged=True)
-    finally:
-        locked.chmod(0o755)
-    assert code == 2 and out == "" and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"bloom-jax: error: cannot write checkpoints in {locked}/run/checkpoints: "
-                                            "permission denied")
-    assert list(locked.iterdir()) == []
-
-
-@pytest.mark.parametrize("place", ["output_dir", "checkpoints"])
-def test_a_read_only_output_dir_or_checkpoints_dir_stops_the_run_with_one_line(run_a, recipe_file, tmp_path, place):
-    # A run resumed from step 16 on a read-only filesystem: the whole OUTPUT_DIR (the metrics meet it first), or
-    # only checkpoints/ (a read-only tmpfs mounted there: the step-24 save meets it).
-    from faults import tmpfs
-
-    a_dir, _ = run_a
-    run = stopped_at_16(run_a, tmp_path)
-    mounted = run if place == "output_dir" else run / "checkpoints"
-    shutil.move(mounted, tmp_path / "kept")
-    with tmpfs(mounted, "8m") as disk:
-        shutil.copytree(tmp_path / "kept", disk, dirs_exist_ok=True)
-        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        code, out, err = run_cli("train", recipe_file, f"output_dir={run}", f"tokenizer={a_dir}",
-                                 f"data_cache={a_dir / 'data-cache'}")
-        assert code == 2 and out == "" and "Traceback" not in err
-        failed = (f"cannot write {run / 'metrics.jsonl'}: read-only file system in {run}" if place == "output_dir"
-                  else f"cannot save a checkpoint in {run / 'checkpoints'}: read-only file system")
-        assert err.strip().splitlines()[-1] == (f"bloom-jax: error: {failed}; the last good checkpoint, step 16, "
-                                                "is kept")
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "8"]
-
-
-# -- 9. damaged checkpoints at resume ----------------------------------------------------------------------------------
-def damaged_copy(run_a, tmp_path: Path, damage: str, steps=(16,)) -> Path:
-    """Run A's directory as a run stopped after step 16 (checkpoint 24 and final/ removed), with checkpoint(s)
-    `steps` damaged: a data file cut to half its size, or its tree's metadata file deleted."""
-    a_dir, _ = run_a
-    run = tmp_path / "damaged"
-    shutil.copytree(a_dir, run, ignore=shutil.ignore_patterns("final"))
-    shutil.rmtree(run / "checkpoints" / "24")
-    for step in steps:
-        root = run / "checkpoints" / str(step)
-        if damage == "truncated":
-            biggest = max((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-            os.truncate(biggest, biggest.stat().st_size // 2)
-        else:
-            (root / "default" / "_METADATA").unlink()
-    return run
-
-
-@pytest.mark.parametrize("damage", ["truncated", "missing_file"])
-def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(run_a, recipe_file, tmp_path,
-                                                                                    damage):
-    a_dir, _ = run_a
-    run = damaged_copy(run_a, tmp_path, damage)
-    code, out, err = run_cli("train", recipe_file, f"output_dir={run}", f"tokenizer={a_dir}",
-                             f"data_cache={a_dir / 'data-cache'}")
-    assert code == 0, err[-3000:]
-    said = [line for line in err.splitlines() if line.startswith(("checkpoint step", "resuming"))]
-    expected = (rf"checkpoint step 16: {re.escape(str(run / 'checkpoints' / '16'))} lacks default/_METADATA"
-                if damage == "missing_file" else
-                rf"checkpoint step 16: \S+ in {re.escape(str(run / 'checkpoints' / '16'))}/default/: Requested byte "
-                r"range \[\d+, \d+\) is not valid for value of size \d+")
-    assert len(said) == 2 and re.fullmatch(expected, said[0]), said
-    assert said[1] == (f"resuming from step 8 of {run / 'checkpoints'}, the newest checkpoint that restores (set "
-                       "aside: 16.unrestorable)")
-    assert "Traceback" not in err and "Exception ignored" not in err
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "16.unrestorable", "24", "8"]
-    strip = ("time", "tokens_per_s", "mfu")
-    assert [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(run)] == [
-        {k: v for k, v in m.items() if k not in strip} for m in read_metrics(a_dir)]
-
-
-def test_no_checkpoint_that_restores_stops_the_run_naming_each(run_a, recipe_file, tmp_path):
-    a_dir, _ = run_a
-    run = damaged_copy(run_a, tmp_path, "truncated", steps=(8, 16))
-    code, out, err = run_cli("train", recipe_file, f"output_dir={run}", f"tokenizer={a_dir}",
-                             f"data_cache={a_dir / 'data-cache'}")
-    assert code == 2 and out == ""
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"bloom-jax: error: no checkpoint in {run / 'checkpoints'} restores (step 16: ")
-    assert "; step 8: " in last and last.endswith("): move them away to start over")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["16", "8"]  # nothing set aside or removed
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl_c", "sigkill"])
-def test_a_run_stopped_mid_step_by_ctrl_c_or_sigkill_resumes_exactly(run_a, recipe_file, tmp_path, signum):
-    from faults import signalled, stopped
-
-    a_dir, _ = run_a
-    output_dir = tmp_path / "run"
-    overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}"]
-    # Stopped while fetching the batch of step 12 (call 12), after the step-8 save.
-    child = stopped(tmp_path, 12, "bloom_jax.train:Trainer._global_batch", "train", str(recipe_file), *overrides)
-    deadline = time.monotonic() + 60
-    while not (output_dir / "checkpoints" / "8").is_dir():  # the step-8 save commits in the background
-        assert time.monotonic() < deadline, "the step-8 save never committed"
-        time.sleep(0.05)
-    status, printed = signalled(child, signum)
-    if signum == signal.SIGINT:
-        assert status == 130 and printed.strip().splitlines()[-1] == "bloom-jax: interrupted"
-        assert "Traceback" not in printed
-    else:
-        assert status == -signal.SIGKILL
-    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["8"]  # committed, nothing partial
-    code, out, err = run_cli("train", recipe_file, *overrides)
-    assert code == 0 and "resuming from step 8" in err
-    strip = ("time", "tokens_per_s", "mfu")
-    assert [{k: v for k, v in m.items() if k not in strip} for m in read_metrics(output_dir)] == [
-        {k: v for k, v in m.items() if k not in strip} for m in read_metrics(a_dir)]
