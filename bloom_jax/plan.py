@@ -31,7 +31,8 @@ from bloom_jax.model import make_model
 from bloom_jax.quantize import FROZEN_FORMATS
 from bloom_jax.recipe import TrainConfig
 from bloom_jax.sharding import ShardingPlan, make_mesh, mesh_spec_sizes
-from bloom_jax.train import make_optimizer, optimizer_shardings, train_step
+from bloom_jax.train.optimizer import make_optimizer, optimizer_shardings
+from bloom_jax.train.step import train_step
 
 TASKS = ("train", "forward", "generate")
 
