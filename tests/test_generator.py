@@ -25,8 +25,9 @@ from bloom_jax.checkpoints import convert
 from bloom_jax.config import load_config
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.generate import GenerationDefaults, Generator, Sampling, TextPiece, bucket, decode, prefill
-from bloom_jax.model import abstract_params, make_model, to_decode_weights, unstack_layers
+from bloom_jax.model import abstract_params, make_model, unstack_layers
 from bloom_jax.tokenizer import Tokenizer
+from bloom_jax.weights import to_decode_weights
 
 NEW_TOKENS = 16
 EOS, PAD = 2, 3

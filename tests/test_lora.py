@@ -178,6 +178,23 @@ def test_qlora_trains_as_lora_does_within_a_stated_bound(base):
         assert np.max(np.abs(np.array(losses[fmt]) - reference) / reference) <= bound, fmt
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_frozen_int8_base_holds_the_int8_decode_weights(scan_layers):
+    """One int8 scheme: the QLoRA base's linear layers are the int8 decode weights' arrays, bit for bit."""
+    from flax.traverse_util import flatten_dict
+
+    from bloom_jax.quantize import quantize_base
+    from bloom_jax.weights import to_decode_weights
+
+    params = init_params(make_model(CONFIG, scan_layers=scan_layers), jax.random.key(3))
+    frozen, decode = flatten_dict(quantize_base(params, "int8")), flatten_dict(to_decode_weights(params, "int8"))
+    linear = [path for path in frozen if path[-2] in ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+              and path[-1] != "bias"]
+    assert len(linear) == 2 * 4 * (1 if scan_layers else CONFIG.n_layer)
+    for path in linear:
+        assert frozen[path].dtype == decode[path].dtype and np.array_equal(frozen[path], decode[path]), path
+
+
 def test_frozen_formats_round_to_their_grids():
     """int8: each weight within half a step of its channel's scale; nf4: each weight at the NF4 level nearest its
     block-normalised value (checked against a brute-force search), times the block's absmax."""
@@ -186,7 +203,8 @@ def test_frozen_formats_round_to_their_grids():
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.02, (2, 80, 8, 3, 4)).astype(np.float32)  # layers, in (80: bloom-3b's head size), out
     stored = quantize(jnp.asarray(w), 1, 1, "int8")
-    back = np.asarray(dequantize(stored, 1, 1, "int8", jnp.float32))
+    assert stored["kernel"].shape == (2, 8, 3, 4, 80) and stored["scale"].shape == (2, 8, 3, 4)  # out-major
+    back = np.moveaxis(np.asarray(dequantize(stored, 1, 1, "int8", jnp.float32)), -1, 1)
     scale = np.max(np.abs(w), axis=1, keepdims=True) / 127
     assert np.all(np.abs(back - w) <= scale / 2 * (1 + 1e-6))
     stored = quantize(jnp.asarray(w), 1, 1, "nf4")

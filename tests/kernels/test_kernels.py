@@ -18,6 +18,7 @@ from bloom_jax import BloomJaxError
 from bloom_jax.kernels import Kernels, attend, attention, barriers, decode_matmul, pick
 from bloom_jax.kernels.attention import AttentionMask
 from bloom_jax.model import make_model
+from bloom_jax.weights import DECODE_WEIGHTS
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -136,7 +137,7 @@ def test_decode_matmul_implementations_agree(weights, batch):
     if weights == "int8":
         scale = jnp.asarray(np.abs(kernel).max(axis=1) / 127, jnp.float32)
         kernel = np.round(kernel / np.asarray(scale)[:, None])
-    kernel = jnp.asarray(kernel, decode_matmul.DECODE_WEIGHTS[weights])
+    kernel = jnp.asarray(kernel, DECODE_WEIGHTS[weights])
     ref = decode_matmul.reference(x, kernel, scale)
     assert ref.shape == (batch, 40) and ref.dtype == jnp.float32
     np.testing.assert_allclose(decode_matmul.xla_cpu(x, kernel, scale), ref, rtol=1e-6, atol=1e-5)
