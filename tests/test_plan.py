@@ -13,8 +13,9 @@ from reference import tiny_config
 from bloom_jax import BloomJaxError
 from bloom_jax.model import make_model
 from bloom_jax.plan import describe, memory_limit_gib, plan_step
+from bloom_jax.recipe import TrainConfig
 from bloom_jax.sharding import init_sharded, load_rules, make_mesh
-from bloom_jax.train import TrainConfig, make_optimizer, optimizer_shardings
+from bloom_jax.train import make_optimizer, optimizer_shardings
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -24,6 +25,7 @@ def _bytes_on_device(tree, device) -> int:
                if shard.device == device)
 
 
+@pytest.mark.slow
 def test_train_plan_arguments_equal_the_real_state_on_a_device():
     config = tiny_config()
     plan = plan_step(config, "fsdp=2,tensor=4", "train", batch=4, seq=16)

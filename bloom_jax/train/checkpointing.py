@@ -59,8 +59,8 @@ class RunCheckpoints:
                 directory,
                 # should_save_fn rather than save_interval_steps: the latter adds an unwanted save at the first
                 # step. A save killed mid-way (SIGKILL, preemption) leaves a `STEP.orbax-checkpoint-tmp-*`
-                # directory. Orbax replaces it when the resumed run saves STEP again (tests/test_train.py kills
-                # one); with cleanup_tmp_directories it also goes when STEP is never saved again (a changed
+                # directory. Orbax replaces it when the resumed run saves STEP again (tests/train/test_faults.py
+                # kills one); with cleanup_tmp_directories it also goes when STEP is never saved again (a changed
                 # save_every).
                 # Step directories made before save() returns: made in the background, a directory that cannot
                 # be made (an unwritable or full disk) left the save's other threads waiting 300 s for its

@@ -213,6 +213,7 @@ def worst_moment_error(ours: dict, ref: dict) -> tuple[float, str]:
     return max((relative_error(a[k], b[k]), k) for k in a)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_one_device():
     model, optimizer, step = plain_step(1)
     state = initial_state(model, optimizer)
@@ -456,10 +457,10 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(run_a, run_b):
 def run_with_a_nan_gradient(run_a, recipe_file, output_dir, *overrides) -> dict:
     """RECIPE with a loss whose value is the real one but whose gradient turns NaN once the final LayerNorm's
     bias has moved, as when the backward pass overflows, through the CLI: {"dir", "message"} (the error)."""
-    import bloom_jax.train
+    import bloom_jax.train.step
 
     a_dir, _ = run_a
-    real_loss = bloom_jax.train.next_token_loss
+    real_loss = bloom_jax.train.step.next_token_loss
 
     def loss_with_nan_gradient(model, params, tokens, dropout_rng=None, chunk_tokens=1024):
         bias = params["ln_f"]["bias"]  # zero at init, moved by step 1's update
@@ -470,7 +471,7 @@ def run_with_a_nan_gradient(run_a, recipe_file, output_dir, *overrides) -> dict:
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}",
                  *overrides]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bloom_jax.train, "next_token_loss", loss_with_nan_gradient)
+        patch.setattr(bloom_jax.train.step, "next_token_loss", loss_with_nan_gradient)
         code, out, err = run_cli("train", recipe_file, *overrides)
     # A run that failed, not a usage mistake: exit status 1, one line (the progress bar aside), no result. The
     # lines as a terminal shows them: the error must not trail the progress bar's last redraw (which ends in no
@@ -656,6 +657,7 @@ def lora_runs(run_a, recipe_file, tmp_path_factory) -> dict:
     return {"whole": whole, "resumed": resumed, "stderr": err, "base_unchanged": after == base_bytes}
 
 
+@pytest.mark.slow
 def test_lora_trains_only_the_adapters_and_writes_a_peft_adapter(run_a, lora_runs):
     from bloom_jax.checkpoints.peft import load_adapter
     from bloom_jax.lora import merge_trees
@@ -693,6 +695,7 @@ def test_lora_trains_only_the_adapters_and_writes_a_peft_adapter(run_a, lora_run
     assert float(np.max(np.abs(tuned - base_model.apply({"params": base}, ids)))) > 1e-3
 
 
+@pytest.mark.slow
 def test_lora_resume_reproduces_the_uninterrupted_run_exactly(lora_runs):
     assert f"resuming from step {LORA_KILL_AT}" in lora_runs["stderr"]
     a, b = read_metrics(lora_runs["whole"]), read_metrics(lora_runs["resumed"])
@@ -720,6 +723,7 @@ def test_lora_step_leaves_the_frozen_base_bit_for_bit():
     assert min(jax.tree.leaves(moved)) > 0  # every adapter weight trains (lora_b from zero too)
 
 
+@pytest.mark.slow
 def test_lora_cli_exports_merges_and_generates_with_the_adapter(run_a, lora_runs, tmp_path):
     import torch
     import transformers
@@ -775,6 +779,7 @@ def test_lora_cli_exports_merges_and_generates_with_the_adapter(run_a, lora_runs
     assert json.loads(out)["completion_ids"] == folded.completion_ids
 
 
+@pytest.mark.slow
 def test_qlora_run_on_an_nf4_base_tracks_the_float_run(run_a, recipe_file, lora_runs, tmp_path):
     output_dir = tmp_path / "qlora"
     overrides = [o for o in lora_overrides(run_a, output_dir) if not o.startswith(("lora.base=", "steps="))]
