@@ -6,6 +6,11 @@ import os
 
 # Eight simulated CPU devices for the mesh tests; must precede the first import of jax.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# libtpu takes /tmp/libtpu_lockfile for the life of any process that loads it, a compile-only TPU topology
+# included: without this, the second of two processes compiling for a TPU at once (`bloom-jax plan --device`,
+# tpu_compile_worker.py: one per pytest-xdist worker) fails with "Internal error when accessing libtpu
+# multi-process lockfile". On CPU, where the tests run, no process holds a TPU chip: only the compiler is shared.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402

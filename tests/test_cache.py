@@ -54,6 +54,7 @@ def test_new_tokens_extend_the_key_mask_and_advance_the_index():
     assert int(moved.index) == 5 and not moved.per_layer and moved.keys.shape == cache.keys.shape
 
 
+@pytest.mark.slow
 def test_both_layouts_decode_alike(tiny):
     """An unrolled model over a per-layer cache and over a stacked one: the same logits, step by step."""
     model, params = tiny.model.clone(scan_layers=False), unstack_layers(tiny.params)

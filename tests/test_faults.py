@@ -20,6 +20,8 @@ from bloom_jax import BloomJaxError
 from bloom_jax.checkpoints import convert, export
 from bloom_jax.cli import main
 
+pytestmark = pytest.mark.slow  # real faults: child processes, kills and reruns (.ci/run runs them)
+
 # The only bytes two clean conversions differ in: Orbax's commit timestamps.
 TIMESTAMPED = {"params/_CHECKPOINT_METADATA"}
 READ_TENSOR = "bloom_jax.checkpoints.hf_files:WeightFiles.read"  # convert reads a source tensor

@@ -34,6 +34,7 @@ def test_greedy_equals_transformers(setup, scan_layers):
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.slow
 def test_cached_logits_equal_the_full_forward(setup):
     config, _, directory, ids, mask = setup
     model, params = from_pretrained(directory)

@@ -114,6 +114,7 @@ def test_greedy_equals_transformers_through_the_buckets(setup, plain, gen, which
     assert not generator.model.scan_layers  # on CPU the unrolled layout, whatever was stored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode_weights", [None, "int8"])
 def test_the_accelerators_layout_and_kernels_generate_the_same(setup, decode_weights):
     # What a TPU or GPU gets: scanned layers, the reference kernels, blockwise attention for the prompt.
@@ -129,6 +130,7 @@ def test_the_accelerators_layout_and_kernels_generate_the_same(setup, decode_wei
         assert [c.completion_ids for c in ours] == [until_eos(row, EOS) for row in setup["expected"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["data=2,tensor=4", "fsdp=4,tensor=2"])
 def test_sharded_generation_equals_transformers(setup, spec):
     from bloom_jax.sharding import make_mesh

@@ -48,6 +48,7 @@ def base(tmp_path_factory):
     return torch_model, save_hf(torch_model, tmp_path_factory.mktemp("base"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_peft_adapters_give_peft_logits_and_gradients(base, tmp_path, scan_layers):
     import torch
@@ -95,6 +96,7 @@ def test_peft_adapters_give_peft_logits_and_gradients(base, tmp_path, scan_layer
     assert jax.tree.structure(grads_as_peft) == jax.tree.structure(adapters)
 
 
+@pytest.mark.slow
 def test_our_adapters_load_in_peft_with_our_logits(base, tmp_path):
     import peft
     import torch
@@ -130,6 +132,7 @@ def test_our_adapters_load_in_peft_with_our_logits(base, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), adapters, loaded)
 
 
+@pytest.mark.slow
 def test_lora_training_fits_a_batch_with_the_base_frozen(base):
     from bloom_jax.recipe import TrainConfig
     from bloom_jax.train import make_optimizer, train_step
@@ -150,6 +153,7 @@ def test_lora_training_fits_a_batch_with_the_base_frozen(base):
     assert losses[0] == pytest.approx(14.81, abs=0.01) and losses[-1] < 6.0, losses
 
 
+@pytest.mark.slow
 def test_qlora_trains_as_lora_does_within_a_stated_bound(base):
     """The same adapters, batches and optimizer on the float base and on its int8 and nf4 forms: every step's
     loss within 1% (int8) and 3% (nf4) of the float run's. Measured over 30 steps: 0.30% and 1.7% at worst."""
@@ -225,6 +229,7 @@ def test_the_recipe_spells_the_lora_names_as_the_model_does():
     assert set(recipe.LORA_BASES) == {"float32", "bfloat16", *FROZEN_FORMATS}
 
 
+@pytest.mark.slow
 def test_folded_adapters_give_the_adapted_logits():
     lora = LoraConfig(rank=2, alpha=4.0)
     model = make_model(CONFIG, lora=lora)
@@ -239,6 +244,7 @@ def test_folded_adapters_give_the_adapted_logits():
     assert jax.tree.structure(folded) == jax.tree.structure(init_params(make_model(CONFIG), jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_adapter_dropout_only_in_training():
     lora = LoraConfig(rank=2, alpha=4.0, dropout=0.5)
     model = make_model(CONFIG, lora=lora)

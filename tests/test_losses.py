@@ -108,6 +108,7 @@ def test_the_compiled_train_step_holds_no_logits_and_no_score_matrix():
     assert logits in text.as_text() and scores in text.as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_chunked_loss_on_a_mesh_equals_the_plain_path(setup):
     # Rows over data x fsdp, the vocabulary over tensor: each device's chunk is its rows' positions, and the

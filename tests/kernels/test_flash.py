@@ -49,6 +49,7 @@ def test_flash_attention_equals_the_reference_forward_and_backward(backend, bloc
         q, k, v, mask, jnp.float32, backend, blocks, interpret=True), tolerance=2e-6, grad_tolerance=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_attention_with_one_offset_per_row_and_without_causality(backend, causal):
@@ -92,6 +93,7 @@ def test_flash_attention_in_bfloat16_is_as_close_as_the_reference_in_bfloat16(ba
     assert ours <= 1.1 * bf16_reference and ours <= 2e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_model_with_flash_attention_gives_the_reference_logits_gradients_and_cached_chunks(backend):
     config = tiny_config(n_layer=2, n_head=6, hidden_size=48)
@@ -139,6 +141,7 @@ def test_each_tensor_shard_uses_the_slopes_of_its_own_heads():
     assert relative_to_largest(np.where(keep, wrong, 0), want) > 1e-2
 
 
+@pytest.mark.slow
 def test_the_sharded_model_with_flash_attention_gives_the_reference_logits_and_gradients():
     config = tiny_config(n_layer=2)
     ids = jnp.asarray(np.random.default_rng(1).integers(3, config.vocab_size, (4, 16)), jnp.int32)
@@ -187,6 +190,7 @@ def attention_loss(backend, block_q=None, block_k=None):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology, bounds", [("v5e:1x1", "1,1,1"), ("v5p:2x2x1", "2,2,1")])
 def test_the_tpu_kernel_compiles_for_tpus_forward_and_backward(topology, bounds):
     pytest.importorskip("libtpu", reason="the TPU compiler comes with libtpu (pip install 'bloom-jax[tpu]')")

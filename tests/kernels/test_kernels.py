@@ -66,6 +66,7 @@ def test_cudnn_applies_to_whole_even_sequences_in_half_precision_only():
     assert not attention.cudnn_applies(q[..., :6], k[..., :6], whole, jnp.bfloat16)  # head size 6
 
 
+@pytest.mark.slow
 def test_the_model_with_cudnn_attention_gives_the_reference_logits(monkeypatch):
     config = tiny_config(n_layer=2)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (2, 20)), jnp.int32)
@@ -108,6 +109,7 @@ def test_blockwise_attention_holds_no_score_matrix():
     assert f"f32[{b},{n},{s},{s}]" not in text and f"[{b},{n},32,32]" in text
 
 
+@pytest.mark.slow
 def test_the_model_with_blockwise_attention_gives_the_reference_logits_and_gradients():
     config = tiny_config(n_layer=2)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (2, 21)), jnp.int32)
@@ -161,6 +163,7 @@ def test_two_pass_argmax_equals_argmax(vocab, block):
     np.testing.assert_array_equal(np.asarray(pick.xla_cpu(jnp.asarray(x), block)), expected)
 
 
+@pytest.mark.slow
 def test_gradient_barrier_is_the_identity_and_cuts_the_backward_pass_at_each_block():
     x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
     f = lambda x: jnp.sum(jnp.sin(barriers.gradient_barrier_xla_cpu(x) * 3.0) ** 2)  # noqa: E731

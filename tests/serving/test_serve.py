@@ -124,6 +124,7 @@ def prompts(seed: int, count: int, longest: int = 60) -> list[list[int]]:
 
 # -- the engine ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_greedy_tokens_equal_generate_whatever_shares_the_batch(gen, engine):
     """12 greedy prompts (1 to 59 tokens: some prefilled in chunks of 32) submitted at once with 6 sampled ones
     (top-k, top-p, a repetition penalty) and a greedy one with a repetition penalty: each greedy request's tokens
@@ -148,6 +149,7 @@ def test_greedy_tokens_equal_generate_whatever_shares_the_batch(gen, engine):
     assert engine.busy_slots == 0
 
 
+@pytest.mark.slow
 def test_sampled_tokens_are_reproducible_from_the_seed(engine):
     """The same seed gives the same tokens alone and in a crowd of other requests; another seed and another
     choice (n=2) give others."""
@@ -164,6 +166,7 @@ def test_sampled_tokens_are_reproducible_from_the_seed(engine):
     assert other != alone[0]
 
 
+@pytest.mark.slow
 def test_logprobs_equal_log_softmax_of_the_models_logits(gen, engine):
     """The chosen and alternative tokens' log-probabilities, of the completion and of the prompt (echo), equal
     `log_softmax` of the model's logits over prompt + completion, to 2e-5; the alternatives are the top ones."""
@@ -186,6 +189,7 @@ def test_logprobs_equal_log_softmax_of_the_models_logits(gen, engine):
         np.testing.assert_allclose([lp for _, lp in top], logprobs_sv[position, best], atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["fsdp=2,tensor=4", "data=2,tensor=4"])
 def test_a_sharded_engine_gives_the_same_greedy_tokens(gen, checkpoint, spec):
     """Weights and the slots' cache sharded over 8 simulated devices (heads over tensor, slots over data or
@@ -538,6 +542,7 @@ def _readme_block(language: str, contains: str) -> str:
     return next(block for block in blocks if contains in block)
 
 
+@pytest.mark.slow
 def test_the_readme_serving_examples_run(gen, checkpoint, tmp_path):
     """`bloom-jax serve` started as the README says (on a free port, with an API key from the environment); the
     README's curl and openai examples run against it unchanged but for the address and the model's name."""

@@ -19,6 +19,8 @@ from commands import run_cli
 from faults import FILLER, cli, finished, kill, signalled, stopped, tmpfs
 from runs import read_metrics, same_final_weights, without_timing
 
+pytestmark = pytest.mark.slow  # real faults: child processes, kills and reruns (.ci/run runs them)
+
 
 # -- eval --------------------------------------------------------------------------------------------------------------
 def test_eval_on_a_full_temporary_disk_is_one_line_naming_tmpdir(run_a, tmp_path):
