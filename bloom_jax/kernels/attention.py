@@ -136,8 +136,8 @@ def blockwise(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask
     slopes_n = jnp.asarray(alibi_slopes(n))
     positions_bt = alibi_positions(mask.key_mask)
     query_start = jnp.asarray(mask.query_start, jnp.int32)
-    out = _flash(q_bnsh.astype(dtype), k_bnth.astype(dtype), v_bnth.astype(dtype), mask.key_mask.astype(jnp.int32),
-                 positions_bt, slopes_n, query_start, bq, bk)
+    out = _blockwise(q_bnsh.astype(dtype), k_bnth.astype(dtype), v_bnth.astype(dtype),
+                     mask.key_mask.astype(jnp.int32), positions_bt, slopes_n, query_start, bq, bk)
     return out.astype(dtype)
 
 
@@ -240,7 +240,7 @@ def _key_block(keys, ki, bk, q_blk, slopes_n, query_pos):
 
 def _padded_keys(k, v, key_mask, positions, bk):
     """Keys, values, key mask and ALiBi positions padded to whole blocks of `bk` (padding masked off)."""
-    return (flash_kernels.pad_to(k, 2, bk), flash_kernels.pad_to(v, 2, bk), flash_kernels.pad_to(key_mask, 1, bk), flash_kernels.pad_to(positions, 1, bk))
+    return tuple(flash_kernels.pad_to(x, axis, bk) for x, axis in ((k, 2), (v, 2), (key_mask, 1), (positions, 1)))
 
 
 def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
@@ -249,7 +249,7 @@ def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
     return jnp.clip(last_query_pos // bk + 1, 1, n_kblocks)
 
 
-def _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
+def _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
     """(out [b, n, s, h] in q's dtype, log-sum-exp float32 [b, n, s]) over padded blocks."""
     b, n, s, h = q.shape
     qp = flash_kernels.pad_to(q, 2, bq)
@@ -282,7 +282,7 @@ def _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
     return out.astype(q.dtype), lse
 
 
-def _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out):
+def _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out):
     """(dq, dk, dv): each block's probabilities recomputed from the saved log-sum-exp, never the whole matrix."""
     b, n, s, h = q.shape
     t = k.shape[2]
@@ -332,24 +332,24 @@ def _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _flash(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
-    return _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)[0]
+def _blockwise(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
+    return _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
-    out, lse = _flash_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)
+def _blockwise_fwd(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
+    out, lse = _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)
     return out, (q, k, v, key_mask, positions, slopes_n, query_start, out, lse)
 
 
-def _flash_bwd(bq, bk, residuals, d_out):
+def _blockwise_bwd(bq, bk, residuals, d_out):
     q, k, v, key_mask, positions, slopes_n, query_start, out, lse = residuals
-    dq, dk, dv = _flash_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out)
+    dq, dk, dv = _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out)
     # The masks, positions and slopes are data, not parameters: no gradient flows to them.
     return (dq, dk, dv, np.zeros(key_mask.shape, jax.dtypes.float0), jnp.zeros_like(positions),
             jnp.zeros_like(slopes_n), np.zeros((), jax.dtypes.float0))
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise, "cudnn": cudnn, "flash": flash}
