@@ -10,7 +10,8 @@ marks the positions written with real tokens: ALiBi positions count its ones, so
 get the positions transformers gives them.
 
 The write position `index` is one for the whole batch (int32 []), or one per row (int32 [b]) for a server's
-decode slots, whose sequences sit at different lengths (`bloom_jax.serving`): the write is then a scatter.
+decode slots, whose sequences sit at different lengths (`bloom_jax.serving`): the write is then a scatter, and
+`insert_row` copies a prefilled prompt into a slot.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class KVCache:
     index: jax.Array  # int32 [] or [b]: where the next tokens go (for all rows, or for each)
 
     @classmethod
-    def init(cls, config: BloomConfig, batch: int, length: int, dtype=jnp.float32,
-             per_layer: bool = False) -> KVCache:
-        """An empty cache: stacked layers, or (`per_layer`, for unrolled models) one array per layer."""
+    def init(cls, config: BloomConfig, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False,
+             per_row: bool = False) -> KVCache:
+        """An empty cache: stacked layers, or (`per_layer`, for unrolled models) one array per layer; one write
+        position for the batch, or (`per_row`, a server's decode slots) one per row."""
         layer_shape = (batch * config.n_head, length, config.head_dim)
         if per_layer:
             keys = tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.n_layer))
@@ -50,7 +52,8 @@ class KVCache:
         else:
             # Two buffers, not one twice: a donated state may not hold the same buffer twice.
             keys, values = (jnp.zeros((config.n_layer, *layer_shape), dtype) for _ in range(2))
-        return cls(keys, values, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+        return cls(keys, values, jnp.zeros((batch, length), jnp.int32),
+                   jnp.zeros((batch,) if per_row else (), jnp.int32))
 
     @property
     def per_layer(self) -> bool:
@@ -65,6 +68,11 @@ class KVCache:
     def length(self) -> int:
         """T, the positions the cache has room for."""
         return self.mask.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """The keys and values of every layer, in bytes."""
+        return sum(x.nbytes for x in jax.tree.leaves((self.keys, self.values)))
 
     def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
         """Layer i's keys and values [b*n, T, h]."""
@@ -86,6 +94,31 @@ class KVCache:
         elif isinstance(keys, list):
             keys, values = tuple(keys), tuple(values)
         return KVCache(keys, values, mask, self.index + steps)
+
+    def insert_row(self, prefilled: KVCache, row: jax.Array, slot: jax.Array, length: jax.Array) -> KVCache:
+        """This cache of decode slots (`per_row`) with row `row` of `prefilled` (a prompt of `length` tokens,
+        left-padded to `prefilled.length`) copied into row `slot`: its keys and values rolled so that the prompt
+        starts at position 0 (its positions then do not depend on its padding), the slot's key mask its `length`
+        ones and its write position `length`. Both caches have the same layer layout."""
+        if not self.per_row:
+            raise ValueError("insert_row copies into a cache with a write position per row (per_row)")
+        batch, pad = self.mask.shape[0], prefilled.length - length
+        keep = min(prefilled.length, self.length)  # a prompt fits the slot; its padded length may not
+
+        def copy(slots_zth, prefilled_zth):
+            axis = slots_zth.ndim - 3  # where [b*n, T, h] starts: 1 for stacked layers
+            n_head = slots_zth.shape[axis] // batch
+            rows_nth = lax.dynamic_slice_in_dim(prefilled_zth, row * n_head, n_head, axis=axis)
+            rows_nth = jnp.roll(rows_nth, -pad, axis=axis + 1)
+            rows_nth = lax.slice_in_dim(rows_nth, 0, keep, axis=axis + 1)
+            start = [0] * slots_zth.ndim
+            start[axis] = slot * n_head
+            return lax.dynamic_update_slice(slots_zth, rows_nth.astype(slots_zth.dtype), start)
+
+        keys, values = jax.tree.map(copy, self.keys, prefilled.keys), jax.tree.map(copy, self.values, prefilled.values)
+        mask_t = (jnp.arange(self.length) < length).astype(self.mask.dtype)
+        mask = lax.dynamic_update_slice(self.mask, mask_t[None], (slot, 0))
+        return KVCache(keys, values, mask, self.index.at[slot].set(length))
 
     @staticmethod
     def logical_axes(config: BloomConfig, per_layer: bool = False) -> KVCache:
