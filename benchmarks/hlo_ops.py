@@ -102,7 +102,8 @@ def programs(only: str | None):
     add("train step unrolled 1x512", train)
 
     # benchmarks/generate.py: the Generator's layout on CPU (unrolled), greedy, EOS off.
-    from bloom_jax.generate import Sampling, decode, prefill
+    from bloom_jax.generate import decode, prefill
+    from bloom_jax.sampling import Sampling
 
     def generation(weights, batch, new):
         model = unrolled.clone(decode_weights=weights)
@@ -123,6 +124,7 @@ def programs(only: str | None):
 
     # benchmarks/serve.py: 16 slots of 256 positions, float32 decode weights, greedy rows, logprobs 0.
     def serving():
+        from bloom_jax.sampling import Features, RowSampling
         from bloom_jax.serving import batch as device
 
         model = make_model(config).clone(decode_weights="float32", scan_layers=False)
@@ -131,13 +133,12 @@ def programs(only: str | None):
         out = {}
 
         def greedy(rows):
-            return device.RowSampling(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
-                                      np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
-                                      np.zeros(rows, np.int32))
+            return RowSampling(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
+                               np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32))
 
         for rows in (1, 2, 4, 8, 16):
             out[f"decode_step {rows}"] = op_counts(device.decode_step.lower(
-                model, params, slots, seen, np.zeros(rows, np.int32), greedy(rows), device.Features()
+                model, params, slots, seen, np.zeros(rows, np.int32), greedy(rows), Features(), False
             ).compile().as_text())
         for length in (16, 32, 64):
             group = 1
@@ -148,11 +149,11 @@ def programs(only: str | None):
                     model, params, cache, chunk, chunk, chunk, False).compile().as_text())
                 scalar = jax.ShapeDtypeStruct((), jnp.int32)
                 out[f"insert {group}x{length}"] = op_counts(device.insert.lower(
-                    slots, seen, cache, chunk, scalar, scalar, scalar, config.n_head).compile().as_text())
+                    slots, seen, cache, chunk, scalar, scalar, scalar).compile().as_text())
                 out[f"first_tokens {group}"] = op_counts(device.first_tokens.lower(
                     model.resolved_kernels, jax.ShapeDtypeStruct((group, config.vocab_size), jnp.float32),
                     np.arange(group, dtype=np.int32), seen, np.arange(group, dtype=np.int32), greedy(group),
-                    device.Features()).compile().as_text())
+                    Features(), False).compile().as_text())
                 group *= 2
         return out
 

@@ -28,38 +28,13 @@ from jax import lax
 from bloom_jax.cache import KVCache
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
-from bloom_jax import kernels as ops
 from bloom_jax.kernels import Kernels
 from bloom_jax.lora import fold, merge_trees, split_adapters
 from bloom_jax.model import BloomForCausalLM, stack_layers, unstack_layers
+from bloom_jax.sampling import Sampling, choose, mark_seen, seen_tokens
 from bloom_jax.sharding import ShardingPlan
 from bloom_jax.tokenizer import left_pad
 from bloom_jax.weights import to_decode_weights
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. temperature 0 is greedy (top-k and top-p then do nothing); otherwise
-    sampling after transformers' processors in its order: repetition penalty, temperature, top-k, top-p."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise BloomJaxError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise BloomJaxError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise BloomJaxError(f"top-k must be >= 0 (0 keeps every token), got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise BloomJaxError(f"repetition penalty must be > 0 (1 is none), got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,49 +81,6 @@ def _checked(value: Any, key: str, kind: type) -> Any:
     return kind(value)
 
 
-def process_logits(logits: jax.Array, seen: jax.Array | None = None, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> jax.Array:
-    """Next-token logits float32 [b, v] after transformers' processors, in its order: repetition penalty
-    (on the tokens that `seen` [b, v] marks: divide positive logits, multiply negative ones), temperature,
-    top-k, top-p. Removed tokens get -inf."""
-    logits_bv, seen_bv = logits.astype(jnp.float32), seen
-    if repetition_penalty != 1.0 and seen_bv is not None:
-        penalised = jnp.where(logits_bv > 0, logits_bv / repetition_penalty, logits_bv * repetition_penalty)
-        logits_bv = jnp.where(seen_bv, penalised, logits_bv)
-    if temperature not in (0.0, 1.0):
-        logits_bv = logits_bv / temperature
-    if top_k > 0:
-        kth_b1 = lax.top_k(logits_bv, min(top_k, logits_bv.shape[-1]))[0][:, -1:]
-        logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
-    if top_p < 1.0:
-        order_bv = jnp.argsort(logits_bv, axis=-1)  # ascending, as transformers sorts
-        sorted_bv = jnp.take_along_axis(logits_bv, order_bv, axis=-1)
-        cumulative_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
-        remove_sorted_bv = (cumulative_bv <= 1.0 - top_p).at[:, -1].set(False)  # always keep the top token
-        remove_bv = jnp.zeros_like(remove_sorted_bv).at[jnp.arange(logits_bv.shape[0])[:, None], order_bv].set(
-            remove_sorted_bv)
-        logits_bv = jnp.where(remove_bv, -jnp.inf, logits_bv)
-    return logits_bv
-
-
-def _pick(kernels: Kernels, logits_bv: jax.Array, seen_bv: jax.Array | None, key: jax.Array | None,
-          sampling: Sampling) -> jax.Array:
-    """The next token int32 [b] (`key` None when greedy)."""
-    if sampling.greedy:
-        return ops.argmax(kernels, process_logits(logits_bv, seen_bv,
-                                                  repetition_penalty=sampling.repetition_penalty))
-    logits_bv = process_logits(logits_bv, seen_bv, sampling.temperature, sampling.top_k, sampling.top_p,
-                               sampling.repetition_penalty)
-    # jax.random.categorical's Gumbel-max draw, with the kernels' argmax: the same tokens for the same key.
-    return ops.argmax(kernels, logits_bv + jax.random.gumbel(key, logits_bv.shape, logits_bv.dtype))
-
-
-def _mark_seen(seen_bv: jax.Array | None, ids_bs: jax.Array) -> jax.Array | None:
-    if seen_bv is None:  # only the repetition penalty needs the history
-        return None
-    return seen_bv.at[jnp.arange(ids_bs.shape[0])[:, None], ids_bs].set(True)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "new_tokens"))
 def prefill(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mask: jax.Array, active: jax.Array,
             rng: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array | int, sampling: Sampling,
@@ -164,18 +96,16 @@ def prefill(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mas
     ids_bs, active_b = input_ids, active
     batch, prompt_len = ids_bs.shape
     cache = KVCache.init(model.config, batch, prompt_len + new_tokens, model.dtype, per_layer=not model.scan_layers)
-    seen_bv = None
-    if sampling.repetition_penalty != 1.0:  # transformers counts every id of the prompt rows, padding included
-        seen_bv = _mark_seen(jnp.zeros((batch, model.config.vocab_size), jnp.bool_), ids_bs)
+    seen_bv = seen_tokens(ids_bs, model.config.vocab_size) if sampling.features.penalty else None
     logits_b1v, cache = model.apply({"params": params}, ids_bs, attention_mask=attention_mask, cache=cache,
                                     last_only=True)
     rng, key = (rng, None) if sampling.greedy else jax.random.split(rng)
-    token_b = jnp.where(active_b, _pick(model.resolved_kernels, logits_b1v[:, -1], seen_bv, key, sampling),
-                        pad_token_id)
+    token_b = jnp.where(active_b, choose(model.resolved_kernels, logits_b1v[:, -1], seen_bv, sampling,
+                                         sampling.features, key), pad_token_id)
     tokens_bn = jnp.full((batch, new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token_b)
     return {"tokens_bn": tokens_bn, "step": jnp.int32(1), "token_b": token_b,
             "done_b": ~active_b | jnp.isin(token_b, eos_token_ids), "cache": cache,
-            "seen_bv": _mark_seen(seen_bv, token_b[:, None]), "rng": rng,
+            "seen_bv": mark_seen(seen_bv, token_b[:, None]), "rng": rng,
             "eos": jnp.asarray(eos_token_ids, jnp.int32), "pad": jnp.int32(pad_token_id)}
 
 
@@ -194,12 +124,13 @@ def decode(model: BloomForCausalLM, params, state: dict, stop: jax.Array | int, 
                                         last_only=True)
         # Greedy draws nothing: no key split (XLA:CPU runs threefry as a loop of its own, every token).
         rng, key = (state["rng"], None) if sampling.greedy else jax.random.split(state["rng"])
-        picked_b = _pick(model.resolved_kernels, logits_b1v[:, -1], state["seen_bv"], key, sampling)
+        picked_b = choose(model.resolved_kernels, logits_b1v[:, -1], state["seen_bv"], sampling, sampling.features,
+                          key)
         token_b = jnp.where(state["done_b"], state["pad"], picked_b)
         tokens_bn = lax.dynamic_update_slice(state["tokens_bn"], token_b[:, None], (0, state["step"]))
         return {**state, "tokens_bn": tokens_bn, "step": state["step"] + 1, "token_b": token_b,
                 "done_b": state["done_b"] | jnp.isin(token_b, state["eos"]), "cache": cache,
-                "seen_bv": _mark_seen(state["seen_bv"], token_b[:, None]), "rng": rng}
+                "seen_bv": mark_seen(state["seen_bv"], token_b[:, None]), "rng": rng}
 
     return lax.while_loop(cond, body, state)
 
@@ -211,7 +142,8 @@ def generate(model: BloomForCausalLM, params, input_ids: jax.Array, attention_ma
     """New tokens int32 [b, max_new_tokens] for left-padded prompts (ids and mask [b, s]; no mask: no padding);
     `pad_token_id` after a sequence's EOS.
 
-    temperature 0 is greedy; otherwise samples with `rng` (default: key 0) after `process_logits`. The loop
+    temperature 0 is greedy; otherwise samples with `rng` (default: key 0) after
+    `bloom_jax.sampling.process_logits`. The loop
     stops early once every sequence has produced EOS.
     """
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
@@ -252,11 +184,6 @@ class TextPiece:
     text: str
 
 
-def _decode_layout(scan_layers: bool | None) -> bool:
-    """Whether to decode with scanned layers: as given, else unrolled on CPU and scanned elsewhere."""
-    return jax.default_backend() != "cpu" if scan_layers is None else scan_layers
-
-
 def with_adapter(model: BloomForCausalLM, params: dict, adapter: str | os.PathLike, merge: bool,
                  sharding: ShardingPlan | None = None) -> tuple[BloomForCausalLM, dict]:
     """(model, params) with a peft LoRA adapter: folded into the kernels (`merge`: computed in float32, stored in
@@ -283,11 +210,11 @@ class Generator:
     >>> for piece in gen.stream(["Once upon a time"], max_new_tokens=64, temperature=0.8, top_p=0.9):
     ...     print(piece.text, end="", flush=True)
 
-    Parameters are held unrolled on CPU (the decode loop then reads each layer's weights in place: 25% faster at
-    1 x 128 on 2 cores) and scanned on accelerators (one compiled block whatever the depth: an unrolled
-    BLOOM-176B compiles 70 of them), in `decode_weights` if given (see `bloom_jax.weights.DECODE_WEIGHTS`:
-    float32, bfloat16 or int8 out-major kernels, the fastest for decoding on CPU). Prompt lengths, batch sizes and token budgets are padded up to
-    powers of two (at least 16 tokens), so most new requests reuse a compiled program.
+    Parameters are held in the layer layout the platform decodes fastest with (unrolled on CPU, scanned on
+    accelerators: `bloom_jax.kernels.Kernels.decode_scan_layers`), in `decode_weights` if given (see
+    `bloom_jax.weights.DECODE_WEIGHTS`: float32, bfloat16 or int8 out-major kernels, the fastest for decoding on
+    CPU). Prompt lengths, batch sizes and token budgets are padded up to powers of two (at least 16 tokens), so
+    most new requests reuse a compiled program.
     """
 
     def __init__(self, model: BloomForCausalLM, params, tokenizer=None, decode_weights: str | None = None,
@@ -296,9 +223,10 @@ class Generator:
         """`mesh` and `rules`: where `params` are sharded, and the rules that also shard the KV cache and the
         activations (a preset of configs/sharding or (logical, mesh axes) pairs). `generation_config`: a
         `generation_config.json` dict, for the EOS and pad ids and the default sampling (`GenerationDefaults`).
-        `scan_layers`: the layer layout to decode with (None: unrolled on CPU, scanned elsewhere)."""
+        `scan_layers`: the layer layout to decode with (None: the model's kernels', `Kernels.decode_scan_layers`)."""
         self.sharding = ShardingPlan.create(mesh, rules) if mesh is not None else None
-        scan_layers = _decode_layout(scan_layers)
+        if scan_layers is None:
+            scan_layers = model.resolved_kernels.decode_scan_layers
         if model.scan_layers and not scan_layers:
             model, params = model.clone(scan_layers=False), unstack_layers(params)
         elif scan_layers and not model.scan_layers:
@@ -326,7 +254,8 @@ class Generator:
         weights left as they are, in any `decode_weights` format)."""
         from bloom_jax.checkpoints import checkpoint_location, from_pretrained, read_generation_config, read_tokenizer
 
-        scan_layers = _decode_layout(scan_layers)
+        if scan_layers is None:
+            scan_layers = Kernels.create(kernels, attention).decode_scan_layers
         location = checkpoint_location(path)  # a hub id resolved once, not for each file
         model, params = from_pretrained(location, mesh=mesh, dtype=dtype, rules=rules, scan_layers=scan_layers,
                                         kernels=kernels, attention=attention)
@@ -336,8 +265,10 @@ class Generator:
         return cls(model, params, read_tokenizer(location), decode_weights, mesh, rules,
                    read_generation_config(location), scan_layers)
 
-    def _context(self, batch: int) -> contextlib.AbstractContextManager:
-        """The mesh and logical rules around compiled calls on `batch` rows (nothing without a mesh)."""
+    def sharding_context(self, batch: int) -> contextlib.AbstractContextManager:
+        """The mesh and logical rules to run compiled calls on `batch` rows of this model under (the batch's
+        sharding over the mesh), for code that calls the model's compiled functions itself, as the server does;
+        without a mesh, a context that does nothing."""
         return self.sharding.for_batch(batch).context() if self.sharding else contextlib.nullcontext()
 
     @property
@@ -437,7 +368,7 @@ class Generator:
         ids_bs, mask_bs = left_pad(list(prompt_ids) + padding_rows, length, self.pad_token_id)
         active_b = np.arange(batch) < len(prompt_ids)
         eos_k = np.asarray(self.eos_token_ids or (-1,), np.int32)  # -1: never produced, never stops
-        with self._context(batch):
+        with self.sharding_context(batch):
             state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
                             self.pad_token_id, sampling, room)
         done = ~active_b
@@ -450,10 +381,10 @@ class Generator:
                 done = done | np.isin(tokens_b, eos_k)
                 if step >= max_new_tokens or done.all():
                     return
-                with self._context(batch):
+                with self.sharding_context(batch):
                     state = decode(self.model, self.params, state, step + 1, sampling)
                 step += 1
-        with self._context(batch):
+        with self.sharding_context(batch):
             state = decode(self.model, self.params, state, max_new_tokens, sampling)
         tokens_bn = np.asarray(state["tokens_bn"])[:, :max_new_tokens]
         for row in range(len(prompt_ids)):
@@ -463,5 +394,5 @@ class Generator:
                     break
 
 
-__all__ = ["Sampling", "GenerationDefaults", "process_logits", "prefill", "decode", "generate", "bucket",
+__all__ = ["GenerationDefaults", "prefill", "decode", "generate", "bucket",
            "Completion", "TextPiece", "Generator"]

@@ -17,7 +17,7 @@ LAYERS = [
     ["recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul", "kernels.pick",
      "kernels.barriers", "data", "metrics"],
     ["kernels"],
-    ["weights"],
+    ["weights", "sampling"],
     ["model"],
     ["losses", "sharding", "train.optimizer"],
     ["checkpoints.storage", "checkpoints.hub", "checkpoints.hf_files", "train.step"],

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from bloom_jax.generate import Generator, bucket
+from bloom_jax.sampling import Features, RowSampling
 from bloom_jax.serving import batch as device
 from bloom_jax.tokenizer import left_pad
 
@@ -189,7 +190,7 @@ class Engine:
     @property
     def cache_bytes(self) -> int:
         """The slots' KV cache in bytes (keys and values of every layer)."""
-        return sum(x.nbytes for x in jax.tree.leaves((self._slots.keys, self._slots.values)))
+        return self._slots.nbytes
 
     @property
     def queue_depth(self) -> int:
@@ -222,7 +223,7 @@ class Engine:
             with self._context(rows):
                 self._slots, self._seen, choice = device.decode_step(
                     self.model, self.params, self._slots, self._seen, np.full(rows, self.pad, np.int32), sampling,
-                    features)
+                    features, False)
             if rows == self.max_slots:
                 break
             rows *= 2
@@ -238,10 +239,9 @@ class Engine:
                                                            np.ones_like(ids_bs), ids_bs, False)
                     for slot in range(group):
                         self._slots, self._seen = device.insert(self._slots, self._seen, cache, ids_bs,
-                                                                np.int32(slot), np.int32(slot), np.int32(length),
-                                                                self.model.config.n_head)
+                                                                np.int32(slot), np.int32(slot), np.int32(length))
                     choice = device.first_tokens(self.model.resolved_kernels, last, slots, self._seen, slots,
-                                                 sampling, features)
+                                                 sampling, features, False)
                 group *= 2
         jax.block_until_ready(choice)
         self._run_one()
@@ -296,7 +296,7 @@ class Engine:
                 self._wake.clear()
 
     def _context(self, batch: int):
-        return self.generator._context(batch)
+        return self.generator.sharding_context(batch)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -407,8 +407,7 @@ class Engine:
                 slot = heapq.heappop(self._free)
                 with self._context(self.max_slots):
                     self._slots, self._seen = device.insert(self._slots, self._seen, prefill.cache, prefill.ids_bs,
-                                                            np.int32(row), np.int32(slot), np.int32(length),
-                                                            self.model.config.n_head)
+                                                            np.int32(row), np.int32(slot), np.int32(length))
                 seqs.append(_Sequence(request, choice, slot, _key_data(request.sampling, choice),
                                       self.generator.tokenizer.stream() if self.generator.tokenizer else None))
                 rows.append(row)
@@ -421,7 +420,7 @@ class Engine:
         sampling, features = self._row_sampling(padded)
         with self._context(len(padded)):
             choice = device.first_tokens(self.model.resolved_kernels, prefill.last_logits, np.asarray(rows),
-                                         self._seen, slots, sampling, features)
+                                         self._seen, slots, sampling, features, _wants_top_logprobs(padded))
             if features.penalty:
                 self._seen = device.mark_tokens(self._seen, slots, choice.token)
         for seq in seqs:
@@ -437,18 +436,18 @@ class Engine:
         sampling, features = self._row_sampling(seqs)
         with self._context(rows):
             self._slots, self._seen, choice = device.decode_step(self.model, self.params, self._slots, self._seen,
-                                                                 token_b, sampling, features)
+                                                                 token_b, sampling, features, _wants_top_logprobs(seqs))
         busy = [s for s in seqs if s is not None]
         index = np.asarray([s.slot for s in busy])
         self._deliver(busy, device.Choice(*(None if x is None else np.asarray(x)[index] for x in choice)))
 
-    def _row_sampling(self, seqs: Sequence[_Sequence | None]) -> tuple[device.RowSampling, device.Features]:
+    def _row_sampling(self, seqs: Sequence[_Sequence | None]) -> tuple[RowSampling, Features]:
         """The per-row settings of these sequences (None: an idle row, greedy) and what they need."""
         def column(get, dtype, idle):
             return np.asarray([get(s) if s else idle for s in seqs], dtype)
 
         sp = [s.request.sampling if s else None for s in seqs]
-        rows = device.RowSampling(
+        rows = RowSampling(
             column(lambda s: s.request.sampling.temperature, np.float32, 0.0),
             column(lambda s: s.request.sampling.top_k, np.int32, 0),
             column(lambda s: s.request.sampling.top_p, np.float32, 1.0),
@@ -456,11 +455,11 @@ class Engine:
             np.stack([s.key_data if s else np.zeros(2, np.uint32) for s in seqs]),
             column(lambda s: s.made, np.int32, 0))
         sampled = [p for p in sp if p is not None and p.temperature > 0]
-        features = device.Features(
+        features = Features(
             sample=bool(sampled),
-            truncate=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
-            penalty=any(p is not None and p.repetition_penalty != 1.0 for p in sp),
-            top_logprobs=any(s is not None and s.request.logprobs for s in seqs))
+            top_k=any(p.top_k > 0 for p in sampled),
+            top_p=any(p.top_p < 1.0 for p in sampled),
+            penalty=any(p is not None and p.repetition_penalty != 1.0 for p in sp))
         return rows, features
 
     def _deliver(self, seqs: list[_Sequence], choice: device.Choice) -> None:
@@ -513,6 +512,11 @@ class Engine:
         if self.metrics and reason != "cancelled":
             self.metrics.request_duration.observe(time.monotonic() - seq.request.arrival)
         seq.request.on_event(Finished(seq.choice, reason, rest))
+
+
+def _wants_top_logprobs(seqs: Sequence[_Sequence | None]) -> bool:
+    """Whether a step must return the best alternatives: a sequence asked for them."""
+    return any(s is not None and bool(s.request.logprobs) for s in seqs)
 
 
 def _key_data(sampling: SamplingParams, choice: int) -> np.ndarray:
