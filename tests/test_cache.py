@@ -45,6 +45,29 @@ def test_write_layer_is_batch_major_at_the_index():
     np.testing.assert_array_equal(np.asarray(v), -expected)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_insert_row_copies_a_prompt_into_a_slot_with_its_padding_rolled_away(per_layer):
+    config = tiny_config()  # 2 layers, 8 heads of 8
+    slots = KVCache.init(config, batch=3, length=6, per_layer=per_layer, per_row=True)
+    prefilled = KVCache.init(config, batch=2, length=4, per_layer=per_layer)
+    # Prefill row 1 holds a prompt of 3 tokens left-padded to 4: position p of head j holds 100 * j + p.
+    filled_zth = jnp.broadcast_to(100.0 * jnp.arange(2 * 8)[:, None, None] + jnp.arange(4)[None, :, None],
+                                  (2 * 8, 4, 8))
+    layers = (filled_zth,) * 2 if per_layer else jnp.stack([filled_zth] * 2)
+    prefilled = prefilled.replace(keys=layers, values=jax.tree.map(lambda x: -x, layers))
+    got = slots.insert_row(prefilled, jnp.int32(1), jnp.int32(2), jnp.int32(3))
+    keys_zth, values_zth = got.layer(1)
+    head_j = 8 + jnp.arange(8)  # prefill row 1's heads
+    want_nth = 100.0 * head_j[:, None, None] + jnp.asarray([1, 2, 3, 0, 0, 0], jnp.float32)[None, :, None]
+    want_nth = jnp.where(jnp.arange(6)[None, :, None] < 4, want_nth, 0.0)  # the rolled padding lands at 3
+    np.testing.assert_array_equal(keys_zth[16:], jnp.broadcast_to(want_nth, (8, 6, 8)))
+    np.testing.assert_array_equal(values_zth[16:], -keys_zth[16:])
+    assert not np.asarray(keys_zth[:16]).any()  # the other slots untouched
+    np.testing.assert_array_equal(got.mask, [[0] * 6, [0] * 6, [1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(got.index, [0, 0, 3])
+    assert got.nbytes == slots.nbytes == 2 * 2 * 3 * 8 * 6 * 8 * 4
+
+
 def test_new_tokens_extend_the_key_mask_and_advance_the_index():
     cache = KVCache.init(tiny_config(), batch=2, length=6)
     cache = cache.replace(index=jnp.int32(2))

@@ -76,40 +76,6 @@ def test_sampling_is_reproducible_from_a_seed(setup):
     assert (sample(0) != sample(1)).any()
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
-    (1.0, 5, 1.0, 1.0), (0.7, 0, 0.9, 1.0), (1.3, 20, 0.5, 1.0), (1.0, 0, 1.0, 1.4), (0.8, 10, 0.8, 1.2),
-])
-def test_logits_processing_equals_transformers(temperature, top_k, top_p, penalty):
-    import torch
-    from transformers import (
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    from bloom_jax.generate import process_logits
-
-    rng = np.random.default_rng(0)
-    logits = rng.normal(0, 3, (3, 64)).astype(np.float32)
-    history = rng.integers(0, 64, (3, 10))
-    seen = np.zeros((3, 64), bool)
-    np.put_along_axis(seen, history, True, axis=1)
-    ours = np.asarray(process_logits(logits, seen, temperature, top_k, top_p, penalty))
-
-    scores, ids = torch.tensor(logits), torch.tensor(history)
-    processors = [RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []
-    processors += [TemperatureLogitsWarper(temperature)]
-    processors += [TopKLogitsWarper(top_k)] if top_k else []
-    processors += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-    for processor in processors:
-        scores = processor(ids, scores)
-    expected = scores.numpy()
-    np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
-    np.testing.assert_allclose(ours[~np.isinf(ours)], expected[~np.isinf(expected)], rtol=1e-6)
-    assert np.isinf(ours).any() == bool(top_k or top_p < 1.0)  # filtering happened when asked for
-
-
 def test_greedy_with_repetition_penalty_equals_transformers(setup):
     import torch
 
@@ -124,18 +90,3 @@ def test_greedy_with_repetition_penalty_equals_transformers(setup):
     # The penalty changes the continuation.
     assert (expected != hf_generate(torch_model, ids, mask, NEW_TOKENS)).any()
     np.testing.assert_array_equal(ours, expected)
-
-
-@pytest.mark.parametrize("kernels", ["xla_cpu", "reference"])
-def test_sampling_draws_what_jax_random_categorical_draws(kernels):
-    import jax
-
-    from bloom_jax.generate import Sampling, _pick
-    from bloom_jax.kernels import Kernels
-
-    logits = np.random.default_rng(0).normal(0, 2, (4, 3000)).astype(np.float32)
-    for seed in range(5):
-        key = jax.random.key(seed)
-        expected = np.asarray(jax.random.categorical(key, logits, axis=-1))
-        picked = _pick(Kernels.create(kernels), logits, None, key, Sampling(temperature=1.0))
-        np.testing.assert_array_equal(np.asarray(picked), expected)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from reference import hf_model, save_hf, tiny_config
 
-from bloom_jax.generate import Generator, process_logits
+from bloom_jax.generate import Generator
 from bloom_jax.serving import batch as device
 from bloom_jax.serving.app import Server, ServerThread
 from bloom_jax.serving.chat import ChatTemplate
@@ -205,16 +205,6 @@ def test_a_sharded_engine_gives_the_same_greedy_tokens(gen, checkpoint, spec):
         assert [r["tokens"][0] for r in results] == [greedy(gen, p, 8) for p in some]
     finally:
         engine.stop()
-
-
-def test_per_row_truncation_equals_process_logits_row_by_row():
-    """top-k and top-p with each row's own values equal `process_logits` with that row's values alone."""
-    logits_bv = jax.random.normal(jax.random.key(0), (5, 300)) * 3
-    top_k, top_p = np.asarray([0, 1, 7, 0, 50]), np.asarray([1.0, 1.0, 0.9, 0.3, 0.6], np.float32)
-    got = np.asarray(device.truncated(logits_bv, jnp.asarray(top_k), jnp.asarray(top_p)))
-    for row in range(5):
-        want = process_logits(logits_bv[row:row + 1], top_k=int(top_k[row]), top_p=float(top_p[row]))
-        np.testing.assert_array_equal(got[row], np.asarray(want)[0])
 
 
 def test_top_k_1_samples_the_greedy_token(gen, engine):
