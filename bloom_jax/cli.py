@@ -314,8 +314,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from bloom_jax.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(iter_documents(args.files, args.jsonl_field), args.vocab_size)
-    tokenizer.save(args.out)
-    print(json.dumps({"tokenizer": str(Path(args.out) / "tokenizer.json"), "vocab_size": tokenizer.vocab_size}))
+    print(json.dumps({"tokenizer": tokenizer.save(args.out), "vocab_size": tokenizer.vocab_size}))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -405,27 +404,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "export a converted checkpoint as a Hugging Face directory (safetensors)", cmd_export)
     p.add_argument("src", help="converted checkpoint (directory or URL)")
-    p.add_argument("dst", help="output directory; must be empty unless --overwrite")
+    p.add_argument("dst", help="output directory or URL (gs://...); must be empty unless --overwrite")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="split into shards above this size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     p = command("export-adapter", "write a LoRA run's adapters in peft's format", cmd_export_adapter)
-    p.add_argument("run_dir", help="the output_dir of a LoRA training run")
-    p.add_argument("dst", help="output directory; must be empty unless --overwrite")
+    p.add_argument("run_dir", help="the output_dir of a LoRA training run (directory or URL)")
+    p.add_argument("dst", help="output directory or URL (gs://...); must be empty unless --overwrite")
     p.add_argument("--step", type=_positive_int, default=None, help="the checkpoint's step (default: the newest)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     p = command("merge", "fold a LoRA adapter into its base and write one checkpoint", cmd_merge)
     p.add_argument("base", help="the base: converted checkpoint, Hugging Face directory or hub id")
-    p.add_argument("adapter", help="a peft LoRA adapter directory (or hub id)")
-    p.add_argument("dst", help="output directory; must be empty unless --overwrite")
+    p.add_argument("adapter", help="a peft LoRA adapter: directory, URL or hub id")
+    p.add_argument("dst", help="output directory or URL (gs://...); must be empty unless --overwrite")
     p.add_argument("--hf", action="store_true", help="write a Hugging Face directory instead of a converted one")
     p.add_argument("--dtype", default="float32", help="stored dtype: float32, bfloat16 or float16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     p = command("generate", "complete prompts with a checkpoint (streams text, or --json lines)", cmd_generate)
-    p.add_argument("checkpoint", help="converted checkpoint, Hugging Face directory or hub id")
+    p.add_argument("checkpoint", help="converted checkpoint (directory or URL), Hugging Face directory or hub id")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", help="a file of prompts, one per line ('-' for stdin)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
@@ -442,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "serve a checkpoint over HTTP with OpenAI's API (completions, chat), batching requests",
                 cmd_serve)
-    p.add_argument("checkpoint", help="converted checkpoint, Hugging Face directory or hub id")
+    p.add_argument("checkpoint", help="converted checkpoint (directory or URL), Hugging Face directory or hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max-slots", type=_positive_int, default=8,
@@ -474,8 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=_positive_int, default=None, help="simulate this many CPU devices")
 
     p = command("eval", "perplexity of a checkpoint on text or JSONL files", cmd_eval)
-    p.add_argument("checkpoint", help="converted checkpoint (e.g. a training run's final/), HF dir or hub id")
-    p.add_argument("--data", nargs="+", required=True, help="text/JSONL files, directories or globs")
+    p.add_argument("checkpoint", help="converted checkpoint (e.g. a training run's final/; directory or URL), HF "
+                   "dir or hub id")
+    p.add_argument("--data", nargs="+", required=True, help="text/JSONL files, directories or globs (paths or URLs)")
     p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per scored window")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many (default: all)")
@@ -528,7 +528,7 @@ def _decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="weight format for decoding (float32: exact; bfloat16, int8: smaller and faster)")
-    p.add_argument("--adapter", default=None, help="a peft LoRA adapter directory (or hub id) for this checkpoint")
+    p.add_argument("--adapter", default=None, help="a peft LoRA adapter (directory, URL or hub id) for this checkpoint")
     p.add_argument("--unmerged", action="store_true",
                    help="apply the adapter beside the weights instead of folding it into them")
     _kernel_flags(p)

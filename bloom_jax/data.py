@@ -1,9 +1,11 @@
 """Training data: text and JSONL files -> tokens cached on disk -> train/eval split by document -> packed
 windows -> batches by optimizer step.
 
-1. `iter_documents`: a JSONL line is one document (its `jsonl_field`), any other file is one document.
+1. `iter_documents`: a JSONL line is one document (its `jsonl_field`), any other file is one document. Files
+   are local paths or URLs (`gs://bucket/data/*.jsonl`), read through `bloom_jax.storage`.
 2. `TokenizedCorpus`: every document tokenized once into one flat uint32 stream with EOS after each document,
-   saved as .npy under a key of (files, sizes, mtimes, field, tokenizer) and memory-mapped on later runs.
+   saved as .npy under a key of (files, sizes, versions, field, tokenizer) and memory-mapped on later runs; a
+   cache in a bucket is read by byte ranges, each process fetching only the windows of its own rows.
 3. `split_documents`: a seeded `eval_fraction` of the documents is held out for evaluation.
 4. `PackedSplit`: a split's documents (EOS included) concatenated in corpus order and cut into windows of
    `seq_len + 1` tokens (inputs = window[:-1], targets = window[1:]); the remainder is dropped.
@@ -19,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import glob
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -34,9 +36,11 @@ import grain
 import numpy as np
 from tqdm.auto import tqdm
 
+from bloom_jax import storage
 from bloom_jax.disk_faults import DISK_ERRORS, disk_error, room
 from bloom_jax.errors import BloomJaxError, one_line
 from bloom_jax.log import get_logger
+from bloom_jax.storage import is_remote, join
 from bloom_jax.tokenizer import Tokenizer
 
 log = get_logger(__name__)
@@ -48,15 +52,16 @@ _CACHE_VERSION = 1  # bump when the cached arrays change meaning
 _TOKENIZE_CHUNK = 1024  # documents per `encode_batch` call (the Rust side tokenizes a chunk in parallel)
 
 
-def expand_files(files: Files) -> list[Path]:
-    """The regular files that `files` name, in the order given, each once (at its first mention).
+def expand_files(files: Files) -> list[str]:
+    """The regular files that `files` name, in the order given, each once (at its first mention): local paths,
+    or URLs (`gs://...`).
 
-    A file stands for itself, a directory for every regular file under it (recursive, sorted by path), and a
-    glob pattern (`*`, `?`, `[`; `**` recursive) for its matches, sorted, directories among them expanded.
+    A file stands for itself, a directory (a URL prefix) for every file under it (recursive, sorted by path),
+    and a glob pattern (`*`, `?`, `[`; `**` recursive) for its matches, sorted, directories among them expanded.
     """
     if isinstance(files, (str, os.PathLike)):
         files = [files]
-    found: dict[Path, None] = {}
+    found: dict[str, None] = {}
     for item in files:
         for path in _expand_one(item):
             found.setdefault(path, None)
@@ -65,24 +70,47 @@ def expand_files(files: Files) -> list[Path]:
     return list(found)
 
 
-def _expand_one(item: str | os.PathLike) -> list[Path]:
-    path = Path(item)
+def _expand_one(item: str | os.PathLike) -> list[str]:
+    text = os.fspath(item)
+    if is_remote(text):
+        return _expand_remote(text)
+    path = storage.local_path(text)
     if path.exists():
         matches = [path]
-    elif any(c in str(item) for c in "*?["):
-        matches = [Path(m) for m in sorted(glob.glob(str(item), recursive=True))]
+    elif any(c in text for c in "*?["):
+        matches = [Path(m) for m in storage.glob(str(path))]
     else:
         raise BloomJaxError(f"no such file or directory: {item}")
     paths = []
     for match in matches:
         if match.is_dir():
-            paths.extend(sorted(p for p in match.rglob("*") if p.is_file()))
+            paths.extend(sorted(str(p) for p in match.rglob("*") if p.is_file()))
         elif match.is_file():
-            paths.append(match)
+            paths.append(str(match))
         else:
             raise BloomJaxError(f"not a regular file or directory: {match}")
     if not paths:
         raise BloomJaxError(f"no files in {item}" if path.exists() else f"no file matches {item}")
+    return paths
+
+
+def _expand_remote(url: str) -> list[str]:
+    if any(c in url for c in "*?["):
+        matches = storage.glob(url)
+        if not matches:
+            raise BloomJaxError(f"no file matches {url}")
+    elif storage.exists(url):
+        matches = [url]
+    else:
+        raise BloomJaxError(f"no such file or directory: {url}")
+    paths = []
+    for match in matches:
+        if storage.is_file(match):
+            paths.append(match)
+        else:
+            paths.extend(join(match, key) for key in storage.find(match))
+    if not paths:
+        raise BloomJaxError(f"no files in {url}")
     return paths
 
 
@@ -92,21 +120,21 @@ def iter_documents(files: Files, jsonl_field: str = "text") -> Iterator[str]:
     A `.jsonl`/`.json` file holds one JSON object per line, whose string `jsonl_field` is a document; blank lines
     are skipped. Any other file is one document. Text must be UTF-8: undecodable bytes are an error naming the
     file (and line), not replaced, so that a binary or mis-encoded file is not silently trained on. The files
-    are found at once (a bad path fails here), read as the documents are consumed.
+    are found at once (a bad path fails here), read (streamed, for a URL) as the documents are consumed.
     """
     return _documents(expand_files(files), jsonl_field)
 
 
-def _documents(paths: list[Path], jsonl_field: str) -> Iterator[str]:
+def _documents(paths: list[str], jsonl_field: str) -> Iterator[str]:
     for path in paths:
-        if path.suffix.lower() in JSONL_SUFFIXES:
+        if os.path.splitext(storage.name_of(path))[1].lower() in JSONL_SUFFIXES:
             yield from _jsonl_documents(path, jsonl_field)
         else:
             yield _text_document(path)
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
+def _jsonl_documents(path: str, field: str) -> Iterator[str]:
+    with storage.open_read(path) as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -124,9 +152,12 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
             yield record[field]
 
 
-def _text_document(path: Path) -> str:
+def _text_document(path: str) -> str:
+    data = storage.read_bytes(path)
+    if data is None:
+        raise BloomJaxError(f"no such file: {path}")
     try:
-        return path.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BloomJaxError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
@@ -136,10 +167,11 @@ class TokenizedCorpus:
     """Every document as one flat token stream, EOS after each; tokenized once, then read from the cache.
 
     Document i is `tokens_t[doc_offsets[i]:doc_offsets[i + 1]]`, its EOS last. `tokenized` says whether this
-    load ran the tokenizer (False: both arrays are memory-mapped from `cache_dir`).
+    load ran the tokenizer (False: read from the cache: `tokens_t` memory-mapped from a local one, or, from one
+    at a URL, a `RemoteTokens` that fetches the slices asked for).
     """
 
-    tokens_t: np.ndarray  # uint32 [total tokens]
+    tokens_t: np.ndarray | RemoteTokens  # uint32 [total tokens]
     doc_offsets: np.ndarray  # int64 [documents + 1]
     tokenized: bool
 
@@ -154,16 +186,18 @@ class TokenizedCorpus:
     @classmethod
     def load(cls, files: Files, tokenizer: Tokenizer, cache_dir: str | os.PathLike, jsonl_field: str = "text",
              progress: bool = True, cache_setting: str = "data_cache") -> TokenizedCorpus:
-        """The corpus of `files` from `cache_dir` if cached under the same key, else tokenized and cached.
+        """The corpus of `files` from `cache_dir` (a local directory or a URL) if cached under the same key, else
+        tokenized and cached.
 
-        The key hashes the resolved paths, sizes and mtimes of the files, `jsonl_field`, the tokenizer's JSON and
-        its EOS id: editing, adding or removing a file, or changing the tokenizer, tokenizes again. Files inside
-        `cache_dir` are not data, so the cache may live in a data directory.
+        The key hashes the resolved paths, sizes and mtimes of the files (a URL's generation in place of its
+        mtime), `jsonl_field`, the tokenizer's JSON and its EOS id: editing, adding or removing a file, or
+        changing the tokenizer, tokenizes again. Files inside `cache_dir` are not data, so the cache may live in
+        a data directory.
         """
-        cache = Path(cache_dir)
-        paths = [p for p in expand_files(files) if not p.resolve().is_relative_to(cache.resolve())]
+        cache = storage.normalize(cache_dir)
+        paths = [p for p in expand_files(files) if not _inside(p, cache)]
         if not paths:
-            raise BloomJaxError(f"no data files outside the cache directory {cache}")
+            raise BloomJaxError(f"no data files outside the cache directory {cache_dir}")
         key = cache_key(paths, tokenizer, jsonl_field)
         entry = _CacheEntry(cache, key)
         if entry.complete():
@@ -177,9 +211,17 @@ class TokenizedCorpus:
         return cls(tokens_t, doc_offsets, tokenized=True)
 
 
-def cache_key(paths: Sequence[Path], tokenizer: Tokenizer, jsonl_field: str) -> str:
-    """A hex digest that changes when the files (path, size, mtime), the field or the tokenizer change."""
-    stats = [(str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
+def _inside(path: str, directory: str) -> bool:
+    if is_remote(path) or is_remote(directory):
+        return path.startswith(directory.rstrip("/") + "/")
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
+
+
+def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_field: str) -> str:
+    """A hex digest that changes when the files (path, size, mtime or generation), the field or the tokenizer
+    change."""
+    stats = [(os.fspath(p), *storage.size_and_version(p)) if is_remote(p)
+             else (str(Path(p).resolve()), (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in paths]
     described = json.dumps({"version": _CACHE_VERSION, "files": stats, "jsonl_field": jsonl_field,
                             "eos": tokenizer.eos_token_id, "tokenizer": tokenizer.tokenizer.to_str()})
     return hashlib.sha256(described.encode()).hexdigest()[:32]
@@ -207,24 +249,66 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+class RemoteTokens:
+    """A cached .npy token stream in an object store, read by byte ranges: `tokens[a:b]` fetches those tokens
+    only, and `read(ranges)` several slices in one batch of concurrent requests."""
+
+    def __init__(self, url: str):
+        self.url = url
+        head = io.BytesIO(storage.read_range(url, 0, 4096))  # an .npy header is 128 bytes, 4 KiB at the most
+        try:
+            version = np.lib.format.read_magic(head)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, self.dtype = read_header(head)
+        except ValueError as e:
+            raise ValueError(f"not an .npy array ({one_line(e)})") from None
+        self.shape, self._start = shape, head.tell()
+        self.ndim = len(shape)
+        size, _ = storage.size_and_version(url)
+        if self.ndim == 1 and size != self._start + shape[0] * self.dtype.itemsize:
+            raise ValueError(f"{size} bytes, not the {self._start + shape[0] * self.dtype.itemsize} its header "
+                             "declares")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        return self.read([(window.start or 0, len(self) if window.stop is None else window.stop)])[0]
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Tokens [a, b) for each (a, b) of `ranges`."""
+        size = self.dtype.itemsize
+        pieces = storage.read_ranges(self.url, [(self._start + a * size, self._start + b * size) for a, b in ranges])
+        return [np.frombuffer(piece, self.dtype) for piece in pieces]
+
+
+def _read_tokens(tokens_t: np.ndarray | RemoteTokens, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    if isinstance(tokens_t, RemoteTokens):
+        return tokens_t.read(ranges)
+    return [tokens_t[a:b] for a, b in ranges]
+
+
 class _CacheEntry:
     """One tokenized corpus in the cache: KEY.tokens.npy (uint32 [n]), KEY.offsets.npy (int64 [d + 1]) and
-    KEY.json, written last (its presence means the entry is complete), with the CRC-32 of both arrays."""
+    KEY.json, written last (its presence means the entry is complete), with the CRC-32 of both arrays and, in an
+    object store, the generation each array was stored as (the tokens are checked by it, which costs no read
+    of them: GCS keeps the bytes an object was written with, under its checksum, until it is rewritten)."""
 
-    def __init__(self, cache: Path, key: str):
-        self.cache = cache
-        self.tokens_file, self.offsets_file = cache / f"{key}.tokens.npy", cache / f"{key}.offsets.npy"
-        self.checksums_file = cache / f"{key}.json"
+    def __init__(self, cache: str, key: str):
+        self.cache, self.remote = cache, is_remote(cache)
+        self.tokens_file, self.offsets_file, self.checksums_file = (
+            join(cache, f"{key}.{suffix}") for suffix in ("tokens.npy", "offsets.npy", "json"))
 
     def complete(self) -> bool:
-        return self.checksums_file.is_file()
+        return storage.is_file(self.checksums_file)
 
-    def read(self, progress: bool) -> tuple[np.ndarray, np.ndarray] | None:
-        """The arrays, memory-mapped; None, with a warning and the entry removed, when it is damaged (a file cut
-        short, overwritten, or with flipped bits: the next load tokenizes again). Checked: both files parse as
-        the arrays they should be, the offsets run from 0 up to the token count, never backwards, and both
-        arrays have the CRC-32 they were written with (zlib, 2.3 GB/s measured: 1.7 s for a billion tokens, whose
-        tokenizing took hours)."""
+    def read(self, progress: bool) -> tuple[np.ndarray | RemoteTokens, np.ndarray] | None:
+        """The arrays, memory-mapped (read by ranges from a URL); None, with a warning and the entry removed, when
+        it is damaged (a file cut short, overwritten, or with flipped bits: the next load tokenizes again).
+        Checked: both files parse as the arrays they should be, the offsets run from 0 up to the token count,
+        never backwards, and both arrays have the CRC-32 they were written with (zlib, 2.3 GB/s measured: 1.7 s
+        for a billion tokens, whose tokenizing took hours); in an object store, the tokens their generation."""
         checked = self._checked(progress)
         if isinstance(checked, tuple):
             return checked
@@ -232,58 +316,78 @@ class _CacheEntry:
         self.remove()
         return None
 
-    def _checked(self, progress: bool) -> tuple[np.ndarray, np.ndarray] | str:
+    def _checked(self, progress: bool) -> tuple[np.ndarray | RemoteTokens, np.ndarray] | str:
         """The arrays, or what is wrong with the entry."""
-        arrays = []
+        checksums_name = storage.name_of(self.checksums_file)
         try:
-            expected = json.loads(self.checksums_file.read_text())["crc32"]
+            written = json.loads(storage.read_bytes(self.checksums_file) or b"")
+            expected = written["crc32"]
         except (ValueError, OSError, KeyError, TypeError) as e:
-            return f"{self.checksums_file.name}: {one_line(e)}"
+            return f"{checksums_name}: {one_line(e)}"
         if not isinstance(expected, dict):
-            return f"{self.checksums_file.name}: no checksums"
+            return f"{checksums_name}: no checksums"
+        arrays = []
         for path, dtype in ((self.tokens_file, np.uint32), (self.offsets_file, np.int64)):
             try:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
+                array = self._load(path, dtype)
             except (ValueError, OSError, EOFError) as e:
-                return f"{path.name}: {one_line(e)}"
+                return f"{storage.name_of(path)}: {one_line(e)}"
             if array.dtype != dtype or array.ndim != 1:
-                return f"{path.name}: {array.dtype} [{', '.join(map(str, array.shape))}], not {np.dtype(dtype)} [n]"
+                return (f"{storage.name_of(path)}: {array.dtype} [{', '.join(map(str, array.shape))}], not "
+                        f"{np.dtype(dtype)} [n]")
             arrays.append(array)
         tokens_t, doc_offsets = arrays
+        offsets_name = storage.name_of(self.offsets_file)
         if len(doc_offsets) < 2 or doc_offsets[0] != 0 or doc_offsets[-1] != len(tokens_t):
-            return f"{self.offsets_file.name}: the offsets do not run from 0 to the {len(tokens_t)} tokens"
+            return f"{offsets_name}: the offsets do not run from 0 to the {len(tokens_t)} tokens"
         if np.any(np.diff(doc_offsets) < 0):
-            return f"{self.offsets_file.name}: the offsets run backwards"
+            return f"{offsets_name}: the offsets run backwards"
+        if self.remote and list(storage.size_and_version(self.tokens_file)) != written.get("tokens.npy"):
+            return f"{storage.name_of(self.tokens_file)}: rewritten since it was cached"
         for path, array in ((self.tokens_file, tokens_t), (self.offsets_file, doc_offsets)):
-            if _crc32(array, progress) != expected.get(path.name.split(".", 1)[1]):
-                return f"{path.name}: its CRC-32 is not the one it was written with"
+            if isinstance(array, RemoteTokens):
+                continue  # checked by its generation above
+            if _crc32(array, progress) != expected.get(storage.name_of(path).split(".", 1)[1]):
+                return f"{storage.name_of(path)}: its CRC-32 is not the one it was written with"
         return tokens_t, doc_offsets
 
+    def _load(self, path: str, dtype) -> np.ndarray | RemoteTokens:
+        if not self.remote:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if dtype == np.uint32:
+            return RemoteTokens(path)
+        return np.load(io.BytesIO(storage.read_bytes(path) or b""), allow_pickle=False)
+
     def write(self, tokens_t: np.ndarray, doc_offsets: np.ndarray, cache_setting: str) -> None:
-        """Writes the entry, checksums last; on a full or unwritable disk, one `BloomJaxError` naming the cache,
-        what the entry needs and `cache_setting`, with nothing of the entry left."""
-        checksums = {"crc32": {"tokens.npy": _crc32(tokens_t), "offsets.npy": _crc32(doc_offsets)}}
+        """Writes the entry, checksums last; on a full or unwritable disk, or a fault on the wire, one
+        `BloomJaxError` naming the cache, what the entry needs and `cache_setting`, with nothing of the entry
+        left (but after a fault on the wire: without its checksums, nothing of it is ever read)."""
+        written: dict = {"crc32": {"tokens.npy": _crc32(tokens_t), "offsets.npy": _crc32(doc_offsets)}}
         try:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            _save_atomic(self.tokens_file, lambda f: np.save(_Writes(f), tokens_t))
-            _save_atomic(self.offsets_file, lambda f: np.save(_Writes(f), doc_offsets))
-            _save_atomic(self.checksums_file, lambda f: f.write(json.dumps(checksums).encode()))
+            storage.make_dirs(self.cache)
+            _save(self.tokens_file, lambda f: np.save(_Writes(f), tokens_t))
+            _save(self.offsets_file, lambda f: np.save(_Writes(f), doc_offsets))
+            if self.remote:
+                written["tokens.npy"] = list(storage.size_and_version(self.tokens_file))
+            _save(self.checksums_file, lambda f: f.write(json.dumps(written).encode()))
         except BaseException as error:
-            self.remove()
+            if storage.wire_error(error) is None:
+                self.remove()
+            if isinstance(error, BloomJaxError):
+                raise BloomJaxError(f"{error}; set {cache_setting} elsewhere") from None
             code = disk_error(error) if isinstance(error, OSError) else None
             if code is None:
                 raise
             elsewhere = "a directory with room" if code in (errno.ENOSPC, errno.EDQUOT) else "a writable directory"
             raise BloomJaxError(f"cannot cache the tokenized data in {self.cache}: {DISK_ERRORS[code]}"
-                                f"{room(code, tokens_t.nbytes + doc_offsets.nbytes, self.cache)}; set {cache_setting} to "
-                                f"{elsewhere}") from None
+                                f"{room(code, tokens_t.nbytes + doc_offsets.nbytes, Path(self.cache))}; set "
+                                f"{cache_setting} to {elsewhere}") from None
 
     def remove(self) -> None:
         """Removes what exists of the entry (an unwritable cache is reported by the write that follows)."""
         for path in (self.checksums_file, self.tokens_file, self.offsets_file):  # the mark of completeness first
-            if path.exists():
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            with contextlib.suppress(OSError, BloomJaxError):
+                storage.remove(path)
 
 
 _CRC_CHUNK = 1 << 26  # bytes per zlib.crc32 call: a progress bar's step, and no copy of a memory-mapped array
@@ -309,9 +413,14 @@ class _Writes:
         self.write = file.write
 
 
-def _save_atomic(path: Path, write) -> None:
-    """`write(file)` into a temporary file in the same directory, then rename: readers never see a partial
-    file."""
+def _save(location: str, write) -> None:
+    """`write(file)` so that readers never see a partial file: locally into a temporary file in the same
+    directory, then renamed; to a URL as one upload, committed when complete."""
+    if is_remote(location):
+        with storage.open_write(location) as f:
+            write(f)
+        return
+    path = Path(location)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -359,23 +468,35 @@ class PackedSplit:
         self.n_tokens = int(self._start_r1[-1])
         self.n_sequences = self.n_tokens // (seq_len + 1)
 
+    def _ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Where tokens [start, stop) of the split's stream are in the corpus stream: a range per run crossed."""
+        run = int(np.searchsorted(self._start_r1, start, side="right")) - 1
+        ranges = []
+        while start < stop:
+            offset = int(self._source_r[run] + start - self._start_r1[run])
+            take = int(min(stop, self._start_r1[run + 1]) - start)
+            ranges.append((offset, offset + take))
+            start += take
+            run += 1
+        return ranges
+
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Tokens [start, stop) of the split's stream, uint32."""
         stop = self.n_tokens if stop is None else stop
-        run = int(np.searchsorted(self._start_r1, start, side="right")) - 1
-        pieces = [np.zeros(0, np.uint32)]
-        while start < stop:
-            offset = self._source_r[run] + start - self._start_r1[run]
-            take = min(stop, self._start_r1[run + 1]) - start
-            pieces.append(self._tokens_t[offset:offset + take])
-            start += take
-            run += 1
-        return np.concatenate(pieces)
+        return np.concatenate([np.zeros(0, np.uint32), *_read_tokens(self._tokens_t, self._ranges(start, stop))])
+
+    def sequences(self, indices: Sequence[int]) -> np.ndarray:
+        """Windows `indices`: int32 [len(indices), seq_len + 1] (inputs = [:, :-1], targets = [:, 1:]), read at
+        once (from a cache at a URL: one batch of concurrent range requests)."""
+        width = self.seq_len + 1
+        per_window = [self._ranges(int(i) * width, (int(i) + 1) * width) for i in indices]
+        pieces = iter(_read_tokens(self._tokens_t, [r for ranges in per_window for r in ranges]))
+        rows = [np.concatenate([next(pieces) for _ in ranges]) for ranges in per_window]
+        return np.stack(rows).astype(np.int32) if rows else np.zeros((0, width), np.int32)
 
     def sequence(self, index: int) -> np.ndarray:
         """Window `index`: int32 [seq_len + 1] (inputs = [:-1], targets = [1:])."""
-        width = self.seq_len + 1
-        return self.tokens(index * width, (index + 1) * width).astype(np.int32)
+        return self.sequences([index])[0]
 
     def train_batches(self, global_batch: int) -> TrainBatches:
         """Endless shuffled batches of `global_batch` windows by step, seeded with this split's seed."""
@@ -424,7 +545,6 @@ class TrainBatches:
         self.split = split
         self.global_batch = global_batch
         self._order = grain.MapDataset.range(split.n_sequences).shuffle(seed=_shuffle_seed(seed)).repeat()
-        self._rows = self._order.map(split.sequence)
         self._batched: dict[int, grain.MapDataset] = {}  # rows per batch -> batched rows, built once (grain's stats)
 
     def __getitem__(self, step: int) -> np.ndarray:
@@ -442,9 +562,10 @@ class TrainBatches:
         return self._batches_of(per)[step * process_count + process_index]
 
     def _batches_of(self, rows: int) -> grain.MapDataset:
-        """The row stream cut into batches of `rows`: batch k is rows [k * rows, (k + 1) * rows)."""
+        """The row stream cut into batches of `rows`: batch k is rows [k * rows, (k + 1) * rows), its windows read
+        together."""
         if rows not in self._batched:
-            self._batched[rows] = self._rows.batch(rows)
+            self._batched[rows] = self._order.batch(rows).map(self.split.sequences)
         return self._batched[rows]
 
     def indices(self, step: int) -> np.ndarray:

@@ -1,15 +1,13 @@
 """Full and unwritable disks: what they are called (`DISK_ERRORS`, by errno), which errors are theirs
 (`disk_error`, also when TensorStore or Orbax only quote the OS), the one line a writer reports for them
-(`write_failure`, `room`), and the echoes of such a failure that Orbax, TensorStore and asyncio print beside
-it, dropped (`FailureEchoesDropped`). Data, metrics and checkpoints report their disk faults through it."""
+(`write_failure`, `room`). Data, metrics and checkpoints report their disk faults through it, and `storage`
+the faults of any storage, disks and object stores alike."""
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from bloom_jax.errors import BloomJaxError
@@ -58,61 +56,3 @@ def write_failure(error: OSError, path: Path) -> BaseException:
         return BloomJaxError(f"cannot write {path}: permission denied" +
                              (f" (creating {error.filename})" if creating else ""))
     return BloomJaxError(f"cannot write {path}: {DISK_ERRORS[code]} in {path.parent}")
-
-
-class FailureEchoesDropped:
-    """While it lasts, drops what Orbax, TensorStore and asyncio print, beside the one error reported, about a
-    write that a full or unwritable disk failed, or a read of a damaged checkpoint:
-
-    - records of a disk error logged by absl (Orbax logs a failed save from each of its threads, tracebacks and
-      all: 1,015 lines of stderr for one full disk) or by asyncio ("Future exception was never retrieved", for
-      each of a failed save's futures, when Python collects them);
-    - unraisable `RuntimeError("Event loop is closed")`: TensorStore completing a write of a failed save after
-      Orbax closed the save's event loop (17 to 117 tracebacks for one full disk, from step to step);
-    - unraisable "Encountered error while reading array index": the abandoned reads of a failed restore.
-
-    Futures are collected at any later point, at exit often: once something failed (`keep()`, or the block
-    raised), one set of these filters stays for the process's life (`from_now_on`); otherwise they go when the
-    block ends.
-    """
-
-    _for_good: FailureEchoesDropped | None = None
-
-    def __enter__(self) -> FailureEchoesDropped:
-        self._kept = False
-        self._filter = lambda record: not _of_a_disk_error(record)  # one per instance: each removes its own
-        self._loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-        for logger in self._loggers:
-            logger.addFilter(self._filter)
-        self._previous_hook = sys.unraisablehook
-        sys.unraisablehook = self._hook
-        return self
-
-    def keep(self) -> None:
-        self._kept = True
-
-    @classmethod
-    def from_now_on(cls) -> None:
-        """For the rest of the process: a failure was reported, and its futures are collected later."""
-        keeper = cls._for_good
-        if keeper is None or sys.unraisablehook != keeper._hook:  # none yet, or its hook was replaced since
-            cls._for_good = cls().__enter__()
-
-    def _hook(self, unraisable) -> None:
-        error = unraisable.exc_value
-        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        if not closed_loop and not str(error).startswith("Encountered error while reading array index"):
-            self._previous_hook(unraisable)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        for logger in self._loggers:
-            logger.removeFilter(self._filter)
-        if sys.unraisablehook == self._hook:  # else another hook was chained after ours: it stays
-            sys.unraisablehook = self._previous_hook
-        if exc_type is not None or self._kept:
-            FailureEchoesDropped.from_now_on()
-
-
-def _of_a_disk_error(record: logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    return disk_error(error) is not None or disk_error(Exception(record.getMessage())) is not None

@@ -8,15 +8,17 @@ or unwritable disk is one `BloomJaxError` naming the file, for the trainer to st
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import socket
 import struct
 import time
 from pathlib import Path
 
 from bloom_jax.disk_faults import disk_error, write_failure
+from bloom_jax.errors import BloomJaxError
 from bloom_jax.log import get_logger
+from bloom_jax.storage import AppendedFile, Location, join
 
 log = get_logger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -24,41 +26,51 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
-    """Appends each logged step's metrics to metrics.jsonl and to a new TensorBoard event file.
+    """Appends each logged step's metrics to metrics.jsonl and to a new TensorBoard event file, in a local
+    OUTPUT_DIR or one at a URL (`gs://...`: there each file is uploaded again at most every 30 s, and by `flush`,
+    which the trainer calls at each checkpoint so that every step it covers is logged in the bucket).
 
     `resume_step`: metrics.jsonl's lines past it are dropped first (a run killed after its last checkpoint
     logged steps that the resumed run logs again). `enabled=False` (every process but the first) writes nothing.
     """
 
-    def __init__(self, output_dir: Path, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, output_dir: Location, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
-        self._files = []
+        self._files: list[AppendedFile] = []
         if not enabled:
             return
-        path = output_dir / METRICS_FILE
         try:
-            _drop_lines_past(path, resume_step)
-            self._jsonl = self._open(path, "a")
-            events = output_dir / TENSORBOARD_DIR / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-            self._events = self._open(events, "ab")
-            self._events.write(_record(_event(file_version="brain.Event:2")))
-            self._events.flush()
+            self._jsonl = self._open(join(output_dir, METRICS_FILE),
+                                     keep_line=lambda line: _logged_step(line) <= resume_step)
+            if self._jsonl.dropped:
+                log.info(f"{METRICS_FILE}: dropped {self._jsonl.dropped} steps logged after step {resume_step}, the "
+                         "checkpoint this run resumes from")
+            events = join(output_dir, TENSORBOARD_DIR,
+                          f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+            self._events = self._open(events)
+            self._append(self._events, _record(_event(file_version="brain.Event:2")))
         except BaseException:
             self.close()
             raise
 
-    def _open(self, path: Path, mode: str):
+    def _open(self, location: str, keep_line=None) -> AppendedFile:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(path, mode)
+            file = AppendedFile(location, keep_line=keep_line)
         except OSError as error:
-            raise write_failure(error, path) from None
+            raise write_failure(error, Path(location)) from None
         self._files.append(file)
         return file
 
+    @staticmethod
+    def _append(file: AppendedFile, data: bytes) -> None:
+        try:
+            file.append(data)
+        except OSError as error:
+            raise write_failure(error, Path(file.location)) from None
+
     def write(self, metrics: dict) -> None:
-        """Appends one step's metrics (`metrics["step"]` and floats); a full or unwritable disk raises one
-        `BloomJaxError` naming the file."""
+        """Appends one step's metrics (`metrics["step"]` and floats); a full or unwritable disk, or a fault on
+        the wire, raises one `BloomJaxError` naming the file."""
         if not self.enabled:
             return
         from tensorboardX.proto.summary_pb2 import Summary
@@ -66,43 +78,37 @@ class MetricsWriter:
         line = json.dumps({**metrics, "time": time.time()}) + "\n"
         scalars = Summary(value=[Summary.Value(tag=key, simple_value=value) for key, value in metrics.items()
                                  if key != "step"])
-        for file, data in ((self._jsonl, line), (self._events, _record(_event(step=metrics["step"],
-                                                                                summary=scalars)))):
-            try:
-                file.write(data)
-                file.flush()
-            except OSError as error:
-                raise write_failure(error, Path(file.name)) from None
+        self._append(self._jsonl, line.encode())
+        self._append(self._events, _record(_event(step=metrics["step"], summary=scalars)))
+
+    def flush(self) -> None:
+        """Uploads what an object store has not received yet (a no-op for local files, written at once)."""
+        for file in self._files:
+            file.flush(force=True)
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(BloomJaxError, OSError):  # the error in flight is the one reported
+            self.close()
 
     def close(self) -> None:
-        """Closes the files; what a full disk kept them from flushing was reported by `write`."""
-        for file in self._files:
+        """Closes the files (uploading what is left); what a full disk kept them from flushing was reported by
+        `write`."""
+        files, self._files = self._files, []
+        for file in files:
             try:
                 file.close()
             except OSError as error:
                 if disk_error(error) is None:
                     raise
-        self._files = []
 
 
-def _drop_lines_past(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _logged_step(line) <= step]
-    if len(kept) < len(lines):
-        staged = path.with_name(path.name + ".tmp")
-        try:
-            staged.write_text("".join(kept))
-            os.replace(staged, path)
-        except BaseException:
-            staged.unlink(missing_ok=True)
-            raise
-        log.info(f"{path.name}: dropped {len(lines) - len(kept)} steps logged after step {step}, the checkpoint "
-                 "this run resumes from")
-
-
-def _logged_step(line: str) -> float:
+def _logged_step(line: bytes) -> float:
     """The step of one metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
     try:
         return json.loads(line)["step"]

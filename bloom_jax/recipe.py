@@ -41,7 +41,8 @@ class TrainConfig:
 
     # Model.
     model: str = _setting("bloom-tiny", "preset or config.json to train from scratch")
-    init_from: str | None = _setting(None, "checkpoint to fine-tune (converted, Hugging Face dir or hub id)")
+    init_from: str | None = _setting(None, "checkpoint to fine-tune (converted: a directory or gs:// URL; Hugging "
+                                           "Face dir; hub id)")
     compute_dtype: str = _setting("float32", "activations and matmuls: float32 or bfloat16")
     param_dtype: str = _setting("float32", "master weights and optimizer state: float32 or bfloat16")
     scan_layers: bool = _setting(True, "one compiled block under nn.scan (false: unrolled, faster on CPU)")
@@ -60,13 +61,15 @@ class TrainConfig:
     lora_base: str = _setting("bfloat16", "storage of the frozen base weights: " + ", ".join(LORA_BASES),
                               "lora.base")
     # Data.
-    train_data: list[str] = _setting([], "text files (a document each) or JSONL, directories or globs")
+    train_data: list[str] = _setting([], "text files (a document each) or JSONL, directories or globs: paths or "
+                                         "gs:// URLs")
     jsonl_field: str = _setting("text", "the field of a JSONL line that holds its document")
-    tokenizer: str | None = _setting(None, "directory with tokenizer.json (default: init_from's, else trained)")
+    tokenizer: str | None = _setting(None, "directory or URL with tokenizer.json (default: init_from's, else trained)")
     tokenizer_vocab_size: int = _setting(8192, "vocabulary of a tokenizer trained on the data")
     seq_len: int = _setting(512, "tokens per training window")
     eval_fraction: float = _setting(0.01, "fraction of the documents held out for evaluation")
-    data_cache: str | None = _setting(None, "where tokenized data is cached (default: OUTPUT_DIR/data-cache)")
+    data_cache: str | None = _setting(None, "where tokenized data is cached, a directory or URL (default: "
+                                            "OUTPUT_DIR/data-cache)")
     # Optimisation.
     batch_size: int = _setting(8, "global batch: sequences per optimizer step")
     grad_accum: int = _setting(1, "micro-batches per step (batch_size must divide by it)")
@@ -85,7 +88,8 @@ class TrainConfig:
     mesh: str = _setting("fsdp=-1", "mesh spec, e.g. data=2,fsdp=-1,tensor=4")
     rules: str = _setting("fsdp_tensor", "sharding rules preset of configs/sharding")
     # Output.
-    output_dir: str = _setting("runs/bloom", "checkpoints, metrics.jsonl, tensorboard/ and final/")
+    output_dir: str = _setting("runs/bloom", "checkpoints, metrics.jsonl, tensorboard/ and final/: a directory or "
+                                             "a URL (gs://BUCKET/PATH)")
     save_every: int = _setting(500, "steps between checkpoints")
     keep: int = _setting(3, "checkpoints kept")
     eval_every: int = _setting(200, "steps between evaluations")

@@ -6,13 +6,13 @@ post-processor included, so ids equal transformers' `AutoTokenizer` on the same 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
+from bloom_jax import storage
 from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax.storage import Location, join
 
 
 class Tokenizer:
@@ -24,12 +24,13 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike, pad_token_id: int = 3, eos_token_id: int = 2) -> Tokenizer:
-        """The `tokenizer.json` of a checkpoint directory (converted or Hugging Face)."""
-        path = Path(directory) / "tokenizer.json"
-        if not path.is_file():
+    def from_dir(cls, directory: Location, pad_token_id: int = 3, eos_token_id: int = 2) -> Tokenizer:
+        """The `tokenizer.json` of a checkpoint directory (converted or Hugging Face; a local path or a URL)."""
+        path = join(directory, "tokenizer.json")
+        data = storage.read_bytes(path)
+        if data is None:
             raise BloomJaxError(f"no tokenizer.json in {directory}")
-        return cls.from_json(path.read_bytes(), str(path), pad_token_id, eos_token_id)
+        return cls.from_json(data, path, pad_token_id, eos_token_id)
 
     @classmethod
     def from_json(cls, data: bytes | str, source: str = "tokenizer.json", pad_token_id: int = 3,
@@ -43,11 +44,11 @@ class Tokenizer:
         except Exception as e:
             raise BloomJaxError(f"cannot read {source}: {one_line(e)}") from None
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Writes `tokenizer.json` into `directory` (created if missing), for `from_dir` or transformers."""
-        path = Path(directory) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path))
+    def save(self, directory: Location) -> str:
+        """Writes `tokenizer.json` into `directory` (a local path, created if missing, or a URL), for `from_dir`
+        or transformers. Returns its path."""
+        path = join(directory, "tokenizer.json")
+        storage.write_bytes(path, self.tokenizer.to_str(pretty=True).encode())  # as `tokenizers` saves it
         return path
 
     def to_json(self) -> str:

@@ -1,8 +1,11 @@
-"""Shared fixtures: transformers reference checkpoints built once per session, and the default one loaded."""
+"""Shared fixtures: transformers reference checkpoints built once per session, and the default one loaded; a GCS
+emulator and a new bucket in it for each test that asks."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 
 # Eight simulated CPU devices for the mesh tests; must precede the first import of jax.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -11,6 +14,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 # tpu_compile_worker.py: one per pytest-xdist worker) fails with "Internal error when accessing libtpu
 # multi-process lockfile". On CPU, where the tests run, no process holds a TPU chip: only the compiler is shared.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The GCS of these tests (the `gcs` fixture starts it): this process, and every child it starts, reaches gs:// URLs
+# there. Set before bloom_jax is imported, as a user sets it before running bloom-jax.
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{_s.getsockname()[1]}"
+# What bloom_jax derives from it: a pytest-xdist worker inherits its parent's, which point at the parent's server.
+for _derived in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+    os.environ.pop(_derived, None)
 
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -18,6 +29,7 @@ from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from gcs import GcsServer  # noqa: E402
 from reference import PROMPT_LENGTHS, hf_logits, hf_model, left_padded, save_hf, tiny_config  # noqa: E402
 
 from bloom_jax.checkpoints import from_pretrained  # noqa: E402
@@ -76,3 +88,33 @@ def tiny(make_checkpoint) -> Loaded:
     model, params = from_pretrained(checkpoint.directory)
     ids, mask = left_padded(checkpoint.config, PROMPT_LENGTHS)
     return Loaded(checkpoint, model, params, ids, mask, hf_logits(checkpoint.torch_model, ids, mask))
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory) -> GcsServer:
+    """fake-gcs-server at STORAGE_EMULATOR_HOST, behind its fault proxy, for the session (each pytest-xdist worker
+    has its own)."""
+    server = GcsServer(tmp_path_factory.mktemp("gcs"), port=int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1]))
+    yield server.start()
+    server.stop()
+
+
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture
+def gcs(gcs_server) -> GcsServer:
+    """The session's GCS server, running and with no faults set (a test may stop it or add faults)."""
+    if not gcs_server.running:
+        gcs_server.start()
+    gcs_server.proxy.clear()
+    yield gcs_server
+    gcs_server.proxy.clear()
+    if not gcs_server.running:
+        gcs_server.start()
+
+
+@pytest.fixture
+def bucket(gcs) -> str:
+    """A new empty bucket, gs://NAME."""
+    return gcs.make_bucket(f"bloom-test-{os.getpid()}-{next(_BUCKETS)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,7 +230,7 @@ def test_train_tokenizer_special_ids_round_trip_and_save(tmp_path, tokenizer, co
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 3) and tokenizer.vocab_size <= 320
     for text in make_documents(5, seed=7) + ["unseen: Zürich, 東京! ✨"]:
         assert tokenizer.decode(tokenizer.encode(text)) == text
-    loaded = Tokenizer.from_dir(tokenizer.save(tmp_path / "tok").parent)
+    loaded = Tokenizer.from_dir(Path(tokenizer.save(tmp_path / "tok")).parent)
     text = " ".join(WORDS)
     assert loaded.encode(text) == tokenizer.encode(text) and len(tokenizer.encode(text)) < len(text.encode())
     with pytest.raises(BloomJaxError, match="vocab_size must be at least 260"):

@@ -13,10 +13,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bloom_jax"
 # Lowest first. A module may import modules of earlier rows only (at module level or inside a function).
 LAYERS = [
     ["errors", "log", "platforms"],
-    ["config", "devices", "runtime", "distributed", "tokenizer", "kernels.flash", "disk_faults"],
-    ["recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul", "kernels.pick",
-     "kernels.barriers", "data", "metrics"],
-    ["kernels"],
+    ["config", "devices", "runtime", "distributed", "kernels.flash", "disk_faults"],
+    ["storage"],
+    ["tokenizer", "recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul",
+     "kernels.pick", "kernels.barriers", "metrics"],
+    ["kernels", "data"],
     ["weights", "sampling"],
     ["model"],
     ["losses", "sharding", "train.optimizer"],

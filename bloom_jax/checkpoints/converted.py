@@ -13,9 +13,7 @@ import base64
 import json
 import logging
 import math
-import os
 import time
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,37 +22,30 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from bloom_jax.checkpoints.storage import (
-    Destination,
-    clear,
-    has_file,
-    is_url,
-    join,
-    kvstore_url,
-    open_kvstore,
-    orbax_path,
-    read_bytes,
-    refuse_non_empty,
-    write_bytes,
-)
+from bloom_jax import storage
+from bloom_jax.checkpoints.storage import Destination, clear, refuse_non_empty
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError, one_line
 from bloom_jax.model import BloomForCausalLM, abstract_params, stack_layers, unstack_layers
 from bloom_jax.sharding import ShardingPlan
+from bloom_jax.storage import Location, is_remote, join, kvstore_url, orbax_path
 
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _CHUNK_BYTES = 64 * 2**20  # chunks small enough that one shard of a restore reads little it does not need
 
 
-def is_converted(location: str | os.PathLike) -> bool:
-    """True for a directory or URL holding a converted checkpoint (`params/_METADATA`)."""
-    return has_file(location, f"{PARAMS_DIR}/_METADATA")
+def is_converted(location: Location) -> bool:
+    """True for a directory or URL holding a converted checkpoint (`params/_METADATA`, written last)."""
+    try:
+        return storage.is_file(join(location, PARAMS_DIR, "_METADATA"))
+    except BloomJaxError:  # an unreachable URL holds nothing that loads; its read says why
+        return False
 
 
-def read_config(location: str | os.PathLike) -> BloomConfig:
+def read_config(location: Location) -> BloomConfig:
     """The `config.json` of a converted checkpoint."""
-    data = read_bytes(location, "config.json")
+    data = storage.read_bytes(join(location, "config.json"))
     if data is None:
         raise BloomJaxError(f"{location} has parameters but no config.json")
     try:
@@ -93,8 +84,8 @@ class OrbaxParamsWriter:
     so an interrupted writer leaves nothing that Orbax would restore.
     """
 
-    def __init__(self, location: str):
-        self.url = kvstore_url(location)
+    def __init__(self, location: Location):
+        self.location, self.url = location, kvstore_url(location)
         self._arrays: dict[tuple[str, ...], Any] = {}
 
     def open(self, path: tuple[str, ...], shape: tuple[int, ...], dtype: np.dtype, stacked: bool) -> None:
@@ -109,7 +100,8 @@ class OrbaxParamsWriter:
             # against the OS losing recent writes in a crash.
             "context": {"file_io_sync": False},
         }
-        self._arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
+        self._arrays[path] = ts.open(spec, create=True, delete_existing=True,
+                                     context=storage.tensorstore_context()).result()
 
     def write(self, path: tuple[str, ...], value: np.ndarray, index: int | None = None) -> list:
         """Starts writing `value` into the whole array, or into layer `index` of a stacked one, in pieces of at
@@ -127,7 +119,6 @@ class OrbaxParamsWriter:
         return futures
 
     def finish(self) -> None:
-        kv = open_kvstore(self.url)
         tree, shardings = {}, {}
         for path, array in self._arrays.items():
             name = ".".join(path)
@@ -138,27 +129,29 @@ class OrbaxParamsWriter:
             }
             shardings[base64.b64encode(name.encode()).decode()] = json.dumps(
                 {"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
-        kv.write("_sharding", json.dumps(shardings)).result()
-        metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-        kv.write("_METADATA", json.dumps(metadata)).result()
+        storage.write_bytes(join(self.location, "_sharding"), json.dumps(shardings).encode())
         # Orbax's own writer also names its handler's private class path here; restoring does not read it.
         now = time.time_ns()
-        kv.write("_CHECKPOINT_METADATA", json.dumps({
+        storage.write_bytes(join(self.location, "_CHECKPOINT_METADATA"), json.dumps({
             "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
-            "custom_metadata": {}})).result()
+            "custom_metadata": {}}).encode())
+        if is_remote(self.location):  # what Orbax restores from an object store only where it is (no renames)
+            storage.write_bytes(join(self.location, "commit_success.txt"), b"Checkpoint commit was successful")
+        metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        storage.write_bytes(join(self.location, "_METADATA"), json.dumps(metadata).encode())  # last: it loads
 
 
 class StoredParams:
     """A converted checkpoint's parameters, read one array (or one layer of a stacked one) at a time with
     TensorStore: what streaming readers such as `export` use instead of a restore of the whole tree."""
 
-    def __init__(self, location: str | os.PathLike):
+    def __init__(self, location: Location):
         if not is_converted(location):
             raise BloomJaxError(
                 f"no converted checkpoint at {location} (expected {PARAMS_DIR}/_METADATA; see bloom-jax convert)")
         self.location = location
-        self._root = kvstore_url(orbax_path(location)) + PARAMS_DIR + "/"
+        self._root = kvstore_url(location) + PARAMS_DIR + "/"
         self._arrays: dict[tuple[str, ...], Any] = {}
 
     def _array(self, path: tuple[str, ...]):
@@ -167,7 +160,7 @@ class StoredParams:
         if path not in self._arrays:
             try:
                 spec = {"driver": "zarr", "kvstore": self._root + ".".join(path) + "/"}
-                self._arrays[path] = ts.open(spec, open=True).result()
+                self._arrays[path] = ts.open(spec, open=True, context=storage.tensorstore_context()).result()
             except Exception as e:
                 raise BloomJaxError(f"cannot read parameter {'.'.join(path)} of {self.location}: {one_line(e)}"
                                     ) from None
@@ -185,15 +178,13 @@ class StoredParams:
         return (array if layer is None else array[layer]).read().result()
 
 
-def restore_params(location: str | os.PathLike, model: BloomForCausalLM, sharding: ShardingPlan | None = None
-                   ) -> dict:
+def restore_params(location: Location, model: BloomForCausalLM, sharding: ShardingPlan | None = None) -> dict:
     """A converted checkpoint's parameters, cast to `model.param_dtype`, each array read into its shards.
 
     Without a plan every array lands on the first device; with one, each device reads only its shard, as the
     plan's rules place it. The stored layout is scanned; an unrolled model gets it unstacked after the restore.
     """
-    import orbax.checkpoint as ocp
-
+    ocp = storage.orbax()
     stored = model.clone(scan_layers=True)
     if sharding is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -204,11 +195,11 @@ def restore_params(location: str | os.PathLike, model: BloomForCausalLM, shardin
     try:
         params = ocp.StandardCheckpointer().restore(join(orbax_path(location), PARAMS_DIR), target)
     except Exception as e:
-        raise BloomJaxError(f"cannot restore {location}: {one_line(e)}") from None
+        raise BloomJaxError(f"cannot restore {location}: {storage.wire_error(e) or one_line(e)}") from None
     return params if model.scan_layers else unstack_layers(params)
 
 
-def save_pretrained(params: Any, config: BloomConfig, dst: str | os.PathLike, tokenizer=None, *,
+def save_pretrained(params: Any, config: BloomConfig, dst: Location, tokenizer=None, *,
                     extra_files: Mapping[str, bytes] | None = None, overwrite: bool = False) -> None:
     """Writes `params` (either layer layout, stored in their own dtype) as a converted checkpoint at `dst`, with
     `config` and, if given, the `bloom_jax.tokenizer.Tokenizer`: what `from_pretrained`, `bloom-jax generate`
@@ -238,7 +229,7 @@ def save_pretrained(params: Any, config: BloomConfig, dst: str | os.PathLike, to
     _save_in_place(params, files, dst, overwrite)
 
 
-def _save_in_place(params: Any, files: dict[str, bytes], dst: str | os.PathLike, overwrite: bool) -> None:
+def _save_in_place(params: Any, files: dict[str, bytes], dst: Location, overwrite: bool) -> None:
     """`save_pretrained` across processes: the processes agree that `dst` may be written, process 0 writes the
     files, then all write `params/`, which Orbax renames into place once every process is done."""
     from jax.experimental import multihost_utils
@@ -249,18 +240,16 @@ def _save_in_place(params: Any, files: dict[str, bytes], dst: str | os.PathLike,
     if jax.process_index() == 0:
         if overwrite:  # nothing of what was there survives, as when one process renames a staged copy over it
             clear(dst)
-        elif not is_url(dst):
-            Path(location).mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(location)
         for key, data in files.items():
-            write_bytes(dst, key, data)
+            storage.write_bytes(join(dst, key), data)
     multihost_utils.sync_global_devices(f"bloom_jax.save_pretrained {location}: files")
     _save_params(join(location, PARAMS_DIR), params)
 
 
 def _save_params(location: str, params: Any) -> None:
     """Orbax writes `params` (sharded arrays: each process its own shards) in this module's layout."""
-    import orbax.checkpoint as ocp
-
+    ocp = storage.orbax()
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False)
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
     absl_logger = logging.getLogger("absl")

@@ -23,7 +23,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from bloom_jax import storage
 from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax.storage import Location, join
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
@@ -245,11 +247,12 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 _SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def write_safetensors(directory: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
+def write_safetensors(directory: Location, tensors: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
                       max_shard_bytes: int, read: Callable[[str], np.ndarray],
                       on_bytes: Callable[[int], object] = lambda n: None) -> list[str]:
     """Writes `tensors` ((name, shape), in order) as safetensors, streaming: `read(name)` is called once per
-    tensor, just before its bytes are written, so one tensor is held at a time.
+    tensor, just before its bytes are written, so one tensor is held at a time. `directory`: a local directory
+    or a URL (each file uploaded in parts as it is written).
 
     One `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards of at most `max_shard_bytes` (a larger
     tensor gets a shard of its own) with `model.safetensors.index.json`. Returns the file names.
@@ -268,7 +271,7 @@ def write_safetensors(directory: Path, tensors: list[tuple[str, tuple[int, ...]]
     else:
         file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for file_name, shard in zip(file_names, shards):
-        with open(directory / file_name, "wb") as f:
+        with storage.open_write(join(directory, file_name)) as f:
             _write_safetensors_header(f, shard, np.dtype(dtype))
             for name, shape in shard:
                 value = np.ascontiguousarray(read(name), dtype=dtype)
@@ -280,7 +283,7 @@ def write_safetensors(directory: Path, tensors: list[tuple[str, tuple[int, ...]]
         total = sum(math.prod(shape) for _, shape in tensors) * itemsize
         weight_map = {name: file_name for file_name, shard in zip(file_names, shards) for name, _ in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / _SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        storage.write_bytes(join(directory, _SAFETENSORS_INDEX), (json.dumps(index, indent=2) + "\n").encode())
     return file_names
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax.storage import local_path
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -16,7 +17,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
     The hub's own settings apply (`HF_HOME`, `HF_HUB_OFFLINE=1` to use the cache only).
     """
-    local = Path(path)
+    local = local_path(path)  # a file:// URL is a local directory
     if local.exists():
         if not local.is_dir():
             raise BloomJaxError(f"not a model directory: {local}")

@@ -10,15 +10,19 @@ with its name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bloom_jax import storage
 from bloom_jax.checkpoints.hf import get_path, target_of
 from bloom_jax.checkpoints.hf_files import SafetensorsFile, safetensors_bytes
 from bloom_jax.checkpoints.hub import resolve_model_dir
@@ -26,6 +30,7 @@ from bloom_jax.checkpoints.storage import Destination
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.lora import TARGETS, LoraConfig
+from bloom_jax.storage import Location
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -59,7 +64,7 @@ def adapter_config_json(lora: LoraConfig, base_model_name_or_path: str | None) -
     }
 
 
-def save_adapter(adapters: dict, lora: LoraConfig, config: BloomConfig, dst: str | os.PathLike, *,
+def save_adapter(adapters: dict, lora: LoraConfig, config: BloomConfig, dst: Location, *,
                  base_model_name_or_path: str | None = None, overwrite: bool = False) -> None:
     """Writes `adapters` (the `lora_a`/`lora_b` tree, either layout, host-readable arrays) at `dst` in peft's
     format, float32, naming the base checkpoint. Staged and renamed into place: never a half-written adapter."""
@@ -80,18 +85,38 @@ def save_adapter(adapters: dict, lora: LoraConfig, config: BloomConfig, dst: str
         out.write_bytes(CONFIG_FILE, config_bytes)
 
 
-def read_adapter_config(location: str | os.PathLike) -> dict:
-    """The adapter's `adapter_config.json` (a directory or a hub id)."""
-    directory = resolve_model_dir(location)
+@contextlib.contextmanager
+def _adapter_directory(location: Location) -> Iterator[Path]:
+    """The local directory of an adapter: a directory, a hub id's (huggingface_hub's cache), or, for a URL, a
+    temporary one its files (small) are fetched into."""
+    if not storage.is_remote(location):
+        yield resolve_model_dir(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="bloom-jax-adapter-") as directory:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            data = storage.read_bytes(storage.join(location, name))
+            if data is not None:
+                (Path(directory) / name).write_bytes(data)
+        yield Path(directory)
+
+
+def read_adapter_config(location: Location) -> dict:
+    """The adapter's `adapter_config.json` (a directory, a hub id or a URL)."""
+    with _adapter_directory(location) as directory:
+        return _read_adapter_config(directory, location)
+
+
+def _read_adapter_config(directory: Path, location: Location) -> dict:
     path = directory / CONFIG_FILE
+    source = storage.join(location, CONFIG_FILE)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise BloomJaxError(f"{location} is not a LoRA adapter: no {CONFIG_FILE}") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BloomJaxError(f"cannot read {path}: {e}") from None
+        raise BloomJaxError(f"cannot read {source}: {e}") from None
     if not isinstance(data, dict):
-        raise BloomJaxError(f"{path} is not a JSON object")
+        raise BloomJaxError(f"{source} is not a JSON object")
     return data
 
 
@@ -119,21 +144,26 @@ def lora_config_of(data: dict, source: str) -> LoraConfig:
         raise BloomJaxError(f"{source}: {e}") from None
 
 
-def load_adapter(location: str | os.PathLike, config: BloomConfig, scan_layers: bool = True
+def load_adapter(location: Location, config: BloomConfig, scan_layers: bool = True
                  ) -> tuple[LoraConfig, dict, str | None]:
     """(its `LoraConfig`, the adapters as float32 numpy arrays in the `scan_layers` layout, the base it names) of
-    a peft LoRA adapter directory or hub id. The tensors present say which layers are targeted; each must be on
-    every layer, with the shapes `config` implies."""
-    directory = resolve_model_dir(location)
-    data = read_adapter_config(directory)
-    lora = lora_config_of(data, str(location))
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        if (directory / "adapter_model.bin").is_file():
-            raise BloomJaxError(f"{location} holds adapter_model.bin, a pickle, which is not read (code could run "
-                                "from it): save it with safetensors (peft's default)")
-        raise BloomJaxError(f"{location} has no {WEIGHTS_FILE}")
-    stored = SafetensorsFile(weights)
+    a peft LoRA adapter: a directory, a hub id or a URL. The tensors present say which layers are targeted; each
+    must be on every layer, with the shapes `config` implies."""
+    with _adapter_directory(location) as directory:
+        data = _read_adapter_config(directory, location)
+        lora = lora_config_of(data, str(location))
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            where = directory if not storage.is_remote(location) else location
+            if storage.is_file(storage.join(where, "adapter_model.bin")):
+                raise BloomJaxError(f"{location} holds adapter_model.bin, a pickle, which is not read (code could "
+                                    "run from it): save it with safetensors (peft's default)")
+            raise BloomJaxError(f"{location} has no {WEIGHTS_FILE}")
+        return _read_adapter(SafetensorsFile(weights), data, lora, config, scan_layers, location)
+
+
+def _read_adapter(stored: SafetensorsFile, data: dict, lora: LoraConfig, config: BloomConfig, scan_layers: bool,
+                  location: Location) -> tuple[LoraConfig, dict, str | None]:
     found: dict[tuple[int, str, str], str] = {}
     for name in stored.keys():
         stripped = name.removeprefix("base_model.model.").removeprefix("transformer.")
@@ -197,8 +227,6 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
     """Folds a LoRA adapter into its base (`bloom_jax.lora.fold`) and writes the result at `dst`: a converted
     checkpoint, or with `hugging_face` a Hugging Face directory; the base's tokenizer and generation settings
     carried. Computed in float32, stored in `dtype`."""
-    import tempfile
-
     import jax
 
     from bloom_jax.checkpoints.converted import TOKENIZER_FILES, save_pretrained

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -31,10 +30,11 @@ from bloom_jax.checkpoints.converted import (
 from bloom_jax.checkpoints.hf import PREFIX, from_param, hf_names, hf_shape, plan_hf_tensors, target_of, to_param
 from bloom_jax.checkpoints.hf_files import WeightFiles, write_safetensors
 from bloom_jax.checkpoints.hub import resolve_model_dir
-from bloom_jax.checkpoints.storage import Destination, is_url, join, read_bytes
+from bloom_jax.checkpoints.storage import Destination
 from bloom_jax.config import BloomConfig, parse_dtype
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import abstract_params, make_model
+from bloom_jax.storage import Location, join, read_bytes
 
 # Source bytes the OS is asked to read ahead of the tensor being converted: enough to keep the disk busy while
 # a tensor is converted, held in the page cache (not in the process's memory).
@@ -46,9 +46,10 @@ def _progress(total_bytes: int, what: str, enabled: bool):
                 file=sys.stderr, dynamic_ncols=True)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, overwrite: bool = False,
+def convert(src: str | os.PathLike, dst: Location, dtype: Any = None, overwrite: bool = False,
             progress: bool = True) -> BloomConfig:
-    """Converts a Hugging Face BLOOM checkpoint (directory or hub id) into a converted checkpoint at `dst`.
+    """Converts a Hugging Face BLOOM checkpoint (directory or hub id) into a converted checkpoint at `dst` (a
+    local directory or a URL such as `gs://bucket/path`).
 
     Streams: one source tensor is read, converted and written at a time. `dtype` (None: float32) is the stored
     parameter dtype. Every tensor is checked against config.json before anything is written; the output appears
@@ -116,17 +117,16 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, max_shard_size: str | int = "5GB",
+def export(src: Location, dst: Location, dtype: Any = None, max_shard_size: str | int = "5GB",
            overwrite: bool = False, progress: bool = True) -> list[str]:
-    """Writes a converted checkpoint as a Hugging Face directory that `BloomForCausalLM.from_pretrained` loads.
+    """Writes a converted checkpoint (a directory or URL) as a Hugging Face directory that
+    `BloomForCausalLM.from_pretrained` loads, at `dst` (a local directory or a URL such as `gs://bucket/path`).
 
     Safetensors with `transformer.`-prefixed names, split into `model-0000k-of-0000n.safetensors` with
     `model.safetensors.index.json` above `max_shard_size`; config.json and the tokenizer files. Streams: each
     tensor is read from its stored layer slice and written straight into its shard file. `dtype` None keeps the
     stored dtype. Returns the shard file names.
     """
-    if is_url(dst):
-        raise BloomJaxError(f"export writes a local directory, not {dst}")
     stored = StoredParams(src)
     limit = parse_size(max_shard_size)
     config = read_config(src)
@@ -146,10 +146,10 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ma
     total = sum(math.prod(shape) for _, shape in tensors) * out_dtype.itemsize
     with Destination(dst, overwrite, needed_bytes=total) as out:
         with _progress(total, "exporting", progress) as bar:
-            file_names = write_safetensors(Path(out.root), tensors, out_dtype, limit, read, bar.update)
+            file_names = write_safetensors(out.root, tensors, out_dtype, limit, read, bar.update)
         out.write_bytes("config.json", config_json(config, out_dtype))
         for name in TOKENIZER_FILES:
-            data = read_bytes(src, name)
+            data = read_bytes(join(src, name))
             if data is not None:
                 out.write_bytes(name, data)
     return file_names

@@ -12,11 +12,11 @@ import jax
 from bloom_jax.checkpoints.converted import is_converted, read_config, restore_params
 from bloom_jax.checkpoints.hf import load_hf_params
 from bloom_jax.checkpoints.hub import resolve_model_dir
-from bloom_jax.checkpoints.storage import is_url, read_bytes
 from bloom_jax.config import BloomConfig, parse_dtype
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import BloomForCausalLM, make_model
 from bloom_jax.sharding import ShardingPlan
+from bloom_jax.storage import is_remote, join, read_bytes
 
 
 def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
@@ -57,7 +57,7 @@ def read_model_config(path: str | os.PathLike, converted: bool | None = None) ->
     it is known to be a converted checkpoint; None: look)."""
     if is_converted(path) if converted is None else converted:
         return read_config(path)
-    if is_url(path):
+    if is_remote(path):
         raise BloomJaxError(f"no converted checkpoint at {path} (expected params/_METADATA)")
     return BloomConfig.from_json(resolve_model_dir(path) / "config.json")
 
@@ -91,9 +91,9 @@ def checkpoint_location(path: str | os.PathLike) -> str | os.PathLike:
     """Where a checkpoint's files are: a converted checkpoint or URL itself, a Hugging Face directory, or a hub
     id's directory in huggingface_hub's cache (fetched if need be). Resolve a hub id once with this and pass the
     result on: each resolution of a hub id online asks the hub."""
-    return path if is_converted(path) or is_url(path) else resolve_model_dir(path)
+    return path if is_remote(path) or is_converted(path) else resolve_model_dir(path)
 
 
 def read_side_file(path: str | os.PathLike, name: str) -> bytes | None:
     """A file beside a checkpoint's weights (`tokenizer_config.json`, ...), None if there is none."""
-    return read_bytes(checkpoint_location(path), name)
+    return read_bytes(join(checkpoint_location(path), name))

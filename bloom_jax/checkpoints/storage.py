@@ -1,108 +1,40 @@
-"""Where checkpoints live: local directories and URLs (`gs://...`, `file://...`) read and written through
-TensorStore's key-value stores, and destinations that never show a half-written checkpoint, never leave one
-behind a killed writer, and never take two writers at once."""
+"""Where checkpoints are written: destinations (local directories and URLs, through `bloom_jax.storage`) that
+never show a half-written checkpoint, never leave one behind a killed writer, and never take two writers at
+once."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from bloom_jax.disk_faults import DISK_ERRORS, FailureEchoesDropped, disk_error, room
-from bloom_jax.errors import BloomJaxError, one_line
+from bloom_jax import storage
+from bloom_jax.disk_faults import DISK_ERRORS, disk_error, room
+from bloom_jax.errors import BloomJaxError
 from bloom_jax.log import get_logger
+from bloom_jax.storage import FailureEchoesDropped, Location, is_remote, join, local_path
 
 log = get_logger(__name__)
 
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+def refuse_non_empty(location: Location, overwrite: bool) -> None:
+    """An error unless `location` is absent, an empty directory (or URL prefix), or may be overwritten."""
+    if not is_remote(location):
+        path = local_path(location)
+        if path.exists() and not path.is_dir():
+            raise BloomJaxError(f"{path} exists and is not a directory")
+    if not overwrite and storage.list_names(location):
+        raise BloomJaxError(f"{location} is not empty (use --overwrite to replace it)")
 
 
-def is_url(location: str | os.PathLike) -> bool:
-    return bool(_URL.match(str(location)))
-
-
-def kvstore_url(location: str | os.PathLike) -> str:
-    """A TensorStore kvstore URL ending in '/' for a local path or a URL (`gs://...`, `file://...`)."""
-    url = str(location) if is_url(location) else "file://" + str(Path(location).resolve())
-    return url.rstrip("/") + "/"
-
-
-def open_kvstore(location: str | os.PathLike):
-    """The TensorStore key-value store of a directory or URL."""
-    import tensorstore as ts
-
-    try:
-        return ts.KvStore.open(kvstore_url(location)).result()
-    except Exception as e:
-        raise BloomJaxError(f"cannot open {location}: {one_line(e)}") from None
-
-
-def read_bytes(location: str | os.PathLike, key: str) -> bytes | None:
-    """A file of a local directory or URL, exactly as stored; None if there is none."""
-    if not is_url(location):
-        path = Path(location) / key
-        return path.read_bytes() if path.is_file() else None
-    result = open_kvstore(location).read(key).result()
-    return bytes(result.value) if result.state == "value" else None
-
-
-def write_bytes(location: str | os.PathLike, key: str, data: bytes) -> None:
-    """Writes the file `key` of a local directory or URL."""
-    if is_url(location):
-        open_kvstore(location).write(key, data).result()
-    else:
-        (Path(location) / key).write_bytes(data)
-
-
-def has_file(location: str | os.PathLike, key: str) -> bool:
-    """Whether a directory or URL holds the file `key`; False for one that cannot be opened."""
-    if not is_url(location):
-        return (Path(location) / key).is_file()
-    try:
-        return open_kvstore(location).read(key).result().state == "value"
-    except BloomJaxError:
-        return False
-
-
-def orbax_path(location: str | os.PathLike) -> str:
-    """What Orbax takes: an absolute local path (also for `file://` URLs) or a cloud URL such as `gs://`."""
-    text = str(location)
-    if text.startswith("file://"):
-        return text[len("file://"):]
-    return text if is_url(text) else str(Path(text).resolve())
-
-
-def join(root: str | os.PathLike, key: str) -> str:
-    return str(root).rstrip("/") + "/" + key
-
-
-def refuse_non_empty(location: str | os.PathLike, overwrite: bool) -> None:
-    """An error unless `location` is absent, an empty directory, or may be overwritten."""
-    if is_url(location):
-        if not overwrite and open_kvstore(location).list().result():
-            raise BloomJaxError(f"{location} is not empty (use --overwrite to replace it)")
-        return
-    path = Path(location)
-    if path.exists() and not path.is_dir():
-        raise BloomJaxError(f"{path} exists and is not a directory")
-    if not overwrite and path.is_dir() and any(path.iterdir()):
-        raise BloomJaxError(f"{path} is not empty (use --overwrite to replace it)")
-
-
-def clear(location: str | os.PathLike) -> None:
-    """Removes everything at `location` (a local directory is left empty; a URL prefix, without its keys)."""
-    if is_url(location):
-        import tensorstore as ts
-
-        open_kvstore(location).delete_range(ts.KvStore.KeyRange()).result()
-        return
-    path = Path(location)
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
+def clear(location: Location) -> None:
+    """Removes everything at `location` (a local directory is left empty; a URL prefix, without its objects)."""
+    storage.remove_tree(location)
+    storage.make_dirs(location)
 
 
 _NO_LOCKS = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -157,27 +89,29 @@ def remove_stale_staging(final: Path) -> None:
 
 class Destination:
     """Where a conversion, export or save writes: a local directory (staged beside it, then renamed into place)
-    or a URL (written in place, the files that make it loadable last). A non-empty destination needs
-    `overwrite`. Use as a context manager: on an error the staged data is removed. A local destination is locked
-    while it is written (`WriterLock`: a second writer is refused), and the staging left by a killed writer is
-    removed first. A full or unwritable disk becomes one `BloomJaxError` naming the place and, given
-    `needed_bytes`, what the write needed beside what is free."""
+    or a URL (written in place, the files that make it loadable last; removed again if the write fails). A
+    non-empty destination needs `overwrite`. Use as a context manager: on an error the staged data is removed.
+    A local destination is locked while it is written (`WriterLock`: a second writer is refused), and the
+    staging left by a killed writer is removed first. A full or unwritable disk, or a fault on the wire, becomes
+    one `BloomJaxError` naming the place and, for a full disk given `needed_bytes`, what the write needed beside
+    what is free."""
 
-    def __init__(self, location: str | os.PathLike, overwrite: bool, needed_bytes: int | None = None):
-        self.location, self.overwrite, self.lock = str(location), overwrite, None
+    def __init__(self, location: Location, overwrite: bool, needed_bytes: int | None = None):
+        self.location, self.overwrite, self.lock = os.fspath(location), overwrite, None
         self.needed_bytes = needed_bytes
-        if is_url(location):
+        if is_remote(location):
+            storage.check_writable(location)
             refuse_non_empty(location, overwrite)
             self.root = self.location
             return
-        final = Path(location)
+        final = local_path(location)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             self.lock = WriterLock(final)
         except OSError as e:
             raise BloomJaxError(f"cannot write in {final.parent}: {e.strerror}") from None
         try:
-            refuse_non_empty(location, overwrite)
+            refuse_non_empty(final, overwrite)
             if self.lock.held:  # unlocked, another writer's staging cannot be told from a dead one's
                 remove_stale_staging(final)
             self.root = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
@@ -188,19 +122,21 @@ class Destination:
             raise
 
     def __enter__(self) -> Destination:
-        if is_url(self.location) and self.overwrite:
+        if is_remote(self.location) and self.overwrite:
             clear(self.location)
         self._echoes = FailureEchoesDropped().__enter__()
         return self
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        write_bytes(self.root, key, data)
+        storage.write_bytes(join(self.root, key), data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._echoes.__exit__(exc_type, exc, tb)  # kept after a failure: its futures report when collected
-        if is_url(self.location):
-            return  # an incomplete URL destination lacks the metadata written last, so nothing will load it
-        final = Path(self.location)
+        if is_remote(self.location):
+            if exc_type is not None:
+                self._remove_remote_partial(exc)
+            return
+        final = local_path(self.location)
         try:
             if exc_type is not None:
                 shutil.rmtree(self.root, ignore_errors=True)
@@ -216,6 +152,18 @@ class Destination:
             os.replace(self.root, final)
         finally:
             self.lock.release()
+
+    def _remove_remote_partial(self, exc: BaseException) -> None:
+        """What a failed write left at a URL goes (it lacks the files written last, so nothing would load it);
+        after a fault on the wire it stays (removing it would meet the same fault), and the one line says so."""
+        why = storage.wire_error(exc)
+        if why is None:  # not the wire's fault (a bad tensor, Ctrl-C): the error goes on as it is
+            with contextlib.suppress(BloomJaxError):
+                storage.remove_tree(self.location)
+            return
+        message = str(exc) if isinstance(exc, BloomJaxError) else f"cannot write {self.location}: {why}"
+        raise BloomJaxError(f"{message}; what was written is left there, incomplete (it does not load: write "
+                            "again with --overwrite)") from None
 
     def _disk_message(self, final: Path, code: int) -> str:
         message = f"cannot write {final}: {DISK_ERRORS[code]} in {final.parent}"

@@ -1,22 +1,27 @@
-"""A training run's checkpoints, OUTPUT_DIR/checkpoints: Orbax's `CheckpointManager` (asynchronous saves every
-`save_every` steps, the last `keep` kept), the newest checkpoint that restores (a damaged one named with what is
-wrong and set aside), and a full or unwritable disk reported as one line naming the last good checkpoint."""
+"""A training run's checkpoints, OUTPUT_DIR/checkpoints (a local directory or a URL, `gs://...`): Orbax's
+`CheckpointManager` (asynchronous saves every `save_every` steps, the last `keep` kept), the newest checkpoint
+that restores (a damaged one named with what is wrong and set aside), and a full or unwritable disk, or a fault
+on the wire, reported as one line naming the last good checkpoint.
+
+In an object store Orbax writes a checkpoint in place and marks it complete last (commit_success.txt): one that
+a killed run or a stopped server left without the mark is never listed, and Orbax removes it at the next start.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 
-from bloom_jax.disk_faults import DISK_ERRORS, FailureEchoesDropped, disk_error, room
+from bloom_jax import storage
+from bloom_jax.disk_faults import DISK_ERRORS, disk_error, room
 from bloom_jax.errors import BloomJaxError, one_line
 from bloom_jax.log import get_logger
+from bloom_jax.storage import FailureEchoesDropped, Location, is_remote, join
 
 log = get_logger(__name__)
 
@@ -25,18 +30,19 @@ class RunCheckpoints:
     """The checkpoints of the run in `output_dir`, of train states shaped like `abstract_state` (shardings
     included). Open with `RunCheckpoints.open`: a save that failed is then reported once, as one line."""
 
-    def __init__(self, output_dir: Path, keep: int, save_every: int, abstract_state: dict,
+    def __init__(self, output_dir: Location, keep: int, save_every: int, abstract_state: dict,
                  echoes: FailureEchoesDropped):
-        self.output_dir, self.directory = output_dir, output_dir / "checkpoints"
+        self.output_dir, self.directory = output_dir, join(output_dir, "checkpoints")
         self.abstract_state, self.echoes = abstract_state, echoes
         self.manager = self._manager(keep, save_every)
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, output_dir: Path, keep: int, save_every: int, abstract_state: dict) -> Iterator[RunCheckpoints]:
+    def open(cls, output_dir: Location, keep: int, save_every: int, abstract_state: dict
+             ) -> Iterator[RunCheckpoints]:
         """The run's checkpoints while the block runs; closed after it, waiting for the saves in flight."""
-        # Orbax and TensorStore report a save that a full or unwritable disk failed many times over, from their
-        # threads and when Python collects the save's futures; it is reported once, as one line.
+        # Orbax and TensorStore report a save that the storage failed many times over, from their threads and
+        # when Python collects the save's futures; it is reported once, as one line.
         with FailureEchoesDropped() as echoes:
             checkpoints = cls(output_dir, keep, save_every, abstract_state, echoes)
             try:
@@ -51,9 +57,8 @@ class RunCheckpoints:
                 checkpoints.manager.close()
 
     def _manager(self, keep: int, save_every: int):
-        import orbax.checkpoint as ocp
-
-        directory = self.directory.absolute()
+        ocp = storage.orbax()
+        directory = storage.orbax_path(self.directory)
         try:
             return ocp.CheckpointManager(
                 directory,
@@ -69,19 +74,18 @@ class RunCheckpoints:
                     max_to_keep=keep, enable_async_checkpointing=True, create=True,
                     cleanup_tmp_directories=True, should_save_fn=lambda step, _: step % save_every == 0,
                     async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
-        except OSError as error:
-            code = disk_error(error)
-            if code is None:
+        except Exception as error:  # noqa: BLE001 - what the storage failed is said in one line, the rest raised
+            why = storage.fault(error)
+            if why is None:
                 raise
-            raise BloomJaxError(f"cannot write checkpoints in {directory}: {DISK_ERRORS[code]}") from None
+            raise BloomJaxError(f"cannot write checkpoints in {self.directory}: {why}") from None
 
     def restore_or_init(self, fresh: Callable[[], dict]) -> dict:
         """The newest checkpoint that restores, or `fresh()` if there is none. A newer one that does not
         (truncated, a file missing: a preempted copy, a full disk) is named with what is wrong, set aside as
         `STEP.unrestorable` once an older one restores, and the run resumes from that; `BloomJaxError` if none
         restores."""
-        import orbax.checkpoint as ocp
-
+        ocp = storage.orbax()
         directory, manager = self.directory, self.manager
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
@@ -91,6 +95,9 @@ class RunCheckpoints:
             try:
                 state = manager.restore(step, args=ocp.args.StandardRestore(self.abstract_state))
             except Exception as error:  # noqa: BLE001 - whatever a damaged checkpoint raises, say it and go on
+                why = storage.wire_error(error)
+                if why is not None:  # the storage, not the checkpoint: nothing is set aside
+                    raise BloomJaxError(f"cannot restore step {step} from {directory}: {why}") from None
                 failed.append(f"step {step}: {_restore_failure(directory, step, steps, error)}")
                 log.warning(f"checkpoint {failed[-1]}")
                 self.echoes.keep()
@@ -98,7 +105,7 @@ class RunCheckpoints:
             if failed:
                 if jax.process_index() == 0:  # the directory is shared: one process renames
                     for bad in steps[: steps.index(step)]:
-                        os.replace(directory / str(bad), directory / f"{bad}.unrestorable")
+                        storage.move_tree(join(directory, str(bad)), join(directory, f"{bad}.unrestorable"))
                 if jax.process_count() > 1:
                     from jax.experimental import multihost_utils
 
@@ -115,8 +122,7 @@ class RunCheckpoints:
     def save(self, step: int, state: dict, force: bool = False) -> None:
         """Starts saving `state` as checkpoint `step` if `step` is a save step (any step with `force`); first
         waits for the previous save."""
-        import orbax.checkpoint as ocp
-
+        ocp = storage.orbax()
         with self.errors_reported():
             self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
@@ -137,24 +143,34 @@ class RunCheckpoints:
 
     @contextlib.contextmanager
     def errors_reported(self) -> Iterator[None]:
-        """A full or unwritable disk that failed an asynchronous save, raised in the block (by Orbax, as its
-        background thread met it), becomes one `BloomJaxError`: the failed save's temporary directory removed,
-        the last good checkpoint kept. Other errors propagate as they are."""
+        """A full or unwritable disk, or a fault on the wire, that failed an asynchronous save, raised in the
+        block (by Orbax, as its background thread met it), becomes one `BloomJaxError`: the failed save's
+        temporary directory removed, the last good checkpoint kept. Other errors propagate as they are."""
         try:
             yield
         except Exception as error:
-            code = disk_error(error, where=self.output_dir)
-            if code is None:
+            code = None if is_remote(self.directory) else disk_error(error, where=self.output_dir)
+            why = DISK_ERRORS[code] if code is not None else storage.wire_error(error)
+            if why is None:
                 raise
-            raise self._save_failed(code) from None
+            raise self._save_failed(why, code) from None
 
-    def _save_failed(self, code: int) -> BloomJaxError:
+    def _save_failed(self, why: str, code: int | None) -> BloomJaxError:
         self._settle()
-        needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
-        # What is free is measured with the failed save's data gone.
-        message = (f"cannot save a checkpoint in {self.directory}: {DISK_ERRORS[code]}"
-                   f"{room(code, needed, self.directory, 'a checkpoint')}")
+        message = f"cannot save a checkpoint in {self.directory}: {why}"
+        if code is not None:  # what is free is measured with the failed save's data gone
+            needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
+            message += room(code, needed, Path(self.directory), "a checkpoint")
         return BloomJaxError(f"{message}; {self._kept()}")
+
+    @contextlib.contextmanager
+    def stop_on_errors(self) -> Iterator[None]:
+        """A `BloomJaxError` raised in the block (a full disk or a fault on the wire met by the metrics, say)
+        stops the run: its message and the last good checkpoint, as one line."""
+        try:
+            yield
+        except BloomJaxError as error:
+            raise self.stopped(str(error)) from None
 
     def stopped(self, message: str) -> BloomJaxError:
         """The error that stops a run (a full or unwritable disk, say): `message` and the last good checkpoint."""
@@ -162,30 +178,32 @@ class RunCheckpoints:
         return BloomJaxError(f"{message}; {self._kept()}")
 
     def _settle(self) -> None:
-        """Waits for the saves in flight and removes the temporary directories of those that failed."""
+        """Waits for the saves in flight and removes the temporary directories of those that failed (in an
+        object store, a failed save lacks its completion mark: Orbax removes it at the next start)."""
         try:
             self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001 - a save the same disk failed: the caller says what is kept
             pass
-        for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        if not is_remote(self.directory):
+            for partial in storage.glob(join(self.directory, "*.orbax-checkpoint-tmp*")):
+                storage.remove_tree(partial)
 
     def _kept(self) -> str:
         latest = self.manager.latest_step()
         return f"the last good checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
 
 
-def _restore_failure(directory: Path, step: int, steps: list[int], error: BaseException) -> str:
+def _restore_failure(directory: str, step: int, steps: list[int], error: BaseException) -> str:
     """What is wrong with checkpoint `step`: the files another checkpoint has and it lacks (Orbax's own error
     would only say that the tree does not match), else Orbax's error (a truncated file: the array and where)."""
     def names(s: int) -> set[str]:  # the fixed names, not OCDBT's content-hashed data files
-        root = directory / str(s)
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "d"}
+        return {key for key in storage.find(join(directory, str(s))) if storage.name_of(storage.parent_of(key))
+                != "d"}
 
     others = [s for s in steps if s != step]
     missing = sorted(names(others[0]) - names(step)) if others else []
     if missing:
-        return f"{directory / str(step)} lacks {', '.join(missing)}"
+        return f"{join(directory, str(step))} lacks {', '.join(missing)}"
     seen = set()  # TensorStore's own words on a truncated file sit in the chain, under Orbax's wrappers
     while error is not None and id(error) not in seen:
         seen.add(id(error))

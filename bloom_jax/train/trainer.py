@@ -1,6 +1,8 @@
 """The training loop, `Trainer(cfg).run()`: the state born sharded (or restored), the data by step, the jitted
 train step, metrics (progress bar, JSONL, TensorBoard, eval) and the run's checkpoints (`checkpointing`), and
-OUTPUT_DIR/final at the end.
+OUTPUT_DIR/final at the end. OUTPUT_DIR, the data, its cache, the tokenizer and the base checkpoint may each be a
+local path or a URL (`gs://...`): a run whose output lives in a bucket resumes on a fresh machine from the
+bucket alone.
 
 Exact resume: the batch of step k is a pure function of (data, seed, k) (`bloom_jax.data`) and so is the dropout
 key (`train_step`), so a restored (params, optimizer state, step) continues the uninterrupted run.
@@ -14,13 +16,13 @@ import math
 import signal
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from bloom_jax import storage
 from bloom_jax.checkpoints import (
     checkpoint_location,
     read_model_config,
@@ -39,6 +41,7 @@ from bloom_jax.model import forward_flops, make_model
 from bloom_jax.quantize import FROZEN_FORMATS
 from bloom_jax.recipe import TrainConfig, data_files
 from bloom_jax.sharding import ShardingPlan, make_mesh
+from bloom_jax.storage import is_remote, join
 from bloom_jax.tokenizer import Tokenizer, train_tokenizer
 from bloom_jax.train.adapters import save_run_adapters, write_run_adapter_config
 from bloom_jax.train.checkpointing import RunCheckpoints
@@ -55,7 +58,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         data_files(cfg)  # an empty train_data fails here, before anything is logged or built
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = storage.normalize(cfg.output_dir)
+        if jax.process_index() == 0:  # a missing bucket or a denied write: one line now, not after hours of work
+            storage.check_writable(self.output_dir)
         self.sharding = ShardingPlan.create(make_mesh(cfg.mesh), cfg.rules)
         self.init_from = checkpoint_location(cfg.init_from) if cfg.init_from else None  # a hub id resolved once
         self.model_config = read_model_config(self.init_from) if self.init_from else load_config(cfg.model)
@@ -86,14 +91,12 @@ class Trainer:
             if tokenizer is None:
                 raise BloomJaxError(f"{self.cfg.init_from} has no tokenizer.json: set `tokenizer`")
             return tokenizer
-        saved = self.output_dir / "tokenizer.json"
-        if saved.is_file():  # a resumed run keeps the tokenizer it trained
+        if storage.is_file(join(self.output_dir, "tokenizer.json")):  # a resumed run keeps the tokenizer it trained
             return Tokenizer.from_dir(self.output_dir)
         vocab = min(self.cfg.tokenizer_vocab_size, self.model_config.vocab_size)
         log.info(f"training a {vocab}-token byte-level BPE tokenizer on the training data")
         tokenizer = train_tokenizer(iter_documents(data_files(self.cfg), self.cfg.jsonl_field), vocab)
         if jax.process_index() == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(self.output_dir)
         return tokenizer
 
@@ -158,13 +161,11 @@ class Trainer:
         # next one. A bad step is thus caught at the next log or save point, before any checkpoint of it.
         health = jax.device_put({"bad_step": jnp.int32(0), "bad_loss": jnp.float32(0)}, replicated)
         with contextlib.ExitStack() as stack:
-            try:  # a full or unwritable disk met by the metrics: say what survives
-                writer = stack.enter_context(contextlib.closing(
-                    MetricsWriter(self.output_dir, enabled=jax.process_index() == 0, resume_step=start_step)))
+            with checkpoints.stop_on_errors():  # a full disk or a fault on the wire met by the metrics
+                writer = stack.enter_context(
+                    MetricsWriter(self.output_dir, enabled=jax.process_index() == 0, resume_step=start_step))
                 if self.lora is not None:
                     write_run_adapter_config(self.output_dir, self.lora, cfg.init_from)
-            except BloomJaxError as error:
-                raise checkpoints.stopped(str(error)) from None
             previous = signal.signal(signal.SIGTERM, self._on_signal)
             stack.callback(signal.signal, signal.SIGTERM, previous)
             bar = stack.enter_context(tqdm(total=cfg.steps, initial=start_step, desc="training", unit="step",
@@ -198,19 +199,22 @@ class Trainer:
                     if done % cfg.eval_every == 0 or done == cfg.steps:
                         metrics.update(self._evaluate(lambda p, t: eval_fn(p, t, frozen), state["params"],
                                                       corpus, data_sharding))
-                    try:
+                    with checkpoints.stop_on_errors():
                         writer.write(metrics)
-                    except BloomJaxError as error:
-                        raise checkpoints.stopped(str(error)) from None
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                     mfu=f"{metrics['mfu']:.1%}")
                     window_start, window_steps = time.perf_counter(), 0
+                if saving:  # every step a checkpoint covers is logged where the run's files are
+                    with checkpoints.stop_on_errors():
+                        writer.flush()
                 bar.update(1)
                 if self._stopping(at_sync_point=sync_point):
                     log.info(f"signal {self._stop_signal}: saving step {done} and stopping")
                     if checkpoints.latest_step() != done:
                         checkpoints.save(done, state, force=True)
                     break
+            with checkpoints.stop_on_errors():
+                writer.close()  # the last upload of the metrics to a bucket
         # The bar closed (on a failed run too, so that the error starts a line of its own).
         checkpoints.wait()
         if done == cfg.steps:
@@ -219,7 +223,7 @@ class Trainer:
 
     def _write_final(self, params: dict, checkpoints: RunCheckpoints) -> None:
         """OUTPUT_DIR/final: a converted checkpoint, or a LoRA run's peft adapter directory."""
-        final = self.output_dir / "final"
+        final = join(self.output_dir, "final")
         try:
             if self.lora is None:
                 save_pretrained(params, self.model_config, final, self.tokenizer, extra_files=self._carried_files(),
@@ -232,10 +236,21 @@ class Trainer:
         log.info(f"final checkpoint: {final}")
 
     def _corpus(self):
-        cache = Path(self.cfg.data_cache) if self.cfg.data_cache else self.output_dir / "data-cache"
-        return load_corpus(data_files(self.cfg), self.tokenizer, self.cfg.seq_len, cache,
-                           eval_fraction=self.cfg.eval_fraction, seed=self.cfg.seed,
-                           jsonl_field=self.cfg.jsonl_field, progress=self.progress)
+        cache = self.cfg.data_cache or join(self.output_dir, "data-cache")
+
+        def load():
+            return load_corpus(data_files(self.cfg), self.tokenizer, self.cfg.seq_len, cache,
+                               eval_fraction=self.cfg.eval_fraction, seed=self.cfg.seed,
+                               jsonl_field=self.cfg.jsonl_field, progress=self.progress)
+
+        if jax.process_count() == 1 or not is_remote(cache):
+            return load()  # a local cache is each host's own (or, shared, written atomically by each)
+        # A cache in a bucket is shared: process 0 tokenizes and writes it, then the others read their rows of it.
+        from jax.experimental import multihost_utils
+
+        corpus = load() if jax.process_index() == 0 else None
+        multihost_utils.sync_global_devices("bloom_jax: the tokenized data cache is written")
+        return corpus if corpus is not None else load()
 
     def _global_batch(self, batches, step: int, sharding) -> jax.Array:
         """This process's rows of step `step`'s batch, assembled into the global array the mesh shards."""

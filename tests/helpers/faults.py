@@ -18,20 +18,22 @@ UNPRIVILEGED = Path(__file__).with_name("unprivileged.py")
 FILLER = ".filler"
 
 
-def cli(*args, unprivileged: bool = False, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def cli(*args, unprivileged: bool = False, env: dict[str, str] | None = None, cwd: Path | None = None
+        ) -> tuple[int, str, str]:
     """`bloom-jax ARGS` in a child process: see `in_child`."""
-    return in_child("-m", "bloom_jax.cli", *args, unprivileged=unprivileged, env=env)
+    return in_child("-m", "bloom_jax.cli", *args, unprivileged=unprivileged, env=env, cwd=cwd)
 
 
-def in_child(*args, unprivileged: bool = False, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def in_child(*args, unprivileged: bool = False, env: dict[str, str] | None = None, cwd: Path | None = None
+             ) -> tuple[int, str, str]:
     """`python ARGS` in a child process (with `unprivileged`, one that permission bits stop even under root;
-    `env` added to the environment): (exit status, stdout, stderr). Skips the test where root cannot shed its
-    permission overrides."""
+    `env` added to the environment; in `cwd`): (exit status, stdout, stderr). Skips the test where root cannot
+    shed its permission overrides."""
     import pytest
 
     command = [sys.executable, *map(str, args)]
     done = subprocess.run([sys.executable, str(UNPRIVILEGED), *command] if unprivileged else command,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, cwd=cwd)
     if unprivileged and done.stderr.startswith("unprivileged.py: "):
         pytest.skip(done.stderr.strip())
     return done.returncode, done.stdout, done.stderr

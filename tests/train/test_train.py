@@ -585,7 +585,7 @@ def test_shipped_recipes_load_by_name():
     quickstart = TrainConfig.from_yaml("quickstart")
     assert (quickstart.model, quickstart.steps, quickstart.batch_size, quickstart.learning_rate) == \
         ("bloom-mini", 120, 8, 3e-3)
-    files = expand_files(data_files(quickstart))  # {python_stdlib} is this Python's standard library
+    files = [Path(f) for f in expand_files(data_files(quickstart))]  # {python_stdlib}: this Python's library
     assert len(files) > 100 and all(f.suffix == ".py" and f.parent == Path(json.__file__).parent.parent
                                     for f in files)
     assert load_config(quickstart.model).vocab_size == quickstart.tokenizer_vocab_size == 4096

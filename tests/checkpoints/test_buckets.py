@@ -1,0 +1,118 @@
+"""Checkpoints in a bucket (a real GCS server: tests/helpers/gcs.py): `convert`, `save_pretrained` and `export`
+write gs:// URLs; `from_pretrained` restores them onto a mesh, each device its shards; what a killed or failed
+write leaves never loads; a missing bucket, a denied write and a server that keeps failing are one line."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from commands import error_line, run_cli
+from faults import cli, kill, stopped
+from flax.traverse_util import flatten_dict
+from gcs import Rule, requests_to
+from reference import assert_parity
+
+from bloom_jax import BloomJaxError, from_pretrained, save_pretrained, storage
+from bloom_jax.checkpoints import convert, export, is_converted
+from bloom_jax.sharding import make_mesh, sharded_forward
+
+
+def leaves(params) -> dict:
+    return {path: np.asarray(value) for path, value in flatten_dict(params).items()}
+
+
+def test_convert_to_a_bucket_then_restore_on_a_2x4_mesh(tiny, bucket, tmp_path):
+    url = storage.join(bucket, "ckpt")
+    convert(tiny.checkpoint.directory, url, progress=False)
+    assert is_converted(url) and storage.is_file(storage.join(url, "params", "commit_success.txt"))
+    mesh = make_mesh("data=2,tensor=4")
+    model, params = from_pretrained(url, mesh=mesh, rules="fsdp_tensor")
+    # Each device holds its own shard, as read from the bucket: a tensor-sharded kernel is split 4 ways.
+    qkv = params["h"]["self_attention"]["query_key_value"]["kernel"]
+    assert len({str(shard.index) for shard in qkv.addressable_shards}) == 4
+    for path, value in leaves(tiny.params).items():
+        np.testing.assert_array_equal(leaves(params)[path], value, err_msg=str(path))
+    logits = sharded_forward(model, mesh, "fsdp_tensor")(params, tiny.ids, tiny.mask)
+    assert_parity(np.asarray(logits), tiny.ref, tiny.mask)
+
+
+def test_save_pretrained_and_export_to_a_bucket_equal_their_local_files(tiny, bucket, tmp_path):
+    url = storage.join(bucket, "saved")
+    save_pretrained(tiny.params, tiny.config, url)
+    _, restored = from_pretrained(url)
+    for path, value in leaves(tiny.params).items():
+        np.testing.assert_array_equal(leaves(restored)[path], value, err_msg=str(path))
+    with pytest.raises(BloomJaxError, match="is not empty"):
+        save_pretrained(tiny.params, tiny.config, url)
+
+    export(url, storage.join(bucket, "hf"), max_shard_size="20KB", progress=False)  # shards, and their index
+    export(url, tmp_path / "hf", max_shard_size="20KB", progress=False)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    assert len([name for name in local if name.endswith(".safetensors")]) > 1
+    assert {name: storage.read_bytes(storage.join(bucket, "hf", name)) for name in local} == local
+    assert storage.list_names(storage.join(bucket, "hf")) == sorted(local)
+
+
+def test_generate_from_a_bucket_equals_generate_from_a_directory(tiny, bucket, tmp_path):
+    from bloom_jax.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["BLOOM parle français, English et plus."] * 20, 300)
+    places = [tmp_path / "ckpt", storage.join(bucket, "ckpt")]
+    for place in places:
+        save_pretrained(tiny.params, tiny.config, place, tokenizer)
+    results = [run_cli("generate", place, "--prompt", "BLOOM parle", "--max-new-tokens", 6, "--json")
+               for place in places]
+    assert [code for code, _, _ in results] == [0, 0], results[1][2]
+    assert results[0][1] == results[1][1] and '"completion_ids": [' in results[0][1]
+
+
+def test_a_killed_convert_leaves_nothing_that_loads(tiny, bucket, tmp_path):
+    url = storage.join(bucket, "ckpt")
+    kill(stopped(tmp_path, 5, "bloom_jax.checkpoints.converted:OrbaxParamsWriter.write", "convert",
+                 str(tiny.checkpoint.directory), url))
+    assert storage.find(url) and not is_converted(url)  # some arrays were written, not the metadata
+    code, out, err = run_cli("generate", url, "--prompt", "x")
+    assert code == 2 and err.strip().splitlines()[-1] == (f"bloom-jax: error: no converted checkpoint at {url} "
+                                                          "(expected params/_METADATA)")
+    code, out, err = run_cli("convert", tiny.checkpoint.directory, url)
+    assert code == 2 and error_line(err) == f"bloom-jax: error: {url} is not empty (use --overwrite to replace it)"
+    code, out, err = run_cli("convert", tiny.checkpoint.directory, url, "--overwrite")
+    assert code == 0, err
+    _, params = from_pretrained(url)
+    np.testing.assert_array_equal(np.asarray(params["ln_f"]["bias"]), np.asarray(tiny.params["ln_f"]["bias"]))
+
+
+def test_a_missing_bucket_and_a_denied_write_are_one_line(tiny, gcs, bucket, tmp_path):
+    code, out, err = run_cli("convert", tiny.checkpoint.directory, "gs://no-such-bucket-here/ckpt")
+    assert code == 2 and error_line(err) == ("bloom-jax: error: cannot write gs://no-such-bucket-here/ckpt: there "
+                                             "is no bucket no-such-bucket-here")
+    save_pretrained(tiny.params, tiny.config, tmp_path / "ckpt")
+    gcs.proxy.add(Rule(requests_to("POST|PUT|PATCH|DELETE"), status=403))
+    for command in (["convert", tiny.checkpoint.directory], ["export", tmp_path / "ckpt"]):
+        code, out, err = run_cli(*command, storage.join(bucket, "out"))
+        assert code == 2 and error_line(err) == (f"bloom-jax: error: cannot write {bucket}/out: permission "
+                                                 "denied (HTTP 403)"), err
+    assert storage.find(bucket) == []
+
+
+@pytest.mark.slow  # the retries' backoff: about 33 s
+def test_a_server_that_keeps_failing_mid_convert_is_one_line_and_nothing_loads(tiny, gcs, bucket, tmp_path):
+    # The first few arrays land, then every write is answered 503: the retries give up, the command says where
+    # and why, and what it wrote stays incomplete (removing it would meet the same server).
+    url = storage.join(bucket, "ckpt")
+    rule = gcs.proxy.add(Rule(requests_to("POST|PUT", "ckpt/params/h"), status=503))
+    code, out, err = cli("convert", tiny.checkpoint.directory, url)
+    assert code == 2 and out == "" and "Traceback" not in err, err[-3000:]
+    assert re.fullmatch(re.escape(f"bloom-jax: error: cannot write {url}: the server answered 503 Service "
+                                  "Unavailable to every try (6 tries, 1 s to 16 s apart); what was written is left there, "
+                                  "incomplete (it does not load: write again with --overwrite)"),
+                        err.strip().splitlines()[-1]), err[-2000:]
+    assert rule.hits >= 6 and not is_converted(url)
+    gcs.proxy.clear()
+    code, out, err = run_cli("convert", tiny.checkpoint.directory, url, "--overwrite")
+    assert code == 0, err
+    restored = leaves(from_pretrained(url)[1])
+    for path, value in leaves(tiny.params).items():
+        np.testing.assert_array_equal(restored[path], value, err_msg=str(path))
