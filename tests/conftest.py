@@ -20,7 +20,8 @@ with socket.socket() as _s:
     _s.bind(("127.0.0.1", 0))
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{_s.getsockname()[1]}"
 # What bloom_jax derives from it: a pytest-xdist worker inherits its parent's, which point at the parent's server.
-for _derived in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+for _derived in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+                 "FSSPEC_GS_TOKEN"):
     os.environ.pop(_derived, None)
 
 import dataclasses  # noqa: E402

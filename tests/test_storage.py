@@ -93,6 +93,7 @@ def test_an_appended_file_in_a_bucket_is_uploaded_whole_at_each_flush(bucket):
     assert storage.read_bytes(url).endswith(b'{"step": 5}\n')
 
 
+@pytest.mark.slow  # the backoff: about 12 s
 def test_429_and_503_are_retried_with_backoff(gcs, bucket):
     # Two refusals of each kind, then the server answers: the write lands, after gcsfs's backoff (1 s, then 2 s,
     # with up to 1 s of jitter each) and TensorStore's (the same policy: 1 s, 2 s).

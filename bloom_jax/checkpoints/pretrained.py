@@ -16,7 +16,7 @@ from bloom_jax.config import BloomConfig, parse_dtype
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import BloomForCausalLM, make_model
 from bloom_jax.sharding import ShardingPlan
-from bloom_jax.storage import is_remote, join, read_bytes
+from bloom_jax.storage import join, read_bytes
 
 
 def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
@@ -26,7 +26,8 @@ def from_pretrained(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
     Args:
       path: a converted checkpoint (`bloom-jax convert`, `save_pretrained`; a directory or a URL such as
-        `gs://...`), a directory with `config.json` and weights in any Hugging Face layout, or a hub id.
+        `gs://...`), a directory with `config.json` and weights in any Hugging Face layout (local, or in a
+        bucket: fetched into a local mirror first), or a hub id.
       mesh: devices to shard the parameters over (`bloom_jax.sharding.make_mesh`); None: the first device.
       dtype: compute dtype ("float32" when None, "bfloat16", "float16").
       param_dtype: storage dtype of the parameters, cast on load; defaults to `dtype`.
@@ -57,8 +58,6 @@ def read_model_config(path: str | os.PathLike, converted: bool | None = None) ->
     it is known to be a converted checkpoint; None: look)."""
     if is_converted(path) if converted is None else converted:
         return read_config(path)
-    if is_remote(path):
-        raise BloomJaxError(f"no converted checkpoint at {path} (expected params/_METADATA)")
     return BloomConfig.from_json(resolve_model_dir(path) / "config.json")
 
 
@@ -88,10 +87,11 @@ def read_generation_config(path: str | os.PathLike) -> dict | None:
 
 
 def checkpoint_location(path: str | os.PathLike) -> str | os.PathLike:
-    """Where a checkpoint's files are: a converted checkpoint or URL itself, a Hugging Face directory, or a hub
-    id's directory in huggingface_hub's cache (fetched if need be). Resolve a hub id once with this and pass the
+    """Where a checkpoint's files are: a converted checkpoint itself (a directory or URL), a Hugging Face
+    directory, a hub id's directory in huggingface_hub's cache, or a bucket directory's local mirror (either
+    fetched if need be). Resolve a hub id once with this and pass the
     result on: each resolution of a hub id online asks the hub."""
-    return path if is_remote(path) or is_converted(path) else resolve_model_dir(path)
+    return path if is_converted(path) else resolve_model_dir(path)
 
 
 def read_side_file(path: str | os.PathLike, name: str) -> bytes | None:

@@ -68,14 +68,37 @@ def test_generate_from_a_bucket_equals_generate_from_a_directory(tiny, bucket, t
     assert results[0][1] == results[1][1] and '"completion_ids": [' in results[0][1]
 
 
+def test_a_hugging_face_directory_in_a_bucket_loads_and_converts_through_a_local_mirror(tiny, bucket, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setenv("BLOOM_JAX_CACHE", str(tmp_path / "cache"))
+    source = tiny.checkpoint.directory
+    url = storage.join(bucket, "hf")
+    for path in source.iterdir():
+        storage.write_bytes(storage.join(url, path.name), path.read_bytes())
+    _, params = from_pretrained(url)
+    for path, value in leaves(tiny.params).items():
+        np.testing.assert_array_equal(leaves(params)[path], value, err_msg=str(path))
+    mirrored = tmp_path / "cache" / "buckets" / url.split("://", 1)[1]
+    assert sorted(p.name for p in mirrored.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in source.iterdir())
+    fetched = {p.name: p.stat().st_mtime_ns for p in mirrored.iterdir()}
+    code, out, err = run_cli("convert", url, storage.join(bucket, "converted"))  # the mirror is up to date
+    assert code == 0 and "fetching" not in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in mirrored.iterdir()} == fetched
+    _, converted = from_pretrained(storage.join(bucket, "converted"))
+    np.testing.assert_array_equal(np.asarray(converted["ln_f"]["bias"]), np.asarray(tiny.params["ln_f"]["bias"]))
+
+
+@pytest.mark.slow  # a child process, killed, and three commands after it
 def test_a_killed_convert_leaves_nothing_that_loads(tiny, bucket, tmp_path):
     url = storage.join(bucket, "ckpt")
     kill(stopped(tmp_path, 5, "bloom_jax.checkpoints.converted:OrbaxParamsWriter.write", "convert",
                  str(tiny.checkpoint.directory), url))
     assert storage.find(url) and not is_converted(url)  # some arrays were written, not the metadata
     code, out, err = run_cli("generate", url, "--prompt", "x")
-    assert code == 2 and err.strip().splitlines()[-1] == (f"bloom-jax: error: no converted checkpoint at {url} "
-                                                          "(expected params/_METADATA)")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"bloom-jax: error: {url} is neither a converted checkpoint (no params/_METADATA) nor a Hugging Face "
+        "directory (no config.json)")
     code, out, err = run_cli("convert", tiny.checkpoint.directory, url)
     assert code == 2 and error_line(err) == f"bloom-jax: error: {url} is not empty (use --overwrite to replace it)"
     code, out, err = run_cli("convert", tiny.checkpoint.directory, url, "--overwrite")

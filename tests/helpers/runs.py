@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -68,3 +71,26 @@ def persistent_compilation_cache(directory: Path):
         for name, value in before.items():
             jax.config.update(name, value)
         jax_cache.reset_cache()
+
+
+def two_processes(recipe: Path, overrides: list[str], stop_step: int = 0, env: list[dict] | None = None
+                  ) -> list[tuple[str, str]]:
+    """`bloom-jax train RECIPE OVERRIDES` as a 2-process run, 4 CPU devices each (train_worker.py; process 1 gets
+    SIGTERM during `stop_step`, 0: never), each process's environment updated with `env[i]`; asserts both
+    succeeded and returns their (stdout, stderr)."""
+    from commands import WORKERS, free_port
+
+    port, worker = free_port(), WORKERS / "train_worker.py"
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(stop_step), str(recipe),
+                               *overrides], env={**base, **(env[i] if env else {})}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return outputs

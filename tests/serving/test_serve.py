@@ -566,6 +566,27 @@ def test_the_readme_serving_examples_run(gen, checkpoint, tmp_path):
         assert process.wait(30) in (0, -15)
 
 
+def test_a_checkpoint_in_a_bucket_serves_what_a_local_one_does(gen, checkpoint, bucket):
+    from bloom_jax import storage
+    from bloom_jax.checkpoints import convert, read_side_file
+
+    url = storage.join(bucket, "served")
+    convert(checkpoint, url, progress=False)
+    engine = Engine(Generator.from_pretrained(url), max_slots=2, max_length=MAX_LENGTH).start()
+    template = ChatTemplate.load(None, read_side_file(url, "tokenizer_config.json"))
+    try:
+        with ServerThread(Server(engine, "tiny", template).app()) as server:
+            completion = httpx.post(f"{server}/v1/completions", timeout=120,
+                                    json={"prompt": "The cat sat", "max_tokens": 8, "temperature": 0}).json()
+            chat = httpx.post(f"{server}/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": "Paris?"}], "max_tokens": 4, "temperature": 0}).json()
+    finally:
+        engine.stop()
+    assert completion["choices"][0]["text"] == gen.generate(["The cat sat"], 8, temperature=0.0)[0].completion
+    prompt = template.render([{"role": "user", "content": "Paris?"}])
+    assert chat["choices"][0]["message"]["content"] == gen.generate([prompt], 4, temperature=0.0)[0].completion
+
+
 def test_serve_flag_mistakes_are_one_line_errors(checkpoint, capsys):
     from bloom_jax.cli import main
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from commands import WORKERS, error_line, free_port, run_cli
+from commands import error_line, free_port, run_cli
 from faults import cli, kill, stopped
 from flax.traverse_util import flatten_dict
 from gcs import FaultProxy, Rule, requests_to
-from runs import RECIPE, without_timing
+from runs import RECIPE, two_processes, without_timing
 
 from bloom_jax import from_pretrained, storage
 
@@ -119,21 +119,12 @@ def test_two_processes_share_a_bucket_process_0_writing_what_they_share(run_a, r
     overrides = [f"output_dir={output_dir}", f"train_data=[{upload_data(bucket)}]", "steps=8"]
     second = FaultProxy(f"127.0.0.1:{gcs.server_port}", free_port())  # process 1's own way in, to see its requests
     second.start()
-    port, worker = free_port(), WORKERS / "train_worker.py"
-    envs = [{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} for _ in range(2)]
-    envs[1].update(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{second.port}",
-                   TENSORSTORE_GCS_HTTP_URL=f"http://127.0.0.1:{second.port}")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), "0", str(recipe_file), *overrides],
-                              env=envs[i], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    address = f"http://127.0.0.1:{second.port}"
     try:
-        outputs = [p.communicate(timeout=400) for p in procs]
+        two_processes(recipe_file, overrides, env=[{}, {"STORAGE_EMULATOR_HOST": address,
+                                                       "TENSORSTORE_GCS_HTTP_URL": address}])
     finally:
-        for p in procs:
-            p.kill()
         second.stop()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
     # Steps 1 to 5 share run A's learning rates (warmup, 4 steps); from step 6 the shorter run decays sooner.
     reference = [json.loads(line) for line in (a_dir / "metrics.jsonl").open()]
     for ours, ref in zip(bucket_metrics(output_dir)[:5], reference):
@@ -189,3 +180,22 @@ def test_a_run_into_a_missing_bucket_or_a_denied_one_is_one_line_before_any_work
     code, out, err = run_cli("train", recipe_file, f"output_dir={bucket}/run")
     assert code == 2 and error_line(err) == f"bloom-jax: error: cannot write {bucket}/run: permission denied (HTTP 403)"
     assert storage.find(bucket) == []
+
+
+def test_eval_reads_its_data_from_a_bucket_as_from_a_directory(run_a, bucket):
+    a_dir, _ = run_a
+    results = [run_cli("eval", a_dir / "final", "--data", data, "--seq-len", 32, "--max-batches", 2)
+               for data in (str(Path(json.__file__).parent / "*.py"), upload_data(bucket))]
+    assert [code for code, _, _ in results] == [0, 0], results[1][2][-2000:]
+    assert json.loads(results[0][1]) == json.loads(results[1][1])
+
+
+def test_the_pod_launcher_writes_the_run_to_a_bucket(tmp_path):
+    launcher = Path(__file__).resolve().parents[2] / "scripts" / "launch_tpu_pod.py"
+    base = [sys.executable, str(launcher), "--tpu", "pod", "--zone", "z", "--package", "pkg", "--recipe", "r.yaml",
+            "--dry-run"]
+    done = subprocess.run([*base, "--bucket", "gs://b", "steps=5"], capture_output=True, text=True)
+    assert done.returncode == 0 and "bloom-jax train r.yaml output_dir=gs://b/runs/pod steps=5 --multihost" in \
+        done.stdout
+    done = subprocess.run(base, capture_output=True, text=True)
+    assert done.returncode == 2 and "--bucket gs://BUCKET is needed" in done.stderr

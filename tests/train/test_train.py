@@ -17,8 +17,6 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -29,9 +27,18 @@ import numpy as np
 import optax
 import pytest
 from flax.traverse_util import flatten_dict
-from commands import WORKERS, error_line, free_port, run_cli
+from commands import error_line, run_cli
 from reference import hf_model, random_ids, save_hf, tiny_config
-from runs import MESH, RECIPE, checkpoint_steps, read_metrics, same_final_weights, without_timing, write_recipe
+from runs import (
+    MESH,
+    RECIPE,
+    checkpoint_steps,
+    read_metrics,
+    same_final_weights,
+    two_processes,
+    without_timing,
+    write_recipe,
+)
 
 from bloom_jax import Generator, from_pretrained
 from bloom_jax.checkpoints import hf
@@ -803,18 +810,7 @@ def test_two_processes_train_as_one(run_a, recipe_file, tmp_path):
                 eval_fraction=RECIPE["eval_fraction"], seed=0)
     output_dir = tmp_path / "out"
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={cache}"]
-    port, worker = free_port(), WORKERS / "train_worker.py"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(MULTIHOST_STOP), str(recipe_file),
-                               *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = two_processes(recipe_file, overrides, stop_step=MULTIHOST_STOP)
     # The result is the last line of stdout (gloo prints "[Gloo] Rank 0 is connected ..." lines there first).
     printed = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert [p["step"] for p in printed] == [MULTIHOST_STOP] * 2
