@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from bloom_jax import storage
 from bloom_jax.errors import BloomJaxError, RunFailed, Terminated
 from bloom_jax.log import get_logger
 
@@ -153,7 +154,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
-            text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text()
+            if args.prompts_file == "-":
+                text = sys.stdin.read()
+            elif storage.is_remote(args.prompts_file):
+                data = storage.read_bytes(args.prompts_file)
+                if data is None:
+                    raise BloomJaxError(f"cannot read {args.prompts_file}: no such file")
+                text = data.decode()
+            else:
+                text = Path(args.prompts_file).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise BloomJaxError(f"cannot read {args.prompts_file}: {getattr(e, 'strerror', None) or e}") from None
         prompts += [line for line in text.splitlines() if line.strip()]

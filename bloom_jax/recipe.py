@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bloom_jax import storage
 from bloom_jax.config import configs_dir
 from bloom_jax.errors import BloomJaxError
 
@@ -127,14 +128,18 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
-        """A recipe file (a path, or a name of configs/train/) with `key=value` overrides (values in YAML)."""
+        """A recipe file (a path or a URL, or a name of configs/train/) with `key=value` overrides (values in
+        YAML)."""
         import yaml
 
-        recipe = Path(path)
-        if not recipe.is_file() and (configs_dir() / "train" / f"{path}.yaml").is_file():
-            recipe = configs_dir() / "train" / f"{path}.yaml"
+        recipe, shipped = Path(path), configs_dir() / "train" / f"{path}.yaml"
+        if not storage.is_remote(path) and not recipe.is_file() and shipped.is_file():
+            recipe = shipped
         try:
-            data = yaml.safe_load(recipe.read_text()) or {}
+            text = storage.read_bytes(path) if storage.is_remote(path) else recipe.read_bytes()
+            if text is None:
+                raise BloomJaxError(f"cannot read {path}: no such file")
+            data = yaml.safe_load(text) or {}
         except OSError as e:
             raise BloomJaxError(f"cannot read {path}: {e.strerror}") from None
         except yaml.YAMLError as e:

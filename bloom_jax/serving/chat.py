@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from bloom_jax import storage
 from bloom_jax.errors import BloomJaxError, one_line
 
 
@@ -47,6 +48,11 @@ class ChatTemplate:
                    for name in ("bos_token", "eos_token", "pad_token", "unk_token")
                    if isinstance(token := config.get(name), (str, dict))}
         if given is not None:
+            if storage.is_remote(given):
+                data = storage.read_bytes(given)
+                if data is None:
+                    raise BloomJaxError(f"--chat-template: no such file: {given}")
+                return cls(data.decode(), special, str(given))
             path = Path(given)
             if path.is_file():
                 return cls(path.read_text(), special, str(path))

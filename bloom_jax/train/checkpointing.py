@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -184,9 +185,17 @@ class RunCheckpoints:
             self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001 - a save the same disk failed: the caller says what is kept
             pass
-        if not is_remote(self.directory):
-            for partial in storage.glob(join(self.directory, "*.orbax-checkpoint-tmp*")):
+        if is_remote(self.directory):
+            return
+        # Orbax reports a failed save at its first failed write, while TensorStore may still be finishing the
+        # others: what they write after a removal is removed in turn, until the directory stays gone (0.2 s).
+        for _ in range(25):
+            partials = storage.glob(join(self.directory, "*.orbax-checkpoint-tmp*"))
+            if not partials:
+                return
+            for partial in partials:
                 storage.remove_tree(partial)
+            time.sleep(0.2)
 
     def _kept(self) -> str:
         latest = self.manager.latest_step()

@@ -62,10 +62,12 @@ def test_generate_from_a_bucket_equals_generate_from_a_directory(tiny, bucket, t
     places = [tmp_path / "ckpt", storage.join(bucket, "ckpt")]
     for place in places:
         save_pretrained(tiny.params, tiny.config, place, tokenizer)
-    results = [run_cli("generate", place, "--prompt", "BLOOM parle", "--max-new-tokens", 6, "--json")
+    prompts = storage.join(bucket, "prompts.txt")  # a prompts file may live in the bucket too
+    storage.write_bytes(prompts, "BLOOM parle\nEnglish et\n".encode())
+    results = [run_cli("generate", place, "--prompts-file", prompts, "--max-new-tokens", 6, "--json")
                for place in places]
     assert [code for code, _, _ in results] == [0, 0], results[1][2]
-    assert results[0][1] == results[1][1] and '"completion_ids": [' in results[0][1]
+    assert results[0][1] == results[1][1] and results[0][1].count('"completion_ids": [') == 2
 
 
 def test_a_hugging_face_directory_in_a_bucket_loads_and_converts_through_a_local_mirror(tiny, bucket, tmp_path,

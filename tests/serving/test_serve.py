@@ -572,6 +572,9 @@ def test_a_checkpoint_in_a_bucket_serves_what_a_local_one_does(gen, checkpoint, 
 
     url = storage.join(bucket, "served")
     convert(checkpoint, url, progress=False)
+    storage.write_bytes(storage.join(bucket, "template.jinja"), TEMPLATE.encode())  # --chat-template from it
+    assert ChatTemplate.load(storage.join(bucket, "template.jinja"), None).render(
+        [{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
     engine = Engine(Generator.from_pretrained(url), max_slots=2, max_length=MAX_LENGTH).start()
     template = ChatTemplate.load(None, read_side_file(url, "tokenizer_config.json"))
     try:

@@ -199,3 +199,14 @@ def test_the_pod_launcher_writes_the_run_to_a_bucket(tmp_path):
         done.stdout
     done = subprocess.run(base, capture_output=True, text=True)
     assert done.returncode == 2 and "--bucket gs://BUCKET is needed" in done.stderr
+
+
+def test_a_recipe_in_a_bucket_reads_as_a_local_one(recipe_file, bucket):
+    from bloom_jax.errors import BloomJaxError
+    from bloom_jax.recipe import TrainConfig
+
+    url = storage.join(bucket, "recipe.yaml")
+    storage.write_bytes(url, recipe_file.read_bytes())
+    assert TrainConfig.from_yaml(url, ["steps=3"]) == TrainConfig.from_yaml(recipe_file, ["steps=3"])
+    with pytest.raises(BloomJaxError, match=f"cannot read {bucket}/nope.yaml: no such file"):
+        TrainConfig.from_yaml(storage.join(bucket, "nope.yaml"))
