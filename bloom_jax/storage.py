@@ -14,8 +14,8 @@ call).
 
 Faults. Requests that GCS answers 429 or 5xx, or that cannot connect, are tried 6 times with exponential
 backoff (1, 2, 4, 8, 16 s apart, jittered: 31 s to a minute in all; gcsfs's policy, given to TensorStore too,
-whose own default goes on for up to 17 minutes); then the operation fails, and `wire_error` says why in a few
-words for the one line the user sees.
+whose own default retries 32 times, up to 32 s apart: a quarter of an hour and more); then the operation
+fails, and `wire_error` says why in a few words for the one line the user sees.
 """
 
 from __future__ import annotations
@@ -418,13 +418,15 @@ _ORBAX_READY = False
 
 def orbax():
     """`orbax.checkpoint`, its TensorStore contexts given this module's GCS retry policy (Orbax builds them with
-    none set, whose default waits up to 17 minutes before a save to a stopped server fails)."""
+    none set: TensorStore's default keeps a save to a stopped server going a quarter of an hour and more)."""
     global _ORBAX_READY
     import orbax.checkpoint as ocp
 
     if not _ORBAX_READY:
-        from orbax.checkpoint._src.serialization import tensorstore_utils
-
+        try:  # Orbax's private defaults (0.11.26 to 0.12): a later Orbax without them keeps TensorStore's policy
+            from orbax.checkpoint._src.serialization import tensorstore_utils
+        except ImportError:
+            tensorstore_utils = None
         for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
             getattr(tensorstore_utils, name, {}).setdefault("gcs_request_retries", _TS_RETRIES)
         _ORBAX_READY = True
