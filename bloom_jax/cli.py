@@ -214,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from bloom_jax.checkpoints import read_side_file
     from bloom_jax.serving.app import Server, serve
-    from bloom_jax.serving.chat import ChatTemplate
+    from bloom_jax.chat import ChatTemplate
     from bloom_jax.serving.engine import Engine
 
     api_key = args.api_key or os.environ.get("BLOOM_JAX_API_KEY") or None

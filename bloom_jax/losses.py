@@ -30,27 +30,36 @@ _LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def next_token_loss(model: BloomForCausalLM, params: Any, tokens: jax.Array,
-                    dropout_rng: jax.Array | None = None, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> jax.Array:
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], for token windows int [b, s + 1]
-    (packed: no padding). Dropout runs when `dropout_rng` is given. The logits are made `chunk_tokens` tokens
-    per device at a time (`tied_head_cross_entropy`); all at once when they are no more than that."""
+                    dropout_rng: jax.Array | None = None, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                    weights: jax.Array | None = None) -> jax.Array:
+    """Cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], for token windows int [b, s + 1]: the mean
+    over every target, or with `weights` (float [b, s], one per target) the weighted sum: the mean over the
+    targets that count when they weigh 1 / their number (a completion-only loss: 0 on prompts and padding).
+    Dropout runs when `dropout_rng` is given. The logits are made `chunk_tokens` tokens per device at a time
+    (`tied_head_cross_entropy`); all at once when they are no more than that."""
     inputs_bs, targets_bs = tokens[:, :-1], tokens[:, 1:]
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     b, s = targets_bs.shape
     positions = max(1, min(s, chunk_tokens * _batch_shards(b) // b))
     if positions == s:  # one chunk would save nothing: the plain path, the program XLA:CPU runs fastest
         logits_bsv = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits_bsv, targets_bs).mean()
+        ce_bs = optax.softmax_cross_entropy_with_integer_labels(logits_bsv, targets_bs)
+        return ce_bs.mean() if weights is None else jnp.sum(ce_bs * weights)
     hidden_bsd = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs,
                              return_hidden=True)
     table_vd = params["word_embeddings"]["embedding"].astype(model.dtype)
-    return tied_head_cross_entropy(hidden_bsd, table_vd, targets_bs, positions)
+    return tied_head_cross_entropy(hidden_bsd, table_vd, targets_bs, positions, weights)
 
 
-def tied_head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
-    """Mean cross-entropy, float32 [], of logits = hidden [b, s, d] . table [V, d]^T (accumulated in float32)
-    against targets int [b, s], computed `chunk` positions at a time; differentiable in `hidden` and `table`."""
-    return _mean_cross_entropy(hidden, table, targets, chunk)
+def tied_head_cross_entropy(hidden: jax.Array, table: jax.Array, targets: jax.Array, chunk: int,
+                            weights: jax.Array | None = None) -> jax.Array:
+    """Cross-entropy, float32 [], of logits = hidden [b, s, d] . table [V, d]^T (accumulated in float32) against
+    targets int [b, s], computed `chunk` positions at a time: the mean, or with `weights` float [b, s] the
+    weighted sum; differentiable in `hidden` and `table`."""
+    b, s = targets.shape
+    # Each token weighs 1 / (b s), as in the mean whose gradient autodiff would take (the same roundings).
+    weights = jnp.full((b, s), 1.0 / (b * s), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return _weighted_cross_entropy(hidden, table, targets, weights, chunk)
 
 
 def _batch_shards(batch: int) -> int:
@@ -93,13 +102,11 @@ def _chunk_terms(hidden_bcd, table_vd, targets_bc, weight_bc, with_gradients: bo
     return loss, d_hidden_bcd, d_table_vd
 
 
-def _scan_chunks(hidden, table, targets, chunk, with_gradients, table_gradient=True):
-    """(mean loss, d_hidden [b, s, d] or None, d_table [V, d] or None) over all chunks; d_table only with
-    `table_gradient` (a frozen table, as in LoRA, needs none: 3.8 GiB of float32 for bloom-7b1's)."""
+def _scan_chunks(hidden, table, targets, weight_bs, chunk, with_gradients, table_gradient=True):
+    """(weighted loss, d_hidden [b, s, d] or None, d_table [V, d] or None) over all chunks; d_table only with
+    `table_gradient` (a frozen table, as in LoRA, needs none: 3.8 GiB of float32 for bloom-7b1's). The chunks'
+    padding positions weigh 0."""
     b, s, d = hidden.shape
-    # Each token weighs 1 / (b s), as in the mean whose gradient autodiff would take (the same roundings);
-    # padding positions weigh 0.
-    weight_bs = jnp.full((b, s), 1.0 / (b * s), jnp.float32)
     table_gradient = with_gradients and table_gradient
     if chunk >= s:  # one chunk: no loop (which would keep XLA from fusing across the chunk's edges)
         return _chunk_terms(hidden, table, targets, weight_bs, with_gradients, table_gradient)
@@ -119,28 +126,29 @@ def _scan_chunks(hidden, table, targets, chunk, with_gradients, table_gradient=T
     return total, d_hidden, d_table
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mean_cross_entropy(hidden, table, targets, chunk):
-    return _scan_chunks(hidden, table, targets, chunk, with_gradients=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _weighted_cross_entropy(hidden, table, targets, weights, chunk):
+    return _scan_chunks(hidden, table, targets, weights, chunk, with_gradients=False)[0]
 
 
-def _mean_cross_entropy_fwd(hidden, table, targets, chunk):
+def _weighted_cross_entropy_fwd(hidden, table, targets, weights, chunk):
     # symbolic_zeros: each input comes with `perturbed`, whether it is differentiated; a frozen table is not.
-    total, d_hidden, d_table = _scan_chunks(hidden.value, table.value, targets.value, chunk, with_gradients=True,
-                                            table_gradient=table.perturbed)
+    total, d_hidden, d_table = _scan_chunks(hidden.value, table.value, targets.value, weights.value, chunk,
+                                            with_gradients=True, table_gradient=table.perturbed)
     # Empty arrays carry the inputs' dtypes (residuals must be arrays); the shapes are static.
     dtypes = (jnp.zeros((0,), hidden.value.dtype), jnp.zeros((0,), table.value.dtype))
     return total, (d_hidden, d_table, dtypes, targets.value.shape)
 
 
-def _mean_cross_entropy_bwd(chunk, residuals, g):
+def _weighted_cross_entropy_bwd(chunk, residuals, g):
     d_hidden, d_table, (hidden_dtype, table_dtype), targets_shape = residuals
     del chunk
     d_table = (g * d_table).astype(table_dtype.dtype) if d_table is not None else None  # None: a symbolic zero
-    return ((g * d_hidden).astype(hidden_dtype.dtype), d_table, np.zeros(targets_shape, jax.dtypes.float0))
+    # The weights are data (not differentiated): a symbolic zero.
+    return ((g * d_hidden).astype(hidden_dtype.dtype), d_table, np.zeros(targets_shape, jax.dtypes.float0), None)
 
 
-_mean_cross_entropy.defvjp(_mean_cross_entropy_fwd, _mean_cross_entropy_bwd, symbolic_zeros=True)
+_weighted_cross_entropy.defvjp(_weighted_cross_entropy_fwd, _weighted_cross_entropy_bwd, symbolic_zeros=True)
 
 
 __all__ = ["LOSS_CHUNK_TOKENS", "next_token_loss", "tied_head_cross_entropy"]

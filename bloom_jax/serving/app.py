@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.serving import protocol
-from bloom_jax.serving.chat import ChatTemplate
+from bloom_jax.chat import ChatTemplate
 from bloom_jax.serving.engine import (
     Engine,
     EngineStopped,

@@ -24,33 +24,44 @@ from bloom_jax.recipe import TrainConfig
 
 def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation, grad_accum: int, seed: int,
                dropout: bool, state: dict, tokens: jax.Array,
-               loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, frozen: dict | None = None) -> tuple[dict, dict]:
+               loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, frozen: dict | None = None,
+               loss_mask: jax.Array | None = None) -> tuple[dict, dict]:
     """One optimizer step on a global batch of token windows [b, s + 1], split into `grad_accum` equal
-    micro-batches whose gradients are averaged (so equal to one batch k times as large). Returns the new state
-    and metrics. With `frozen` (a LoRA run's base weights) `state["params"]` are the adapters: the model runs on
-    both, and only the adapters get gradients and updates."""
+    micro-batches whose gradients add up to those of the whole batch. Returns the new state and metrics. The loss
+    is the mean over every target, or with `loss_mask` (float [b, s], 1 on the targets that count: a
+    completion-only loss) the mean over the targets it marks in the whole batch, as TRL computes it. With `frozen`
+    (a LoRA run's base weights) `state["params"]` are the adapters: the model runs on both, and only the adapters
+    get gradients and updates."""
     tokens_bs1 = tokens
     batch = tokens_bs1.shape[0]
     micro_mbs1 = tokens_bs1.reshape(grad_accum, batch // grad_accum, tokens_bs1.shape[1])
     step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
     params = state["params"]
+    if loss_mask is None:  # each micro-batch's mean; their gradients averaged below
+        weights_mbs = None
+    else:  # each target weighs 1 / (the targets marked in the whole batch); the micro-batches' gradients add up
+        weights_bs = loss_mask.astype(jnp.float32) / jnp.maximum(jnp.sum(loss_mask.astype(jnp.float32)), 1.0)
+        weights_mbs = weights_bs.reshape(grad_accum, batch // grad_accum, weights_bs.shape[1])
 
     def micro_step(grad_sum, inputs):
-        tokens, index = inputs
+        tokens, weights, index = inputs
         rng = jax.random.fold_in(step_key, index) if dropout else None
         def loss_of(trained):
             everything = trained if frozen is None else merge_trees(frozen, trained)
-            return next_token_loss(model, everything, tokens, rng, loss_chunk_tokens)
+            return next_token_loss(model, everything, tokens, rng, loss_chunk_tokens, weights)
 
         loss, grads = jax.value_and_grad(loss_of)(params)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, losses = lax.scan(micro_step, zeros, (micro_mbs1, jnp.arange(grad_accum)))
-    grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+    grad_sum, losses = lax.scan(micro_step, zeros, (micro_mbs1, weights_mbs, jnp.arange(grad_accum)))
+    if loss_mask is None:
+        grads, loss = jax.tree.map(lambda g: g / grad_accum, grad_sum), losses.mean()
+    else:
+        grads, loss = grad_sum, losses.sum()
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    loss, grad_norm = losses.mean(), optax.global_norm(grads)
+    grad_norm = optax.global_norm(grads)
     # A finite loss can still come with non-finite gradients or weights; no such state may be checkpointed.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(new_params))
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}

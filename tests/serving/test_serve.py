@@ -28,7 +28,7 @@ from reference import hf_model, save_hf, tiny_config
 from bloom_jax.generate import Generator
 from bloom_jax.serving import batch as device
 from bloom_jax.serving.app import Server, ServerThread
-from bloom_jax.serving.chat import ChatTemplate
+from bloom_jax.chat import ChatTemplate
 from bloom_jax.serving.engine import Engine, Finished, PromptScored, Request, SamplingParams, Token, _find_stop, _held
 from bloom_jax.tokenizer import train_tokenizer
 

@@ -35,9 +35,11 @@ class ChatTemplate:
         self.origin = origin
 
     @classmethod
-    def load(cls, given: str | os.PathLike | None, tokenizer_config: bytes | None) -> ChatTemplate | None:
-        """`given` (a file, or the template's text when it is no file), else the `chat_template` of a
-        `tokenizer_config.json` (its text; None: there is none); None when neither has one."""
+    def load(cls, given: str | os.PathLike | None, tokenizer_config: bytes | None,
+             setting: str = "--chat-template") -> ChatTemplate | None:
+        """`given` (a file, a URL, or the template's text when it is no file), else the `chat_template` of a
+        `tokenizer_config.json` (its text; None: there is none); None when neither has one. `setting` names where
+        `given` came from in errors."""
         config = {}
         if tokenizer_config is not None:
             try:
@@ -51,14 +53,14 @@ class ChatTemplate:
             if storage.is_remote(given):
                 data = storage.read_bytes(given)
                 if data is None:
-                    raise BloomJaxError(f"--chat-template: no such file: {given}")
+                    raise BloomJaxError(f"{setting}: no such file: {given}")
                 return cls(data.decode(), special, str(given))
             path = Path(given)
             if path.is_file():
                 return cls(path.read_text(), special, str(path))
             if "{" not in str(given):
-                raise BloomJaxError(f"--chat-template: {given} is neither a file nor a Jinja template")
-            return cls(str(given), special, "--chat-template")
+                raise BloomJaxError(f"{setting}: {given} is neither a file nor a Jinja template")
+            return cls(str(given), special, setting)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
