@@ -31,8 +31,7 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise BloomJaxError(f"{origin}: not a valid Jinja template: {one_line(e)}") from None
-        self.special_tokens = special_tokens or {}
-        self.origin = origin
+        self.source, self.special_tokens, self.origin = source, special_tokens or {}, origin
 
     @classmethod
     def load(cls, given: str | os.PathLike | None, tokenizer_config: bytes | None,

@@ -307,13 +307,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Perplexity of a checkpoint on text or JSONL files."""
+    """Perplexity of a checkpoint on text or JSONL files; on instruction data, the loss on the answers."""
     from bloom_jax.runtime import reuse_host_memory
+    from bloom_jax.sft import Fields
     from bloom_jax.train import evaluate
 
     reuse_host_memory()
+    fields = Fields(prompt=args.prompt_field, completion=args.completion_field, messages=args.messages_field)
     result = evaluate(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                      max_batches=args.max_batches, jsonl_field=args.jsonl_field)
+                      max_batches=args.max_batches, jsonl_field=args.jsonl_field, data_format=args.data_format,
+                      fields=fields, chat_template=args.chat_template)
     print(json.dumps({"checkpoint": args.checkpoint, **result}))
 
 
@@ -481,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index, from 0")
     p.add_argument("--cpu-devices", type=_positive_int, default=None, help="simulate this many CPU devices")
 
-    p = command("eval", "perplexity of a checkpoint on text or JSONL files", cmd_eval)
+    p = command("eval", "perplexity of a checkpoint on text or JSONL files (instruction data: on the answers)",
+                cmd_eval)
     p.add_argument("checkpoint", help="converted checkpoint (e.g. a training run's final/; directory or URL), HF "
                    "dir or hub id")
     p.add_argument("--data", nargs="+", required=True, help="text/JSONL files, directories or globs (paths or URLs)")
@@ -489,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many (default: all)")
     p.add_argument("--jsonl-field", default="text", help="the field of a JSONL line that holds its document")
+    p.add_argument("--data-format", default="auto", choices=("auto", "text", "prompt_completion", "chat"),
+                   help="text, or instruction data scored on its answers (auto: what the files' first lines hold)")
+    p.add_argument("--prompt-field", default="prompt", help="prompt_completion: the prompt's field (xP3's "
+                   "inputs/targets are found too)")
+    p.add_argument("--completion-field", default="completion", help="prompt_completion: the answer's field")
+    p.add_argument("--messages-field", default="messages", help="chat: the conversation's field")
+    p.add_argument("--chat-template", default=None, help="chat: a Jinja template, file or URL (default: the "
+                   "checkpoint's tokenizer config's)")
 
     p = command("tokenizer", "tokenizer tools")
     tokenizer_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=_Parser,

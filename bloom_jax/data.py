@@ -127,13 +127,27 @@ def iter_documents(files: Files, jsonl_field: str = "text") -> Iterator[str]:
 
 def _documents(paths: list[str], jsonl_field: str) -> Iterator[str]:
     for path in paths:
-        if os.path.splitext(storage.name_of(path))[1].lower() in JSONL_SUFFIXES:
+        if is_jsonl(path):
             yield from _jsonl_documents(path, jsonl_field)
         else:
             yield _text_document(path)
 
 
 def _jsonl_documents(path: str, field: str) -> Iterator[str]:
+    for number, record in jsonl_records(path):
+        if not isinstance(record.get(field), str):
+            raise BloomJaxError(f"{path}:{number}: no string field {field!r}")
+        yield record[field]
+
+
+def is_jsonl(path: str) -> bool:
+    """Whether a file holds one JSON object per line (by its suffix, `.jsonl` or `.json`)."""
+    return os.path.splitext(storage.name_of(path))[1].lower() in JSONL_SUFFIXES
+
+
+def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file (a path or URL, streamed); a line that is not
+    UTF-8, not JSON or not an object is an error naming the file and line."""
     with storage.open_read(path) as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -147,9 +161,9 @@ def _jsonl_documents(path: str, field: str) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise BloomJaxError(f"{path}:{number}: not a JSON line ({e.msg}); expected one JSON object per line"
                                     ) from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise BloomJaxError(f"{path}:{number}: no string field {field!r}")
-            yield record[field]
+            if not isinstance(record, dict):
+                raise BloomJaxError(f"{path}:{number}: not a JSON object")
+            yield number, record
 
 
 def _text_document(path: str) -> str:
@@ -195,35 +209,36 @@ class TokenizedCorpus:
         a data directory.
         """
         cache = storage.normalize(cache_dir)
-        paths = [p for p in expand_files(files) if not _inside(p, cache)]
+        paths = [p for p in expand_files(files) if not inside(p, cache)]
         if not paths:
             raise BloomJaxError(f"no data files outside the cache directory {cache_dir}")
         key = cache_key(paths, tokenizer, jsonl_field)
-        entry = _CacheEntry(cache, key)
+        entry = _text_entry(cache, key)
         if entry.complete():
             cached = entry.read(progress)
             if cached is not None:
-                return cls(*cached, tokenized=False)
+                return cls(cached["tokens"], cached["offsets"], tokenized=False)
         tokens_t, doc_offsets = tokenize_documents(iter_documents(paths, jsonl_field), tokenizer, progress)
         if len(doc_offsets) == 1:
             raise BloomJaxError(f"no documents in {', '.join(map(str, paths))}")
-        entry.write(tokens_t, doc_offsets, cache_setting)
+        entry.write({"tokens": tokens_t, "offsets": doc_offsets}, cache_setting)
         return cls(tokens_t, doc_offsets, tokenized=True)
 
 
-def _inside(path: str, directory: str) -> bool:
+def inside(path: str, directory: str) -> bool:
+    """Whether a file (a path or URL) lies under a directory."""
     if is_remote(path) or is_remote(directory):
         return path.startswith(directory.rstrip("/") + "/")
     return Path(path).resolve().is_relative_to(Path(directory).resolve())
 
 
-def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_field: str) -> str:
-    """A hex digest that changes when the files (path, size, mtime or generation), the field or the tokenizer
-    change."""
+def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_field: str, **settings) -> str:
+    """A hex digest that changes when the files (path, size, mtime or generation), the field, the tokenizer or
+    any of `settings` (how other data than text is read: JSON values) change."""
     stats = [(os.fspath(p), *storage.size_and_version(p)) if is_remote(p)
              else (str(Path(p).resolve()), (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in paths]
     described = json.dumps({"version": _CACHE_VERSION, "files": stats, "jsonl_field": jsonl_field,
-                            "eos": tokenizer.eos_token_id, "tokenizer": tokenizer.tokenizer.to_str()})
+                            "eos": tokenizer.eos_token_id, "tokenizer": tokenizer.tokenizer.to_str(), **settings})
     return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
@@ -283,40 +298,45 @@ class RemoteTokens:
         return [np.frombuffer(piece, self.dtype) for piece in pieces]
 
 
-def _read_tokens(tokens_t: np.ndarray | RemoteTokens, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+def read_token_ranges(tokens_t: np.ndarray | RemoteTokens, ranges: Sequence[tuple[int, int]]
+                      ) -> list[np.ndarray]:
+    """Tokens [a, b) of a stream for each (a, b) of `ranges` (from a `RemoteTokens`: one batch of requests)."""
     if isinstance(tokens_t, RemoteTokens):
         return tokens_t.read(ranges)
     return [tokens_t[a:b] for a, b in ranges]
 
 
-class _CacheEntry:
-    """One tokenized corpus in the cache: KEY.tokens.npy (uint32 [n]), KEY.offsets.npy (int64 [d + 1]) and
-    KEY.json, written last (its presence means the entry is complete), with the CRC-32 of both arrays and, in an
-    object store, the generation each array was stored as (the tokens are checked by it, which costs no read
-    of them: GCS keeps the bytes an object was written with, under its checksum, until it is rewritten)."""
+class CacheEntry:
+    """One cached set of arrays, 1-D each, under a key: KEY.NAME.npy for each (NAME, dtype) of `dtypes`, and
+    KEY.json, written last (its presence means the entry is complete), with the CRC-32 of each array and, in an
+    object store, the generation the first (the token stream, which is read by ranges there, never whole) was
+    stored as: it is checked by that, which costs no read of it (GCS keeps the bytes an object was written with,
+    under its checksum, until it is rewritten). `check(arrays)` says what is wrong with arrays that parse, or
+    None."""
 
-    def __init__(self, cache: str, key: str):
-        self.cache, self.remote = cache, is_remote(cache)
-        self.tokens_file, self.offsets_file, self.checksums_file = (
-            join(cache, f"{key}.{suffix}") for suffix in ("tokens.npy", "offsets.npy", "json"))
+    def __init__(self, cache: str, key: str, dtypes: dict[str, type], check=lambda arrays: None):
+        self.cache, self.remote, self.dtypes, self.check = cache, is_remote(cache), dtypes, check
+        self.files = {name: join(cache, f"{key}.{name}.npy") for name in dtypes}
+        self.checksums_file = join(cache, f"{key}.json")
+        self.streamed = next(iter(dtypes))
 
     def complete(self) -> bool:
         return storage.is_file(self.checksums_file)
 
-    def read(self, progress: bool) -> tuple[np.ndarray | RemoteTokens, np.ndarray] | None:
-        """The arrays, memory-mapped (read by ranges from a URL); None, with a warning and the entry removed, when
-        it is damaged (a file cut short, overwritten, or with flipped bits: the next load tokenizes again).
-        Checked: both files parse as the arrays they should be, the offsets run from 0 up to the token count,
-        never backwards, and both arrays have the CRC-32 they were written with (zlib, 2.3 GB/s measured: 1.7 s
-        for a billion tokens, whose tokenizing took hours); in an object store, the tokens their generation."""
+    def read(self, progress: bool) -> dict[str, np.ndarray | RemoteTokens] | None:
+        """The arrays, memory-mapped (the first read by ranges from a URL); None, with a warning and the entry
+        removed, when it is damaged (a file cut short, overwritten, or with flipped bits: the next load tokenizes
+        again). Checked: every file parses as the array it should be, `check` finds nothing wrong, and each array
+        has the CRC-32 it was written with (zlib, 2.3 GB/s measured: 1.7 s for a billion tokens, whose tokenizing
+        took hours); in an object store, the token stream its generation."""
         checked = self._checked(progress)
-        if isinstance(checked, tuple):
+        if isinstance(checked, dict):
             return checked
         log.warning(f"the tokenized data cache in {self.cache} is damaged ({checked}): tokenizing again")
         self.remove()
         return None
 
-    def _checked(self, progress: bool) -> tuple[np.ndarray | RemoteTokens, np.ndarray] | str:
+    def _checked(self, progress: bool) -> dict[str, np.ndarray | RemoteTokens] | str:
         """The arrays, or what is wrong with the entry."""
         checksums_name = storage.name_of(self.checksums_file)
         try:
@@ -326,49 +346,48 @@ class _CacheEntry:
             return f"{checksums_name}: {one_line(e)}"
         if not isinstance(expected, dict):
             return f"{checksums_name}: no checksums"
-        arrays = []
-        for path, dtype in ((self.tokens_file, np.uint32), (self.offsets_file, np.int64)):
+        arrays = {}
+        for name, dtype in self.dtypes.items():
+            path = self.files[name]
             try:
-                array = self._load(path, dtype)
+                array = self._load(path, name)
             except (ValueError, OSError, EOFError) as e:
                 return f"{storage.name_of(path)}: {one_line(e)}"
             if array.dtype != dtype or array.ndim != 1:
                 return (f"{storage.name_of(path)}: {array.dtype} [{', '.join(map(str, array.shape))}], not "
                         f"{np.dtype(dtype)} [n]")
-            arrays.append(array)
-        tokens_t, doc_offsets = arrays
-        offsets_name = storage.name_of(self.offsets_file)
-        if len(doc_offsets) < 2 or doc_offsets[0] != 0 or doc_offsets[-1] != len(tokens_t):
-            return f"{offsets_name}: the offsets do not run from 0 to the {len(tokens_t)} tokens"
-        if np.any(np.diff(doc_offsets) < 0):
-            return f"{offsets_name}: the offsets run backwards"
-        if self.remote and list(storage.size_and_version(self.tokens_file)) != written.get("tokens.npy"):
-            return f"{storage.name_of(self.tokens_file)}: rewritten since it was cached"
-        for path, array in ((self.tokens_file, tokens_t), (self.offsets_file, doc_offsets)):
+            arrays[name] = array
+        wrong = self.check(arrays)
+        if wrong is not None:
+            return wrong
+        streamed = self.files[self.streamed]
+        if self.remote and list(storage.size_and_version(streamed)) != written.get(f"{self.streamed}.npy"):
+            return f"{storage.name_of(streamed)}: rewritten since it was cached"
+        for name, array in arrays.items():
             if isinstance(array, RemoteTokens):
                 continue  # checked by its generation above
-            if _crc32(array, progress) != expected.get(storage.name_of(path).split(".", 1)[1]):
-                return f"{storage.name_of(path)}: its CRC-32 is not the one it was written with"
-        return tokens_t, doc_offsets
+            if _crc32(array, progress) != expected.get(f"{name}.npy"):
+                return f"{storage.name_of(self.files[name])}: its CRC-32 is not the one it was written with"
+        return arrays
 
-    def _load(self, path: str, dtype) -> np.ndarray | RemoteTokens:
+    def _load(self, path: str, name: str) -> np.ndarray | RemoteTokens:
         if not self.remote:
             return np.load(path, mmap_mode="r", allow_pickle=False)
-        if dtype == np.uint32:
+        if name == self.streamed:
             return RemoteTokens(path)
         return np.load(io.BytesIO(storage.read_bytes(path) or b""), allow_pickle=False)
 
-    def write(self, tokens_t: np.ndarray, doc_offsets: np.ndarray, cache_setting: str) -> None:
+    def write(self, arrays: dict[str, np.ndarray], cache_setting: str) -> None:
         """Writes the entry, checksums last; on a full or unwritable disk, or a fault on the wire, one
         `BloomJaxError` naming the cache, what the entry needs and `cache_setting`, with nothing of the entry
         left (but after a fault on the wire: without its checksums, nothing of it is ever read)."""
-        written: dict = {"crc32": {"tokens.npy": _crc32(tokens_t), "offsets.npy": _crc32(doc_offsets)}}
+        written: dict = {"crc32": {f"{name}.npy": _crc32(array) for name, array in arrays.items()}}
         try:
             storage.make_dirs(self.cache)
-            _save(self.tokens_file, lambda f: np.save(_Writes(f), tokens_t))
-            _save(self.offsets_file, lambda f: np.save(_Writes(f), doc_offsets))
+            for name, array in arrays.items():
+                _save(self.files[name], lambda f, array=array: np.save(_Writes(f), array))
             if self.remote:
-                written["tokens.npy"] = list(storage.size_and_version(self.tokens_file))
+                written[f"{self.streamed}.npy"] = list(storage.size_and_version(self.files[self.streamed]))
             _save(self.checksums_file, lambda f: f.write(json.dumps(written).encode()))
         except BaseException as error:
             if storage.wire_error(error) is None:
@@ -378,16 +397,38 @@ class _CacheEntry:
             code = disk_error(error) if isinstance(error, OSError) else None
             if code is None:
                 raise
+            needed = sum(array.nbytes for array in arrays.values())
             elsewhere = "a directory with room" if code in (errno.ENOSPC, errno.EDQUOT) else "a writable directory"
             raise BloomJaxError(f"cannot cache the tokenized data in {self.cache}: {DISK_ERRORS[code]}"
-                                f"{room(code, tokens_t.nbytes + doc_offsets.nbytes, Path(self.cache))}; set "
-                                f"{cache_setting} to {elsewhere}") from None
+                                f"{room(code, needed, Path(self.cache))}; set {cache_setting} to {elsewhere}"
+                                ) from None
 
     def remove(self) -> None:
         """Removes what exists of the entry (an unwritable cache is reported by the write that follows)."""
-        for path in (self.checksums_file, self.tokens_file, self.offsets_file):  # the mark of completeness first
+        for path in (self.checksums_file, *self.files.values()):  # the mark of completeness first
             with contextlib.suppress(OSError, BloomJaxError):
                 storage.remove(path)
+
+
+def offsets_problem(offsets: np.ndarray, n_tokens: int, name: str) -> str | None:
+    """What is wrong with item offsets into a token stream (they must run from 0 to `n_tokens`, never
+    backwards), or None."""
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n_tokens:
+        return f"{name}: the offsets do not run from 0 to the {n_tokens} tokens"
+    if np.any(np.diff(offsets) < 0):
+        return f"{name}: the offsets run backwards"
+    return None
+
+
+_TEXT_ARRAYS = {"tokens": np.uint32, "offsets": np.int64}
+
+
+def _text_entry(cache: str, key: str) -> CacheEntry:
+    """A tokenized corpus's entry: the token stream and the documents' offsets into it."""
+    def check(arrays):
+        return offsets_problem(arrays["offsets"], len(arrays["tokens"]), f"{key}.offsets.npy")
+
+    return CacheEntry(cache, key, _TEXT_ARRAYS, check)
 
 
 _CRC_CHUNK = 1 << 26  # bytes per zlib.crc32 call: a progress bar's step, and no copy of a memory-mapped array
@@ -483,14 +524,15 @@ class PackedSplit:
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Tokens [start, stop) of the split's stream, uint32."""
         stop = self.n_tokens if stop is None else stop
-        return np.concatenate([np.zeros(0, np.uint32), *_read_tokens(self._tokens_t, self._ranges(start, stop))])
+        pieces = read_token_ranges(self._tokens_t, self._ranges(start, stop))
+        return np.concatenate([np.zeros(0, np.uint32), *pieces])
 
     def sequences(self, indices: Sequence[int]) -> np.ndarray:
         """Windows `indices`: int32 [len(indices), seq_len + 1] (inputs = [:, :-1], targets = [:, 1:]), read at
         once (from a cache at a URL: one batch of concurrent range requests)."""
         width = self.seq_len + 1
         per_window = [self._ranges(int(i) * width, (int(i) + 1) * width) for i in indices]
-        pieces = iter(_read_tokens(self._tokens_t, [r for ranges in per_window for r in ranges]))
+        pieces = iter(read_token_ranges(self._tokens_t, [r for ranges in per_window for r in ranges]))
         rows = [np.concatenate([next(pieces) for _ in ranges]) for ranges in per_window]
         return np.stack(rows).astype(np.int32) if rows else np.zeros((0, width), np.int32)
 
@@ -509,7 +551,7 @@ class PackedSplit:
 
         With `process_count` > 1, each batch is this process's rows (see `TrainBatches.local`).
         """
-        per = _share(batch_size, process_index, process_count)
+        per = process_share(batch_size, process_index, process_count)
         if self.n_sequences < batch_size:
             raise BloomJaxError(f"the eval split has {self.n_sequences} sequences of {self.seq_len + 1} tokens, "
                                 f"fewer than one eval batch of {batch_size}")
@@ -518,7 +560,7 @@ class PackedSplit:
         return (self.tokens(f * width, (f + per) * width).reshape(per, width).astype(np.int32) for f in firsts)
 
 
-def _share(global_batch: int, process_index: int, process_count: int) -> int:
+def process_share(global_batch: int, process_index: int, process_count: int) -> int:
     """Rows per process of a global batch, checking the arguments."""
     if global_batch < 1:
         raise BloomJaxError(f"batch size must be at least 1, got {global_batch}")
@@ -538,7 +580,7 @@ class TrainBatches:
     """
 
     def __init__(self, split: PackedSplit, global_batch: int, seed: int):
-        _share(global_batch, 0, 1)
+        process_share(global_batch, 0, 1)
         if split.n_sequences == 0:
             raise BloomJaxError(f"the split has {split.n_tokens} tokens, fewer than one sequence of "
                                 f"{split.seq_len + 1}")
@@ -557,7 +599,7 @@ class TrainBatches:
     def local(self, step: int, process_index: int, process_count: int) -> np.ndarray:
         """This process's rows [process_index * per, (process_index + 1) * per) of global batch `step`, with
         per = global_batch / process_count: int32 [per, seq_len + 1]."""
-        per = _share(self.global_batch, process_index, process_count)
+        per = process_share(self.global_batch, process_index, process_count)
         _check_step(step)
         return self._batches_of(per)[step * process_count + process_index]
 
@@ -578,7 +620,7 @@ class TrainBatches:
                 ) -> Iterator[np.ndarray]:
         """`local(step, ...)` for step = start_step, start_step + 1, ... forever, read ahead `prefetch` batches
         by a background thread."""
-        _share(self.global_batch, process_index, process_count)
+        process_share(self.global_batch, process_index, process_count)
         _check_step(start_step)
         shares = self._batches_of(self.global_batch // process_count)
         mine = shares[start_step * process_count + process_index::process_count]
@@ -602,7 +644,8 @@ def _shuffle_seed(seed: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """A tokenized corpus split by document into packed `train` and `eval` (empty when eval_fraction=0)."""
+    """A tokenized corpus split by document into packed `train` and `eval` (empty when eval_fraction=0); or
+    instruction data split by example (`bloom_jax.sft`: an `SftCorpus` and its `SftSplit`s)."""
 
     tokens: TokenizedCorpus
     train: PackedSplit

@@ -21,6 +21,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 # (bloom_jax.quantize; the rest in bfloat16).
 LORA_BASES = ("float32", "bfloat16", "int8", "nf4")
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # = bloom_jax.lora.TARGETS
+# What the training files hold (bloom_jax.sft): plain text, or instruction examples; auto: what their lines say.
+SFT_FORMATS = ("prompt_completion", "chat")
+DATA_FORMATS = ("auto", "text", *SFT_FORMATS)
+TOO_LONG = ("truncate", "drop")  # an instruction example longer than seq_len + 1 tokens
 
 
 def _setting(default: Any, help: str, key: str | None = None) -> Any:
@@ -65,6 +69,18 @@ class TrainConfig:
     train_data: list[str] = _setting([], "text files (a document each) or JSONL, directories or globs: paths or "
                                          "gs:// URLs")
     jsonl_field: str = _setting("text", "the field of a JSONL line that holds its document")
+    data_format: str = _setting("auto", "text, prompt_completion or chat (instruction data: the loss on answers); "
+                                        "auto: what the files' first lines hold")
+    prompt_field: str = _setting("prompt", "prompt_completion: the prompt's field (xP3's inputs/targets are found "
+                                           "too)")
+    completion_field: str = _setting("completion", "prompt_completion: the answer's field")
+    messages_field: str = _setting("messages", "chat: the field of the conversation, a list of {role, content}")
+    chat_template: str | None = _setting(None, "chat: a Jinja template (a file, URL or its text; default: "
+                                               "init_from's tokenizer config's)")
+    completion_only_loss: bool = _setting(True, "instruction data: the loss on the answers only (false: on every "
+                                                "token of the examples)")
+    too_long: str = _setting("truncate", "an instruction example longer than seq_len + 1 tokens: truncate (the "
+                                         "prompt's start cut first) or drop; counted in the log")
     tokenizer: str | None = _setting(None, "directory or URL with tokenizer.json (default: init_from's, else trained)")
     tokenizer_vocab_size: int = _setting(8192, "vocabulary of a tokenizer trained on the data")
     seq_len: int = _setting(512, "tokens per training window")
@@ -103,6 +119,8 @@ class TrainConfig:
             (self.compute_dtype in ("float32", "bfloat16"), "compute_dtype must be float32 or bfloat16"),
             (self.param_dtype in ("float32", "bfloat16"), "param_dtype must be float32 or bfloat16"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.data_format in DATA_FORMATS, f"data_format must be one of {', '.join(DATA_FORMATS)}"),
+            (self.too_long in TOO_LONG, f"too_long must be one of {', '.join(TOO_LONG)}"),
             (self.seq_len >= 1, "seq_len must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.batch_size % self.grad_accum == 0,

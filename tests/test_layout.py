@@ -18,7 +18,7 @@ LAYERS = [
     ["tokenizer", "chat", "recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul",
      "kernels.pick", "kernels.barriers", "metrics"],
     ["kernels", "data"],
-    ["weights", "sampling"],
+    ["weights", "sampling", "sft"],
     ["model"],
     ["losses", "sharding", "train.optimizer"],
     ["checkpoints.storage", "checkpoints.hub", "checkpoints.hf_files", "train.step"],

@@ -30,6 +30,7 @@ from bloom_jax.checkpoints import (
     read_tokenizer,
     save_pretrained,
 )
+from bloom_jax.chat import ChatTemplate
 from bloom_jax.config import load_config
 from bloom_jax.data import iter_documents, load_corpus
 from bloom_jax.errors import BloomJaxError, RunFailed
@@ -40,6 +41,7 @@ from bloom_jax.metrics import MetricsWriter
 from bloom_jax.model import forward_flops, make_model
 from bloom_jax.quantize import FROZEN_FORMATS
 from bloom_jax.recipe import TrainConfig, data_files
+from bloom_jax.sft import Fields, detect_format, iter_examples, load_sft
 from bloom_jax.sharding import ShardingPlan, make_mesh
 from bloom_jax.storage import is_remote, join
 from bloom_jax.tokenizer import Tokenizer, train_tokenizer
@@ -64,6 +66,11 @@ class Trainer:
         self.sharding = ShardingPlan.create(make_mesh(cfg.mesh), cfg.rules)
         self.init_from = checkpoint_location(cfg.init_from) if cfg.init_from else None  # a hub id resolved once
         self.model_config = read_model_config(self.init_from) if self.init_from else load_config(cfg.model)
+        # Text, or instruction examples (the loss on their answers): what the recipe says or the files hold.
+        self.fields = detect_format(data_files(cfg), Fields(prompt=cfg.prompt_field, completion=cfg.completion_field,
+                                                            messages=cfg.messages_field),
+                                    cfg.data_format, cfg.jsonl_field)
+        self.chat_template = self._chat_template() if self.fields.format == "chat" else None
         self.lora = (LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets),
                                 param_dtype=jnp.dtype(cfg.param_dtype)) if cfg.lora_rank else None)
         # The step gets a dropout key when any dropout is on; the config's own only with `dropout`.
@@ -95,10 +102,19 @@ class Trainer:
             return Tokenizer.from_dir(self.output_dir)
         vocab = min(self.cfg.tokenizer_vocab_size, self.model_config.vocab_size)
         log.info(f"training a {vocab}-token byte-level BPE tokenizer on the training data")
-        tokenizer = train_tokenizer(iter_documents(data_files(self.cfg), self.cfg.jsonl_field), vocab)
+        files = data_files(self.cfg)
+        texts = (iter_documents(files, self.cfg.jsonl_field) if self.fields.format == "text"
+                 else (prompt + completion for prompt, completion in iter_examples(files, self.fields,
+                                                                                     self.chat_template)))
+        tokenizer = train_tokenizer(texts, vocab)
         if jax.process_index() == 0:
             tokenizer.save(self.output_dir)
         return tokenizer
+
+    def _chat_template(self) -> ChatTemplate | None:
+        """The recipe's chat template, else the base checkpoint's tokenizer config's (None: neither has one)."""
+        config = read_side_file(self.init_from, "tokenizer_config.json") if self.init_from else None
+        return ChatTemplate.load(self.cfg.chat_template, config, setting="chat_template")
 
     def _carried_files(self) -> dict[str, bytes]:
         """What the final checkpoint keeps of the base checkpoint's: its generation settings, and its tokenizer's
@@ -128,14 +144,16 @@ class Trainer:
                   if lora else None)
         data_sharding, replicated = plan.batch_sharding(), plan.replicated
         step_fn = jax.jit(
-            lambda state, tokens, frozen: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed,
-                                                     self.dropout, state, tokens, cfg.loss_chunk_tokens, frozen),
+            lambda state, batch, frozen: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed,
+                                                    self.dropout, state, _tokens_and_mask(batch)[0],
+                                                    cfg.loss_chunk_tokens, frozen,
+                                                    loss_mask=_tokens_and_mask(batch)[1]),
             in_shardings=(state_shardings, data_sharding, frozen_shardings),
             out_shardings=(state_shardings, replicated), donate_argnums=0)
         eval_fn = jax.jit(
-            lambda params, tokens, frozen: next_token_loss(
-                self.model, params if frozen is None else merge_trees(frozen, params), tokens,
-                chunk_tokens=cfg.loss_chunk_tokens),
+            lambda params, batch, frozen: next_token_loss(
+                self.model, params if frozen is None else merge_trees(frozen, params), _tokens_and_mask(batch)[0],
+                chunk_tokens=cfg.loss_chunk_tokens, weights=_mean_weights(_tokens_and_mask(batch)[1])),
             in_shardings=(state_shardings["params"], data_sharding, frozen_shardings), out_shardings=replicated)
         with RunCheckpoints.open(self.output_dir, cfg.keep, cfg.save_every, abstract_state) as checkpoints:
             state = checkpoints.restore_or_init(lambda: initial_train_state(
@@ -238,10 +256,15 @@ class Trainer:
     def _corpus(self):
         cache = self.cfg.data_cache or join(self.output_dir, "data-cache")
 
+        cfg = self.cfg
+
         def load():
-            return load_corpus(data_files(self.cfg), self.tokenizer, self.cfg.seq_len, cache,
-                               eval_fraction=self.cfg.eval_fraction, seed=self.cfg.seed,
-                               jsonl_field=self.cfg.jsonl_field, progress=self.progress)
+            if self.fields.format == "text":
+                return load_corpus(data_files(cfg), self.tokenizer, cfg.seq_len, cache, eval_fraction=cfg.eval_fraction,
+                                   seed=cfg.seed, jsonl_field=cfg.jsonl_field, progress=self.progress)
+            return load_sft(data_files(cfg), self.tokenizer, cfg.seq_len, cache, self.fields, self.chat_template,
+                            eval_fraction=cfg.eval_fraction, seed=cfg.seed, completion_only=cfg.completion_only_loss,
+                            too_long=cfg.too_long, progress=self.progress)
 
         if jax.process_count() == 1 or not is_remote(cache):
             return load()  # a local cache is each host's own (or, shared, written atomically by each)
@@ -252,20 +275,25 @@ class Trainer:
         multihost_utils.sync_global_devices("bloom_jax: the tokenized data cache is written")
         return corpus if corpus is not None else load()
 
-    def _global_batch(self, batches, step: int, sharding) -> jax.Array:
-        """This process's rows of step `step`'s batch, assembled into the global array the mesh shards."""
-        local = batches.local(step, jax.process_index(), jax.process_count())
-        return jax.make_array_from_process_local_data(sharding, np.asarray(local, np.int32),
-                                                      (self.cfg.batch_size, self.cfg.seq_len + 1))
+    def _global_batch(self, batches, step: int, sharding):
+        """This process's rows of step `step`'s batch, assembled into the global array (or, for instruction
+        data, the dict of token and loss-mask arrays) the mesh shards."""
+        return self._global(batches.local(step, jax.process_index(), jax.process_count()), sharding)
+
+    def _global(self, local, sharding):
+        def assembled(rows):
+            rows = np.asarray(rows, np.int32) if rows.dtype.kind in "iu" else np.asarray(rows)
+            return jax.make_array_from_process_local_data(sharding, rows, (self.cfg.batch_size, *rows.shape[1:]))
+
+        return jax.tree.map(assembled, local)
 
     def _evaluate(self, eval_fn, params, corpus, sharding) -> dict:
         losses = []
-        shape = (self.cfg.batch_size, self.cfg.seq_len + 1)
         for rows in corpus.eval.eval_batches(self.cfg.eval_batches, self.cfg.batch_size, jax.process_index(),
                                              jax.process_count()):
-            tokens = jax.make_array_from_process_local_data(sharding, rows, shape)
+            batch = self._global(rows, sharding)
             with self.sharding.context():
-                losses.append(float(eval_fn(params, tokens)))
+                losses.append(float(eval_fn(params, batch)))
         loss = float(np.mean(losses))
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
 
@@ -295,3 +323,17 @@ class Trainer:
         raise RunFailed(f"non-finite loss, gradients or weights at step {bad_step} "
                         f"(loss {float(health['bad_loss'])}); stopping. {kept}")
 
+
+
+def _tokens_and_mask(batch) -> tuple[jax.Array, jax.Array | None]:
+    """A batch's token windows [b, s + 1] and loss mask [b, s] (None for text: every target counts)."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch["loss_mask"]
+    return batch, None
+
+
+def _mean_weights(loss_mask: jax.Array | None) -> jax.Array | None:
+    """Weights that make the loss the mean over the targets a mask marks (None: over every target)."""
+    if loss_mask is None:
+        return None
+    return loss_mask / jnp.maximum(jnp.sum(loss_mask), 1.0)
