@@ -31,22 +31,25 @@ _LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 def next_token_loss(model: BloomForCausalLM, params: Any, tokens: jax.Array,
                     dropout_rng: jax.Array | None = None, chunk_tokens: int = LOSS_CHUNK_TOKENS,
-                    weights: jax.Array | None = None) -> jax.Array:
+                    weights: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], for token windows int [b, s + 1]: the mean
     over every target, or with `weights` (float [b, s], one per target) the weighted sum: the mean over the
     targets that count when they weigh 1 / their number (a completion-only loss: 0 on prompts and padding).
-    Dropout runs when `dropout_rng` is given. The logits are made `chunk_tokens` tokens per device at a time
-    (`tied_head_cross_entropy`); all at once when they are no more than that."""
+    `segment_ids` int [b, s + 1]: rows that pack several examples (see `BloomForCausalLM`), each attending only
+    to itself. Dropout runs when `dropout_rng` is given. The logits are made `chunk_tokens` tokens per device at a
+    time (`tied_head_cross_entropy`); all at once when they are no more than that."""
     inputs_bs, targets_bs = tokens[:, :-1], tokens[:, 1:]
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    packed = {} if segment_ids is None else {"segment_ids": segment_ids[:, :-1]}
     b, s = targets_bs.shape
     positions = max(1, min(s, chunk_tokens * _batch_shards(b) // b))
     if positions == s:  # one chunk would save nothing: the plain path, the program XLA:CPU runs fastest
-        logits_bsv = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs)
+        logits_bsv = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs,
+                                 **packed)
         ce_bs = optax.softmax_cross_entropy_with_integer_labels(logits_bsv, targets_bs)
         return ce_bs.mean() if weights is None else jnp.sum(ce_bs * weights)
     hidden_bsd = model.apply({"params": params}, inputs_bs, deterministic=dropout_rng is None, rngs=rngs,
-                             return_hidden=True)
+                             return_hidden=True, **packed)
     table_vd = params["word_embeddings"]["embedding"].astype(model.dtype)
     return tied_head_cross_entropy(hidden_bsd, table_vd, targets_bs, positions, weights)
 

@@ -284,10 +284,14 @@ class BloomForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, deterministic: bool = True,
-                 cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False):
+                 cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False,
+                 segment_ids: jax.Array | None = None):
         """Logits float32 [b, s, v] (or [b, 1, v] with `last_only`) of token ids int [b, s].
 
-        `attention_mask` [b, s] is 1 for tokens and 0 for padding (left or right). With a `cache`
+        `attention_mask` [b, s] is 1 for tokens and 0 for padding (left or right). `segment_ids` [b, s], for rows
+        that pack several examples (without a cache): k >= 1 for the tokens of the row's k-th example (each
+        example's together), 0 for padding; each token attends only to its own example, whose ALiBi positions
+        start at 0, so each example's logits are those it gets alone. With a `cache`
         (`bloom_jax.cache.KVCache`) the ids are the next positions after those cached: returns
         `(logits, updated cache)`; a cache with a write position per row may have more rows than the ids (a
         server's slots): the ids are its first rows, the others are left as they are. `return_hidden`: the final hidden states [b, s, d] (after `ln_f`) instead
@@ -298,6 +302,10 @@ class BloomForCausalLM(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ids_bs = input_ids
         mask_bs = jnp.ones(ids_bs.shape, jnp.int32) if attention_mask is None else attention_mask
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are for packed rows without a cache")
+            mask_bs = mask_bs * (segment_ids > 0).astype(mask_bs.dtype)
 
         embed = Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
                       weights=self.weight_format, kernels=kernels, name="word_embeddings", **kw)
@@ -306,7 +314,8 @@ class BloomForCausalLM(nn.Module):
         # The dense ALiBi bias and visibility are built once here, for every layer, only for the reference.
         s = ids_bs.shape[1]
         if cache is None:
-            mask = AttentionMask.create(mask_bs, cfg.n_head, s, 0, kernels.attention_at(s, s) == "reference")
+            mask = AttentionMask.create(mask_bs, cfg.n_head, s, 0, kernels.attention_at(s, s) == "reference",
+                                        segment_ids=segment_ids)
             for blocks in self._blocks(deterministic, kernels):
                 x_bsd, _ = blocks(x_bsd, mask)
         else:

@@ -81,6 +81,8 @@ class TrainConfig:
                                                 "token of the examples)")
     too_long: str = _setting("truncate", "an instruction example longer than seq_len + 1 tokens: truncate (the "
                                          "prompt's start cut first) or drop; counted in the log")
+    packing: bool = _setting(False, "instruction data: pack as many examples as fit into each row (best fit), each "
+                                    "attending only to itself")
     tokenizer: str | None = _setting(None, "directory or URL with tokenizer.json (default: init_from's, else trained)")
     tokenizer_vocab_size: int = _setting(8192, "vocabulary of a tokenizer trained on the data")
     seq_len: int = _setting(512, "tokens per training window")

@@ -11,16 +11,19 @@ the loss on the completion only.
 2. `SftCorpus.load`: each example tokenized once, as tokens(prompt) + tokens(completion) + [EOS] (encoded apart,
    so the boundary is exact), cached as text is (`bloom_jax.data.CacheEntry`: the token stream, the examples'
    offsets into it and their prompts' lengths).
-3. `SftSplit`: one example per row of `seq_len + 1` tokens, padded with the pad token after it; the loss mask
-   marks the targets that are completion tokens (the answer and its EOS), or with `completion_only=False` every
-   token of the example. An example longer than a row is truncated (its prompt's start cut first, then, where the
+3. `SftSplit`: one example per row of `seq_len + 1` tokens, padded with the pad token after it, or with `packing`
+   as many as fit (best fit, longest first), kept apart by segment ids; the loss mask marks the targets that are
+   completion tokens (the answer and its EOS), or with `completion_only=False` every token of the examples but
+   their first. An example longer than a row is truncated (its prompt's start cut first, then, where the
    answer alone is longer, the answer's end) or dropped (`too_long`), and the log counts them. The rows shuffle by
    epoch and batch by step as text's windows do (`bloom_jax.data.TrainBatches`): a batch is
-   {"tokens": int32 [b, seq_len + 1], "loss_mask": float32 [b, seq_len]}.
+   {"tokens": int32 [b, seq_len + 1], "loss_mask": float32 [b, seq_len]}, and "segment_ids" int32
+   [b, seq_len + 1] with packing.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import itertools
@@ -233,13 +236,17 @@ def tokenize_examples(examples: Iterable[tuple[str, str]], tokenizer: Tokenizer,
 
 class SftSplit:
     """A split's examples as rows of `seq_len + 1` tokens (see the module's docstring): `sequences(indices)` is
-    {"tokens": int32 [k, seq_len + 1], "loss_mask": float32 [k, seq_len]}."""
+    {"tokens": int32 [k, seq_len + 1], "loss_mask": float32 [k, seq_len]}, and with `packing`
+    {"segment_ids": int32 [k, seq_len + 1]} too: then a row holds as many whole examples as fit (best fit, the
+    longest first), the k-th of them marked k in the segment ids (0 for padding), each attending only to itself."""
 
     def __init__(self, corpus: SftCorpus, examples: np.ndarray, seq_len: int, seed: int, pad_token_id: int,
-                 completion_only: bool = True, too_long: str = "truncate", name: str = "train"):
+                 completion_only: bool = True, too_long: str = "truncate", name: str = "train",
+                 packing: bool = False):
         if too_long not in TOO_LONG:
             raise BloomJaxError(f"too_long must be one of {', '.join(TOO_LONG)}, not {too_long!r}")
         self.seq_len, self.seed, self.pad, self.completion_only = seq_len, seed, pad_token_id, completion_only
+        self.packing = packing
         self._tokens_t = corpus.tokens_t
         width = seq_len + 1
         examples = np.asarray(examples, np.int64)
@@ -263,24 +270,43 @@ class SftSplit:
             prompts = np.where(long, kept_prompts, prompts)
         self.documents = examples
         self._starts, self._ends, self._prompts = starts, ends, prompts
-        self.n_sequences = len(examples)
+        # Row r holds examples _order[_row_offsets[r]:_row_offsets[r + 1]] (positions in this split).
+        if not packing:
+            self._order, self._row_offsets = np.arange(len(examples)), np.arange(len(examples) + 1)
+        else:
+            self._order, self._row_offsets = _best_fit(ends - starts, width)
+            if len(examples):
+                log.info(f"{name} split: {len(examples)} examples packed into {len(self._row_offsets) - 1} rows of "
+                         f"{width} tokens ({np.sum(ends - starts) / ((len(self._row_offsets) - 1) * width):.0%} of "
+                         "them examples)")
+        self.n_sequences = len(self._row_offsets) - 1
         self.n_tokens = int(np.sum(ends - starts))
 
     def sequences(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Rows `indices`, read at once (from a cache at a URL: one batch of concurrent range requests)."""
         indices = np.asarray(indices, np.int64).reshape(-1)
         width = self.seq_len + 1
-        pieces = read_token_ranges(self._tokens_t, [(int(self._starts[i]), int(self._ends[i])) for i in indices])
+        members = [self._order[self._row_offsets[r]:self._row_offsets[r + 1]] for r in indices]
+        pieces = iter(read_token_ranges(self._tokens_t, [(int(self._starts[e]), int(self._ends[e]))
+                                                         for row in members for e in row]))
         tokens = np.full((len(indices), width), self.pad, np.int32)
-        # Target j predicts token j + 1: a completion token when j + 1 >= the prompt's length (every real token
-        # but the first without completion_only), none on the padding.
-        positions = np.arange(1, width)
-        mask = np.zeros((len(indices), width - 1), np.float32)
-        for row, (i, piece) in enumerate(zip(indices, pieces)):
-            tokens[row, :len(piece)] = piece
-            first = self._prompts[i] if self.completion_only else 1
-            mask[row] = (positions >= first) & (positions < len(piece))
-        return {"tokens": tokens, "loss_mask": mask}
+        segments = np.zeros((len(indices), width), np.int32)
+        # Target j predicts token j + 1: a completion token when j + 1 is at or past its example's prompt (every
+        # token of it but its first without completion_only); none on the padding or across examples.
+        mask = np.zeros((len(indices), width), np.float32)
+        for row, examples in enumerate(members):
+            at = 0
+            for k, e in enumerate(examples, 1):
+                piece = next(pieces)
+                tokens[row, at:at + len(piece)] = piece
+                segments[row, at:at + len(piece)] = k
+                first = self._prompts[e] if self.completion_only else 1
+                mask[row, at + first:at + len(piece)] = 1.0
+                at += len(piece)
+        batch = {"tokens": tokens, "loss_mask": mask[:, 1:]}
+        if self.packing:
+            batch["segment_ids"] = segments
+        return batch
 
     def train_batches(self, global_batch: int) -> TrainBatches:
         """Endless shuffled batches of `global_batch` rows by step, seeded with this split's seed."""
@@ -293,24 +319,55 @@ class SftSplit:
         each."""
         per = process_share(batch_size, process_index, process_count)
         if self.n_sequences < batch_size:
-            raise BloomJaxError(f"the eval split has {self.n_sequences} examples, fewer than one eval batch of "
+            raise BloomJaxError(f"the eval split has {self.n_sequences} rows, fewer than one eval batch of "
                                 f"{batch_size}")
         firsts = (b * batch_size + process_index * per for b in range(min(n_batches, self.n_sequences // batch_size)))
         return (self.sequences(np.arange(f, f + per)) for f in firsts)
 
 
+def _best_fit(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Examples of `lengths` (each <= width) packed into rows of `width`, longest first, each into the row with the
+    least room that takes it (best-fit decreasing): (the examples in row order, the rows' offsets into it). The
+    rows with each amount of room are kept by that amount, so each placement costs a bisection."""
+    room_values: list[int] = []  # the distinct amounts of room rows have, sorted
+    rows_with: dict[int, list[int]] = {}  # room -> rows with exactly that room
+    rows: list[list[int]] = []
+    for e in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)):
+        length = int(lengths[e])
+        at = bisect.bisect_left(room_values, length)
+        if at == len(room_values):
+            row, room = len(rows), width
+            rows.append([])
+        else:
+            room = room_values[at]
+            row = rows_with[room].pop()
+            if not rows_with[room]:
+                del rows_with[room]
+                room_values.pop(at)
+        rows[row].append(e)
+        left = room - length
+        if left > 0:
+            if left not in rows_with:
+                bisect.insort(room_values, left)
+                rows_with[left] = []
+            rows_with[left].append(row)
+    order = np.asarray([e for row in rows for e in row], np.int64)
+    return order, np.concatenate([[0], np.cumsum([len(row) for row in rows], dtype=np.int64)])
+
+
 def load_sft(files: Files, tokenizer: Tokenizer, seq_len: int, cache_dir: str | os.PathLike, fields: Fields,
              template: ChatTemplate | None = None, eval_fraction: float = 0.01, seed: int = 0,
              completion_only: bool = True, too_long: str = "truncate", progress: bool = True,
-             cache_setting: str = "data_cache") -> Corpus:
+             cache_setting: str = "data_cache", packing: bool = False) -> Corpus:
     """The examples of `files`, tokenized (or read from `cache_dir`), split into train and eval by a permutation
-    seeded with `seed` (which also seeds the training shuffle), as rows of `seq_len + 1` tokens."""
+    seeded with `seed` (which also seeds the training shuffle), as rows of `seq_len + 1` tokens (several to a row
+    with `packing`)."""
     if seq_len < 1:
         raise BloomJaxError(f"seq_len must be at least 1, got {seq_len}")
     corpus = SftCorpus.load(files, tokenizer, cache_dir, fields, template, progress, cache_setting)
     train_e, eval_e = split_documents(corpus.n_documents, eval_fraction, seed)
-    train, held_out = (SftSplit(corpus, e, seq_len, seed, tokenizer.pad_token_id, completion_only, too_long, name)
-                       for e, name in ((train_e, "train"), (eval_e, "eval")))
+    train, held_out = (SftSplit(corpus, e, seq_len, seed, tokenizer.pad_token_id, completion_only, too_long, name,
+                                packing) for e, name in ((train_e, "train"), (eval_e, "eval")))
     if train.n_sequences == 0:
         raise BloomJaxError(f"no training examples fit in {seq_len + 1} tokens (too_long={too_long})")
     if eval_fraction > 0 and held_out.n_sequences == 0:

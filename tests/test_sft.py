@@ -25,7 +25,8 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% en
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PAIRS = [("Translate to English: Je t'aime.", "I love you."),
          ("What is the capital of France?", "Paris."),
-         ("Write a haiku about rain.", "Soft rain on the roof / the garden drinks it slowly / night smells of wet stone"),
+         ("Write a haiku about rain.",
+          "Soft rain on the roof / the garden drinks it slowly / night smells of wet stone"),
          ("2 + 2 =", "4"),
          ("Name a colour.", "Blue."),
          ("Dis bonjour.", "Bonjour !")]
@@ -175,3 +176,71 @@ def test_accumulated_micro_batches_weigh_each_answer_token_as_one_batch_does(tin
     # The answers' token counts differ between the halves, so the plain mean of the halves' means differs.
     halves = [rows["loss_mask"][:2].sum(), rows["loss_mask"][2:].sum()]
     assert halves[0] != halves[1]
+
+
+def test_packed_rows_hold_whole_examples_best_fit_and_kept_apart(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS * 3])
+    plain = load_sft([path], tokenizer, 63, tmp_path / "cache", Fields(), eval_fraction=0, progress=False).train
+    packed = load_sft([path], tokenizer, 63, tmp_path / "cache", Fields(), eval_fraction=0, progress=False,
+                      packing=True).train
+    assert packed.n_sequences < plain.n_sequences // 2 and packed.n_tokens == plain.n_tokens
+    rows = packed.sequences(np.arange(packed.n_sequences))
+    alone = plain.sequences(np.arange(plain.n_sequences))
+    found = []
+    for tokens, segments, mask in zip(rows["tokens"], rows["segment_ids"], rows["loss_mask"]):
+        real = np.flatnonzero(segments > 0)  # the examples first, in order, then the padding
+        assert (real == np.arange(len(real))).all() and (np.diff(segments[real]) >= 0).all()
+        for k in range(1, segments.max() + 1):
+            at = np.flatnonzero(segments == k)
+            example = tokens[at]
+            match = [i for i, row in enumerate(alone["tokens"]) if row[:len(example)].tolist() == example.tolist()
+                     and (len(example) == 64 or row[len(example)] == tokenizer.pad_token_id)]
+            assert match, example
+            found.append(match[0])
+            # The same targets count as alone, and the one into the next example does not.
+            own = np.concatenate([[0.0], mask])[at]
+            np.testing.assert_array_equal(own, np.concatenate([[0.0], alone["loss_mask"][match[0]]])[:len(at)])
+    assert sorted(np.bincount(found, minlength=len(PAIRS))[:len(PAIRS)]) == [3] * len(PAIRS)  # each pair 3 times
+
+
+@pytest.mark.parametrize("attention, blocks", [("reference", None), ("blockwise", 8)])
+def test_a_packed_row_gives_each_example_its_logits_loss_and_gradients_alone(tiny, tmp_path, tokenizer, attention,
+                                                                            blocks):
+    """Packed (several examples a row, segment ids) against unpacked (one a row): each example's logits where it
+    sits, the completion-only loss and its gradients, fp32, <= 1e-5 relative; the blockwise blocks (8) straddle
+    the examples' edges."""
+    import dataclasses
+
+    from bloom_jax.kernels import Kernels
+    from bloom_jax.model import make_model
+
+    kernels = Kernels(attention=attention)
+    if blocks:
+        kernels = dataclasses.replace(kernels, block_q=blocks, block_k=blocks)
+    model = make_model(tiny.config, kernels=kernels)
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    split = {packing: load_sft([path], tokenizer, 99, tmp_path / "cache", Fields(), eval_fraction=0, progress=False,
+                               packing=packing).train for packing in (False, True)}
+    alone, packed = (split[p].sequences(np.arange(split[p].n_sequences)) for p in (False, True))
+
+    logits = jax.jit(lambda p, t, s: model.apply({"params": p}, t, segment_ids=s))(
+        tiny.params, packed["tokens"], packed["segment_ids"])
+    alone_logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(tiny.params, alone["tokens"])
+    for row, segments in enumerate(packed["segment_ids"]):
+        for k in range(1, segments.max() + 1):
+            at = np.flatnonzero(segments == k)
+            i = next(i for i, r in enumerate(alone["tokens"]) if r[:len(at)].tolist() == packed["tokens"][row, at]
+                     .tolist() and r[len(at)] == tokenizer.pad_token_id)
+            ours, ref = np.asarray(logits[row, at]), np.asarray(alone_logits[i, :len(at)])
+            assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+    def loss(params, batch):
+        mask = batch["loss_mask"]
+        return next_token_loss(model, params, batch["tokens"], weights=mask / mask.sum(),
+                               segment_ids=batch.get("segment_ids"))
+
+    (ours, our_grads), (ref, ref_grads) = (jax.jit(jax.value_and_grad(loss))(tiny.params, batch)
+                                           for batch in (packed, alone))
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(ref_grads)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max()

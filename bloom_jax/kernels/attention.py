@@ -58,16 +58,30 @@ def alibi_positions(attention_mask: jax.Array) -> jax.Array:
     return ((jnp.cumsum(mask_bt, axis=-1) - 1) * mask_bt).astype(jnp.float32)
 
 
-def alibi_bias(attention_mask: jax.Array, n_head: int) -> jax.Array:
-    """ALiBi bias per key, float32 [b, n, 1, t], for a key mask [b, t]: slope * position. It does not depend on the
-    query: softmax is invariant to a per-row constant."""
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Each key's ALiBi position in a packed row, float32 [b, t], for segment ids [b, t] (k >= 1 for the tokens of
+    the row's k-th example, each example's tokens together, 0 for padding): its index within its example, so that
+    every example counts from 0 as it would alone; 0 at padding."""
+    t = segment_ids.shape[-1]
+    index_bt = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts_bt = jnp.where(segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1],
+                          index_bt, 0)
+    starts_bt = lax.cummax(starts_bt, axis=1)
+    return ((index_bt - starts_bt) * (segment_ids > 0)).astype(jnp.float32)
+
+
+def alibi_bias(attention_mask: jax.Array, n_head: int, segment_ids: jax.Array | None = None) -> jax.Array:
+    """ALiBi bias per key, float32 [b, n, 1, t], for a key mask [b, t]: slope * position (within its example, given
+    `segment_ids`). It does not depend on the query: softmax is invariant to a per-row constant."""
     slopes_n = jnp.asarray(alibi_slopes(n_head))
-    return slopes_n[None, :, None, None] * alibi_positions(attention_mask)[:, None, None, :]
+    positions_bt = alibi_positions(attention_mask) if segment_ids is None else segment_positions(segment_ids)
+    return slopes_n[None, :, None, None] * positions_bt[:, None, None, :]
 
 
 def causal_padding_mask(attention_mask: jax.Array, query_len: int | None = None,
-                        query_start: jax.Array | int = 0) -> jax.Array:
-    """Which keys each query may see, bool [b, 1, s, t], for a key mask [b, t]: earlier-or-same and not padding.
+                        query_start: jax.Array | int = 0, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Which keys each query may see, bool [b, 1, s, t], for a key mask [b, t]: earlier-or-same and not padding,
+    and with `segment_ids` [b, t] (a packed row, without a cache) of the query's own example.
 
     Query i sits at key position `query_start + i` (0 and s == t without a cache; the cache index with one, which
     may be one per sequence [b]).
@@ -76,27 +90,32 @@ def causal_padding_mask(attention_mask: jax.Array, query_len: int | None = None,
     t = attention_mask_bt.shape[-1]
     query_pos_bs = jnp.reshape(query_start, (-1, 1)) + jnp.arange(t if query_len is None else query_len)
     causal_bst = jnp.arange(t)[None, None, :] <= query_pos_bs[:, :, None]
-    return causal_bst[:, None] & (attention_mask_bt[:, None, None, :] > 0)
+    allowed_b1st = causal_bst[:, None] & (attention_mask_bt[:, None, None, :] > 0)
+    if segment_ids is not None:
+        allowed_b1st = allowed_b1st & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return allowed_b1st
 
 
 @flax.struct.dataclass
 class AttentionMask:
     """What every layer's attention needs to know of the masks, built once per forward pass: the key mask [b, t]
-    and the first query's key position; with `dense` (for the reference) also the ALiBi bias [b, n, 1, t] and the
-    visibility [b, 1, s, t], shared by the layers."""
+    and the first query's key position, and for packed rows (several examples each, without a cache) their
+    segment ids [b, t]; with `dense` (for the reference) also the ALiBi bias [b, n, 1, t] and the visibility
+    [b, 1, s, t], shared by the layers."""
 
     key_mask: jax.Array  # int [b, t], 1 for real tokens
     query_start: jax.Array | int
     alibi: jax.Array | None = None  # float32 [b, n, 1, t]
     allowed: jax.Array | None = None  # bool [b, 1, s, t]
+    segment_ids: jax.Array | None = None  # int [b, t]: k >= 1 for the row's k-th example, 0 for padding
 
     @classmethod
     def create(cls, key_mask: jax.Array, n_head: int, query_len: int, query_start: jax.Array | int = 0,
-               dense: bool = True) -> AttentionMask:
+               dense: bool = True, segment_ids: jax.Array | None = None) -> AttentionMask:
         if not dense:
-            return cls(key_mask, query_start)
-        return cls(key_mask, query_start, alibi_bias(key_mask, n_head),
-                   causal_padding_mask(key_mask, query_len, query_start))
+            return cls(key_mask, query_start, segment_ids=segment_ids)
+        return cls(key_mask, query_start, alibi_bias(key_mask, n_head, segment_ids),
+                   causal_padding_mask(key_mask, query_len, query_start, segment_ids), segment_ids)
 
 
 def reference(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dtype,
@@ -105,7 +124,7 @@ def reference(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask
     on [b, n, s, t]). Keys and values [b, n, t, h], or [b*n, t, h] from the cache."""
     b, n, s, h = q_bnsh.shape
     if mask.alibi is None:
-        mask = AttentionMask.create(mask.key_mask, n, s, mask.query_start)
+        mask = AttentionMask.create(mask.key_mask, n, s, mask.query_start, segment_ids=mask.segment_ids)
     if k.ndim == 4:
         scores_bnst = jnp.einsum("bnsh,bnth->bnst", q_bnsh, k, preferred_element_type=jnp.float32)
     else:  # batch and heads merged, as the cache keeps them (bloom_jax.cache)
@@ -134,10 +153,12 @@ def blockwise(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask
     t = k_bnth.shape[2]
     bq, bk = min(block_q, s), min(block_k, t)
     slopes_n = jnp.asarray(alibi_slopes(n))
-    positions_bt = alibi_positions(mask.key_mask)
+    segments = mask.segment_ids
+    positions_bt = alibi_positions(mask.key_mask) if segments is None else segment_positions(segments)
     query_start = jnp.asarray(mask.query_start, jnp.int32)
     out = _blockwise(q_bnsh.astype(dtype), k_bnth.astype(dtype), v_bnth.astype(dtype),
-                     mask.key_mask.astype(jnp.int32), positions_bt, slopes_n, query_start, bq, bk)
+                     mask.key_mask.astype(jnp.int32), positions_bt, slopes_n, query_start,
+                     None if segments is None else segments.astype(jnp.int32), bq, bk)
     return out.astype(dtype)
 
 
@@ -151,7 +172,7 @@ def cudnn_applies(q_bnsh: jax.Array, k: jax.Array, mask: AttentionMask, dtype) -
     keys [b, n, t, h], a head size cuDNN supports (a multiple of 8, at most 128: 256 needs Hopper), an even
     length (cuDNN's bias backward needs one) and bfloat16 or float16."""
     s, h = q_bnsh.shape[2], q_bnsh.shape[3]
-    return (k.ndim == 4 and k.shape[2] == s and s % 2 == 0 and h % 8 == 0 and h <= 128
+    return (k.ndim == 4 and k.shape[2] == s and s % 2 == 0 and h % 8 == 0 and h <= 128 and mask.segment_ids is None
             and isinstance(mask.query_start, int) and mask.query_start == 0 and jnp.dtype(dtype) in _CUDNN_MASKED)
 
 
@@ -222,10 +243,11 @@ def _dividing_axes(logical: str, size: int, mesh) -> tuple[str, ...] | None:
 
 
 # -- blockwise: forward and backward over padded blocks -------------------------------------------------------------
-def _key_block(keys, ki, bk, q_blk, slopes_n, query_pos):
+def _key_block(keys, ki, bk, q_blk, slopes_n, query_pos, query_segments=None):
     """Key block `ki` of the padded keys: (its keys, its values, the scores float32 [b, n, bq, bk] of `q_blk`
-    against them with ALiBi, masked keys at NEG)."""
-    kp, vp, maskp, posp = keys
+    against them with ALiBi, masked keys at NEG: padding, keys after the query, and, given `query_segments`
+    [b, bq], another example's)."""
+    kp, vp, maskp, posp, segp = keys
     k_blk = lax.dynamic_slice_in_dim(kp, ki * bk, bk, axis=2)
     v_blk = lax.dynamic_slice_in_dim(vp, ki * bk, bk, axis=2)
     key_mask_bk = lax.dynamic_slice_in_dim(maskp, ki * bk, bk, axis=1)
@@ -235,12 +257,24 @@ def _key_block(keys, ki, bk, q_blk, slopes_n, query_pos):
     scores = scores * (1.0 / math.sqrt(h)) + slopes_n[None, :, None, None] * positions_bk[:, None, None, :]
     key_pos_k = ki * bk + jnp.arange(bk)
     allowed = (key_pos_k[None, :] <= query_pos[:, None])[None, None] & (key_mask_bk[:, None, None, :] > 0)
+    if query_segments is not None:
+        segments_bk = lax.dynamic_slice_in_dim(segp, ki * bk, bk, axis=1)
+        allowed = allowed & (query_segments[:, None, :, None] == segments_bk[:, None, None, :])
     return k_blk, v_blk, jnp.where(allowed, scores, NEG)
 
 
-def _padded_keys(k, v, key_mask, positions, bk):
-    """Keys, values, key mask and ALiBi positions padded to whole blocks of `bk` (padding masked off)."""
-    return tuple(flash_kernels.pad_to(x, axis, bk) for x, axis in ((k, 2), (v, 2), (key_mask, 1), (positions, 1)))
+def _padded_keys(k, v, key_mask, positions, segments, bk):
+    """Keys, values, key mask, ALiBi positions and segment ids (or None) padded to whole blocks of `bk` (padding
+    masked off)."""
+    padded = tuple(flash_kernels.pad_to(x, axis, bk) for x, axis in ((k, 2), (v, 2), (key_mask, 1), (positions, 1)))
+    return (*padded, None if segments is None else flash_kernels.pad_to(segments, 1, bk))
+
+
+def _query_segments(segments, qi, bq, query_start):
+    """The segment ids [b, bq] of query block `qi` (queries are the keys, without a cache), or None."""
+    if segments is None:
+        return None
+    return lax.dynamic_slice_in_dim(flash_kernels.pad_to(segments, 1, bq), query_start + qi * bq, bq, axis=1)
 
 
 def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
@@ -249,20 +283,21 @@ def _key_blocks_seen(qi, bq, bk, query_start, n_kblocks):
     return jnp.clip(last_query_pos // bk + 1, 1, n_kblocks)
 
 
-def _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
+def _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, segments, bq, bk):
     """(out [b, n, s, h] in q's dtype, log-sum-exp float32 [b, n, s]) over padded blocks."""
     b, n, s, h = q.shape
     qp = flash_kernels.pad_to(q, 2, bq)
-    keys = _padded_keys(k, v, key_mask, positions, bk)
+    keys = _padded_keys(k, v, key_mask, positions, segments, bk)
     n_qblocks, n_kblocks = qp.shape[2] // bq, keys[0].shape[2] // bk
 
     def query_block(qi):
         q_blk = lax.dynamic_slice_in_dim(qp, qi * bq, bq, axis=2)
         query_pos = query_start + qi * bq + jnp.arange(bq)
+        query_segments = _query_segments(segments, qi, bq, query_start)
 
         def key_block(ki, carry):
             m, l, acc = carry
-            _, v_blk, scores = _key_block(keys, ki, bk, q_blk, slopes_n, query_pos)
+            _, v_blk, scores = _key_block(keys, ki, bk, q_blk, slopes_n, query_pos, query_segments)
             m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
             p = jnp.exp(scores - m_new[..., None])
             correction = jnp.exp(m - m_new)
@@ -282,7 +317,7 @@ def _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, 
     return out.astype(q.dtype), lse
 
 
-def _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out):
+def _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, segments, bq, bk, out, lse, d_out):
     """(dq, dk, dv): each block's probabilities recomputed from the saved log-sum-exp, never the whole matrix."""
     b, n, s, h = q.shape
     t = k.shape[2]
@@ -291,7 +326,7 @@ def _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq,
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     qp, dop = flash_kernels.pad_to(q, 2, bq), flash_kernels.pad_to(d_out, 2, bq)
     lsep, deltap = flash_kernels.pad_to(lse, 2, bq), flash_kernels.pad_to(delta, 2, bq)
-    keys = _padded_keys(k, v, key_mask, positions, bk)
+    keys = _padded_keys(k, v, key_mask, positions, segments, bk)
     n_qblocks, n_kblocks = qp.shape[2] // bq, keys[0].shape[2] // bk
 
     def query_block(qi, carry):
@@ -301,10 +336,11 @@ def _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq,
         lse_blk = lax.dynamic_slice_in_dim(lsep, qi * bq, bq, axis=2)
         delta_blk = lax.dynamic_slice_in_dim(deltap, qi * bq, bq, axis=2)
         query_pos = query_start + qi * bq + jnp.arange(bq)
+        query_segments = _query_segments(segments, qi, bq, query_start)
 
         def key_block(ki, inner):
             dq_blk, dk_acc, dv_acc = inner
-            k_blk, v_blk, scores = _key_block(keys, ki, bk, q_blk, slopes_n, query_pos)
+            k_blk, v_blk, scores = _key_block(keys, ki, bk, q_blk, slopes_n, query_pos, query_segments)
             p = jnp.exp(scores - lse_blk[..., None])  # float32 [b, n, bq, bk]
             dv_blk = jnp.einsum("bnqk,bnqh->bnkh", p.astype(do_blk.dtype), do_blk,
                                 preferred_element_type=jnp.float32)
@@ -331,22 +367,24 @@ def _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq,
     return (dq[:, :, :s].astype(q.dtype), dk[:, :, :t].astype(k.dtype), dv[:, :, :t].astype(v.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _blockwise(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
-    return _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _blockwise(q, k, v, key_mask, positions, slopes_n, query_start, segments, bq, bk):
+    return _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, segments, bq, bk)[0]
 
 
-def _blockwise_fwd(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk):
-    out, lse = _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk)
-    return out, (q, k, v, key_mask, positions, slopes_n, query_start, out, lse)
+def _blockwise_fwd(q, k, v, key_mask, positions, slopes_n, query_start, segments, bq, bk):
+    out, lse = _blockwise_forward(q, k, v, key_mask, positions, slopes_n, query_start, segments, bq, bk)
+    return out, (q, k, v, key_mask, positions, slopes_n, query_start, segments, out, lse)
 
 
 def _blockwise_bwd(bq, bk, residuals, d_out):
-    q, k, v, key_mask, positions, slopes_n, query_start, out, lse = residuals
-    dq, dk, dv = _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, bq, bk, out, lse, d_out)
-    # The masks, positions and slopes are data, not parameters: no gradient flows to them.
+    q, k, v, key_mask, positions, slopes_n, query_start, segments, out, lse = residuals
+    dq, dk, dv = _blockwise_backward(q, k, v, key_mask, positions, slopes_n, query_start, segments, bq, bk, out,
+                                     lse, d_out)
+    # The masks, positions, slopes and segments are data, not parameters: no gradient flows to them.
     return (dq, dk, dv, np.zeros(key_mask.shape, jax.dtypes.float0), jnp.zeros_like(positions),
-            jnp.zeros_like(slopes_n), np.zeros((), jax.dtypes.float0))
+            jnp.zeros_like(slopes_n), np.zeros((), jax.dtypes.float0),
+            None if segments is None else np.zeros(segments.shape, jax.dtypes.float0))
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -355,4 +393,5 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 IMPLEMENTATIONS = {"reference": reference, "blockwise": blockwise, "cudnn": cudnn, "flash": flash}
 
 __all__ = ["AttentionMask", "IMPLEMENTATIONS", "alibi_bias", "alibi_positions", "alibi_slopes",
-           "blockwise", "causal_padding_mask", "cudnn", "cudnn_applies", "flash", "reference", "relative_alibi_bias"]
+           "blockwise", "causal_padding_mask", "cudnn", "cudnn_applies", "flash", "reference", "relative_alibi_bias",
+           "segment_positions"]

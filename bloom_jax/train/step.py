@@ -25,11 +25,12 @@ from bloom_jax.recipe import TrainConfig
 def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation, grad_accum: int, seed: int,
                dropout: bool, state: dict, tokens: jax.Array,
                loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, frozen: dict | None = None,
-               loss_mask: jax.Array | None = None) -> tuple[dict, dict]:
+               loss_mask: jax.Array | None = None, segment_ids: jax.Array | None = None) -> tuple[dict, dict]:
     """One optimizer step on a global batch of token windows [b, s + 1], split into `grad_accum` equal
     micro-batches whose gradients add up to those of the whole batch. Returns the new state and metrics. The loss
     is the mean over every target, or with `loss_mask` (float [b, s], 1 on the targets that count: a
-    completion-only loss) the mean over the targets it marks in the whole batch, as TRL computes it. With `frozen`
+    completion-only loss) the mean over the targets it marks in the whole batch, as TRL computes it. With
+    `segment_ids` (int [b, s + 1]) each row packs several examples, each attending only to itself. With `frozen`
     (a LoRA run's base weights) `state["params"]` are the adapters: the model runs on both, and only the adapters
     get gradients and updates."""
     tokens_bs1 = tokens
@@ -42,19 +43,20 @@ def train_step(model: BloomForCausalLM, optimizer: optax.GradientTransformation,
     else:  # each target weighs 1 / (the targets marked in the whole batch); the micro-batches' gradients add up
         weights_bs = loss_mask.astype(jnp.float32) / jnp.maximum(jnp.sum(loss_mask.astype(jnp.float32)), 1.0)
         weights_mbs = weights_bs.reshape(grad_accum, batch // grad_accum, weights_bs.shape[1])
+    segments_mbs1 = None if segment_ids is None else segment_ids.reshape(micro_mbs1.shape)
 
     def micro_step(grad_sum, inputs):
-        tokens, weights, index = inputs
+        tokens, weights, segments, index = inputs
         rng = jax.random.fold_in(step_key, index) if dropout else None
         def loss_of(trained):
             everything = trained if frozen is None else merge_trees(frozen, trained)
-            return next_token_loss(model, everything, tokens, rng, loss_chunk_tokens, weights)
+            return next_token_loss(model, everything, tokens, rng, loss_chunk_tokens, weights, segments)
 
         loss, grads = jax.value_and_grad(loss_of)(params)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, losses = lax.scan(micro_step, zeros, (micro_mbs1, weights_mbs, jnp.arange(grad_accum)))
+    grad_sum, losses = lax.scan(micro_step, zeros, (micro_mbs1, weights_mbs, segments_mbs1, jnp.arange(grad_accum)))
     if loss_mask is None:
         grads, loss = jax.tree.map(lambda g: g / grad_accum, grad_sum), losses.mean()
     else:

@@ -145,15 +145,15 @@ class Trainer:
         data_sharding, replicated = plan.batch_sharding(), plan.replicated
         step_fn = jax.jit(
             lambda state, batch, frozen: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed,
-                                                    self.dropout, state, _tokens_and_mask(batch)[0],
-                                                    cfg.loss_chunk_tokens, frozen,
-                                                    loss_mask=_tokens_and_mask(batch)[1]),
+                                                    self.dropout, state, *_batch_parts(batch)[:1],
+                                                    cfg.loss_chunk_tokens, frozen, *_batch_parts(batch)[1:]),
             in_shardings=(state_shardings, data_sharding, frozen_shardings),
             out_shardings=(state_shardings, replicated), donate_argnums=0)
         eval_fn = jax.jit(
             lambda params, batch, frozen: next_token_loss(
-                self.model, params if frozen is None else merge_trees(frozen, params), _tokens_and_mask(batch)[0],
-                chunk_tokens=cfg.loss_chunk_tokens, weights=_mean_weights(_tokens_and_mask(batch)[1])),
+                self.model, params if frozen is None else merge_trees(frozen, params), _batch_parts(batch)[0],
+                chunk_tokens=cfg.loss_chunk_tokens, weights=_mean_weights(_batch_parts(batch)[1]),
+                segment_ids=_batch_parts(batch)[2]),
             in_shardings=(state_shardings["params"], data_sharding, frozen_shardings), out_shardings=replicated)
         with RunCheckpoints.open(self.output_dir, cfg.keep, cfg.save_every, abstract_state) as checkpoints:
             state = checkpoints.restore_or_init(lambda: initial_train_state(
@@ -264,7 +264,7 @@ class Trainer:
                                    seed=cfg.seed, jsonl_field=cfg.jsonl_field, progress=self.progress)
             return load_sft(data_files(cfg), self.tokenizer, cfg.seq_len, cache, self.fields, self.chat_template,
                             eval_fraction=cfg.eval_fraction, seed=cfg.seed, completion_only=cfg.completion_only_loss,
-                            too_long=cfg.too_long, progress=self.progress)
+                            too_long=cfg.too_long, progress=self.progress, packing=cfg.packing)
 
         if jax.process_count() == 1 or not is_remote(cache):
             return load()  # a local cache is each host's own (or, shared, written atomically by each)
@@ -325,11 +325,12 @@ class Trainer:
 
 
 
-def _tokens_and_mask(batch) -> tuple[jax.Array, jax.Array | None]:
-    """A batch's token windows [b, s + 1] and loss mask [b, s] (None for text: every target counts)."""
+def _batch_parts(batch) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """A batch's token windows [b, s + 1], loss mask [b, s] (None for text: every target counts) and segment ids
+    [b, s + 1] (None but for packed instruction data)."""
     if isinstance(batch, dict):
-        return batch["tokens"], batch["loss_mask"]
-    return batch, None
+        return batch["tokens"], batch["loss_mask"], batch.get("segment_ids")
+    return batch, None, None
 
 
 def _mean_weights(loss_mask: jax.Array | None) -> jax.Array | None:

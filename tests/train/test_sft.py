@@ -63,3 +63,25 @@ def test_an_sft_run_learns_the_answers_and_its_loss_is_theirs(run_a, recipe_file
     answers = sum(len(tokenizer.encode(c)) + 1 for _, c in PAIRS * 8)
     assert result["format"] == "prompt_completion" and result["tokens"] == answers
     assert result["loss"] < losses[0] - 0.5
+
+
+@pytest.mark.slow
+def test_a_packed_sft_run_takes_the_loss_of_its_packed_rows(run_a, recipe_file, pairs_file, tmp_path):
+    a_dir, _ = run_a
+    output_dir = tmp_path / "packed"
+    overrides = [*sft_overrides(run_a, output_dir, pairs_file), "packing=true", "seq_len=48", "steps=8",
+                 "save_every=8", "eval_every=8"]
+    code, out, err = run_cli("train", recipe_file, *overrides)
+    assert code == 0, err[-3000:]
+    assert "examples packed into" in err
+    losses = [m["loss"] for m in read_metrics(output_dir)]
+    model, params = from_pretrained(a_dir / "final")
+    corpus = load_sft([pairs_file], read_tokenizer(a_dir / "final"), 48, output_dir / "data-cache", Fields(),
+                      eval_fraction=0.25, progress=False, packing=True)
+    batch = corpus.train.train_batches(RECIPE["batch_size"]).get(0)
+    assert (batch["segment_ids"].max(axis=1) > 1).all()  # every row holds several examples
+    mask = batch["loss_mask"]
+    expected = float(jax.jit(lambda p: next_token_loss(model, p, batch["tokens"], weights=mask / mask.sum(),
+                                                       segment_ids=batch["segment_ids"]))(params))
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+    assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
