@@ -155,6 +155,7 @@ def test_completion_only_loss_and_gradients_equal_transformers_with_prompt_label
         assert scale > 0 and np.abs(ours - ref).max() <= 2e-5 * scale, name
 
 
+@pytest.mark.slow  # two compiled train steps
 def test_accumulated_micro_batches_weigh_each_answer_token_as_one_batch_does(tiny, tmp_path, tokenizer):
     """With a loss mask the micro-batches' gradients add up (each answer token weighs 1 / all of the batch's), so
     grad_accum=2 takes the step one batch does; averaging micro-batch means would weigh short answers more."""
@@ -203,6 +204,7 @@ def test_packed_rows_hold_whole_examples_best_fit_and_kept_apart(tmp_path, token
     assert sorted(np.bincount(found, minlength=len(PAIRS))[:len(PAIRS)]) == [3] * len(PAIRS)  # each pair 3 times
 
 
+@pytest.mark.slow  # two compiled models, forward and backward: about 10 s each
 @pytest.mark.parametrize("attention, blocks", [("reference", None), ("blockwise", 8)])
 def test_a_packed_row_gives_each_example_its_logits_loss_and_gradients_alone(tiny, tmp_path, tokenizer, attention,
                                                                             blocks):

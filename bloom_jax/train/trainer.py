@@ -135,6 +135,8 @@ class Trainer:
         loss stops the run with `RunFailed`, the last good checkpoint kept."""
         cfg, plan = self.cfg, self.sharding
         corpus = self._corpus()
+        # Too few held-out rows for one eval batch: one line now, not at the first evaluation.
+        corpus.eval.eval_batches(cfg.eval_batches, cfg.batch_size, jax.process_index(), jax.process_count())
         lora = self.lora is not None
         abstract_state, abstract_frozen = abstract_train_state(self.model, self.optimizer, plan, lora)
         state_shardings = jax.tree.map(lambda s: s.sharding, abstract_state)
@@ -143,18 +145,22 @@ class Trainer:
         frozen = (frozen_base(cfg, self.init_from, plan, frozen_shardings, self.base_dtype, self.frozen_weights)
                   if lora else None)
         data_sharding, replicated = plan.batch_sharding(), plan.replicated
-        step_fn = jax.jit(
-            lambda state, batch, frozen: train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed,
-                                                    self.dropout, state, *_batch_parts(batch)[:1],
-                                                    cfg.loss_chunk_tokens, frozen, *_batch_parts(batch)[1:]),
-            in_shardings=(state_shardings, data_sharding, frozen_shardings),
-            out_shardings=(state_shardings, replicated), donate_argnums=0)
-        eval_fn = jax.jit(
-            lambda params, batch, frozen: next_token_loss(
-                self.model, params if frozen is None else merge_trees(frozen, params), _batch_parts(batch)[0],
-                chunk_tokens=cfg.loss_chunk_tokens, weights=_mean_weights(_batch_parts(batch)[1]),
-                segment_ids=_batch_parts(batch)[2]),
-            in_shardings=(state_shardings["params"], data_sharding, frozen_shardings), out_shardings=replicated)
+
+        def step(state, batch, frozen):
+            tokens, loss_mask, segment_ids = _batch_parts(batch)
+            return train_step(self.model, self.optimizer, cfg.grad_accum, cfg.seed, self.dropout, state, tokens,
+                              cfg.loss_chunk_tokens, frozen, loss_mask, segment_ids)
+
+        def evaluation(params, batch, frozen):
+            tokens, loss_mask, segment_ids = _batch_parts(batch)
+            return next_token_loss(self.model, params if frozen is None else merge_trees(frozen, params), tokens,
+                                   chunk_tokens=cfg.loss_chunk_tokens, weights=_mean_weights(loss_mask),
+                                   segment_ids=segment_ids)
+
+        step_fn = jax.jit(step, in_shardings=(state_shardings, data_sharding, frozen_shardings),
+                          out_shardings=(state_shardings, replicated), donate_argnums=0)
+        eval_fn = jax.jit(evaluation, in_shardings=(state_shardings["params"], data_sharding, frozen_shardings),
+                          out_shardings=replicated)
         with RunCheckpoints.open(self.output_dir, cfg.keep, cfg.save_every, abstract_state) as checkpoints:
             state = checkpoints.restore_or_init(lambda: initial_train_state(
                 cfg, self.model, self.optimizer, plan, state_shardings, self.init_from, lora))

@@ -71,13 +71,17 @@ def test_a_packed_sft_run_takes_the_loss_of_its_packed_rows(run_a, recipe_file, 
     output_dir = tmp_path / "packed"
     overrides = [*sft_overrides(run_a, output_dir, pairs_file), "packing=true", "seq_len=48", "steps=8",
                  "save_every=8", "eval_every=8"]
-    code, out, err = run_cli("train", recipe_file, *overrides)
+    code, out, err = run_cli("train", recipe_file, *overrides)  # 16 held-out examples pack into 5 rows
+    assert code == 2 and err.strip().splitlines()[-1] == ("bloom-jax: error: the eval split has 5 rows, fewer than "
+                                                          "one eval batch of 8")
+    assert "training:" not in err  # refused before any step
+    code, out, err = run_cli("train", recipe_file, *overrides, "eval_fraction=0.5")
     assert code == 0, err[-3000:]
     assert "examples packed into" in err
     losses = [m["loss"] for m in read_metrics(output_dir)]
     model, params = from_pretrained(a_dir / "final")
     corpus = load_sft([pairs_file], read_tokenizer(a_dir / "final"), 48, output_dir / "data-cache", Fields(),
-                      eval_fraction=0.25, progress=False, packing=True)
+                      eval_fraction=0.5, progress=False, packing=True)
     batch = corpus.train.train_batches(RECIPE["batch_size"]).get(0)
     assert (batch["segment_ids"].max(axis=1) > 1).all()  # every row holds several examples
     mask = batch["loss_mask"]

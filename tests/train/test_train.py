@@ -469,11 +469,12 @@ def run_with_a_nan_gradient(run_a, recipe_file, output_dir, *overrides) -> dict:
     a_dir, _ = run_a
     real_loss = bloom_jax.train.step.next_token_loss
 
-    def loss_with_nan_gradient(model, params, tokens, dropout_rng=None, chunk_tokens=1024, weights=None):
+    def loss_with_nan_gradient(model, params, tokens, dropout_rng=None, chunk_tokens=1024, weights=None,
+                               segment_ids=None):
         bias = params["ln_f"]["bias"]  # zero at init, moved by step 1's update
         nan_gradient = jax.lax.cond(jnp.all(bias == 0), lambda b: 0.0, lambda b: 0.0 * jnp.sqrt(jnp.sum(b * 0.0)),
                                     bias)  # d sqrt(0) = inf; 0 * inf: a real value, a NaN gradient
-        return real_loss(model, params, tokens, dropout_rng, chunk_tokens, weights) + nan_gradient
+        return real_loss(model, params, tokens, dropout_rng, chunk_tokens, weights, segment_ids) + nan_gradient
 
     overrides = [f"output_dir={output_dir}", f"tokenizer={a_dir}", f"data_cache={a_dir / 'data-cache'}",
                  *overrides]
