@@ -2,7 +2,8 @@
 --device ...` for a slice of that generation, its per-chip memory from the compiler's buffer assignment.
 
 - Full fine-tunes (bf16 compute, fp32 master weights and AdamW moments, full remat, sequence 2048): bloom-560m on
-  one v5e chip (the largest micro-batch that fits), bloom-1b7 on a v5e-8 (fsdp=8), bloom-7b1 on a v5p-8 (4 chips).
+  one v5e chip (the largest micro-batch that fits, and instruction tuning on packed rows at batch 8), bloom-1b7 on
+  a v5e-8 (fsdp=8), bloom-7b1 on a v5p-8 (4 chips).
 - LoRA and QLoRA (rank 16 on all four linear layers, fp32 adapters and AdamW, full remat): bloom-7b1 at sequence
   1024 on a bf16 base and at 2048 on an nf4 base on one v5e chip (the largest micro-batch that fits), bloom-1b7
   on a v5e-8 (fsdp=8) beside its full fine-tune; per chip: base, adapters, optimizer, the rest, total.
@@ -69,6 +70,9 @@ def fine_tunes(quick: bool) -> None:
             fitting = batch
         else:
             break
+    # Instruction tuning: the step of packed rows (a completion-only loss mask, segment ids; bloom_jax.sft).
+    result = plan("bloom-560m", "v5e", "fsdp=1", "train", 2048, 8, ("--packed",))
+    rows.append(["bloom-560m SFT, packed rows, v5e-1, batch 8", cell(result), "yes" if result["fits"] else "no"])
     for model, device, mesh, name in (("bloom-1b7", "v5e", "fsdp=8", "v5e-8, fsdp=8"),
                                       ("bloom-7b1", "v5p", "fsdp=4", "v5p-8 (4 chips), fsdp=4")):
         result = plan(model, device, mesh, "train", 2048)

@@ -367,7 +367,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     result = plan.plan_step(config, args.mesh, args.task, args.batch, args.seq, rules=args.rules, tpu=tpu,
                             chips=devices, kernels=args.kernels, attention=args.attention,
                             remat_policy=args.remat_policy, lora=lora, lora_base=args.lora_base,
-                            scan_layers=args.layers == "scanned", loss_chunk_tokens=args.loss_chunk_tokens)
+                            scan_layers=args.layers == "scanned", loss_chunk_tokens=args.loss_chunk_tokens,
+                            packed=args.packed)
     print(json.dumps({"model": args.model, **plan.describe(result, limit)}))
 
 
@@ -539,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated layers given adapters")
     p.add_argument("--lora-base", choices=("bfloat16", "float32", "int8", "nf4"), default="bfloat16",
                    help="how the frozen base is stored (int8, nf4: QLoRA)")
+    p.add_argument("--packed", action="store_true",
+                   help="plan the step of packed instruction rows (a loss mask and segment ids: SFT)")
     _kernel_flags(p)
     return parser
 

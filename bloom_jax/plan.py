@@ -119,13 +119,15 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
               rules: str = "fsdp_tensor", remat_policy: str = "full", tpu: str | None = None,
               chips: int | None = None, kernels: str = "auto", attention: str = "auto",
               lora: LoraConfig | None = None, lora_base: str = "bfloat16", scan_layers: bool = True,
-              loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> Plan:
+              loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, packed: bool = False) -> Plan:
     """Compiles one step for `config` and returns its analysed memory: with `tpu` (v4, v5e, v5p, v6e) by the TPU
     compiler for a slice of `chips` chips (default: the mesh's size), else on a mesh of this process's devices.
 
     train: the trainer's `train_step`: bf16 compute, fp32 master weights and AdamW state, activation
       checkpointing (`remat_policy`), state donated; with `lora`, fp32 adapters and their AdamW state beside a
-      frozen base stored in `lora_base` (bfloat16, float32, or int8 / nf4 linear layers). forward: bf16
+      frozen base stored in `lora_base` (bfloat16, float32, or int8 / nf4 linear layers); with `packed`, the
+      step of packed instruction rows (a completion-only loss mask and segment ids, each example attending only
+      to itself: `bloom_jax.sft`). forward: bf16
       weights and compute, logits of every position. generate: one decode step with a bf16 KV cache of `seq`
       positions (donated), bf16 weights. `kernels` and `attention` are those of the target
       (`bloom_jax.kernels.Kernels.create` for its platform); `scan_layers` and `loss_chunk_tokens` as the recipe
@@ -133,6 +135,8 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
     """
     if task not in TASKS:
         raise BloomJaxError(f"plan: unknown task {task!r} (choose from {', '.join(TASKS)})")
+    if packed and task != "train":
+        raise BloomJaxError("plan: --packed plans a train step (--task train)")
     devices, compiler, platform = None, "XLA:CPU (stand-in)", "cpu"
     if tpu is not None:
         devices = tpu_devices(tpu, chips or devices_for(mesh_spec))
@@ -168,11 +172,14 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
                  "opt_state": opt_state}
         state_shardings = jax.tree.map(lambda s: s.sharding, state)
         # Windows of seq + 1 tokens: the model sees seq of them.
-        tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=sharding.batch_sharding())
-        fn = jax.jit(lambda state, tokens, frozen: train_step(model, optimizer, 1, 0, False, state, tokens,
-                                                              loss_chunk_tokens, frozen),
+        rows = sharding.batch_sharding()
+        tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=rows)
+        packing = ((jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=rows),
+                    jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=rows)) if packed else (None, None))
+        fn = jax.jit(lambda state, tokens, frozen, packing: train_step(model, optimizer, 1, 0, False, state, tokens,
+                                                                       loss_chunk_tokens, frozen, *packing),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        args = (state, tokens, frozen)
+        args = (state, tokens, frozen, packing)
         parts = {"weights": _argument_bytes(frozen if lora is not None else params),
                  "adapters": _argument_bytes(params) if lora is not None else 0,
                  "optimizer": _argument_bytes(opt_state)}

@@ -45,6 +45,17 @@ def test_train_plan_arguments_equal_the_real_state_on_a_device():
     assert plan.temp_bytes > 0 and plan.flops_per_device > 0
 
 
+def test_a_packed_sft_plan_adds_its_loss_mask_and_segment_ids_to_the_arguments():
+    config = tiny_config()
+    text = plan_step(config, "fsdp=2,tensor=4", "train", batch=4, seq=16)
+    packed = plan_step(config, "fsdp=2,tensor=4", "train", batch=4, seq=16, packed=True)
+    # float32 [4, 16] and int32 [4, 17], split over fsdp=2
+    assert packed.argument_bytes - text.argument_bytes == (4 * 16 * 4 + 4 * 17 * 4) // 2
+    assert packed.flops_per_device == pytest.approx(text.flops_per_device, rel=0.05)
+    with pytest.raises(BloomJaxError, match="--packed plans a train step"):
+        plan_step(config, "fsdp=2,tensor=4", "forward", batch=4, seq=16, packed=True)
+
+
 def test_forward_plan_counts_bf16_weights():
     config = tiny_config()
     one = plan_step(config, "data=8", "forward", batch=8, seq=16)
