@@ -205,19 +205,21 @@ def test_packed_rows_hold_whole_examples_best_fit_and_kept_apart(tmp_path, token
 
 
 @pytest.mark.slow  # two compiled models, forward and backward: about 10 s each
-@pytest.mark.parametrize("attention, blocks", [("reference", None), ("blockwise", 8)])
+@pytest.mark.parametrize("attention, blocks", [("reference", None), ("blockwise", 8), ("flash", 16)])
 def test_a_packed_row_gives_each_example_its_logits_loss_and_gradients_alone(tiny, tmp_path, tokenizer, attention,
                                                                             blocks):
     """Packed (several examples a row, segment ids) against unpacked (one a row): each example's logits where it
-    sits, the completion-only loss and its gradients, fp32, <= 1e-5 relative; the blockwise blocks (8) straddle
-    the examples' edges."""
+    sits, the completion-only loss and its gradients, fp32, <= 1e-5 relative; the blockwise blocks (8) and the
+    flash kernels' (16, the TPU kernels in interpret mode) straddle the examples' edges."""
     import dataclasses
 
     from bloom_jax.kernels import Kernels
     from bloom_jax.model import make_model
 
     kernels = Kernels(attention=attention)
-    if blocks:
+    if attention == "flash":
+        kernels = dataclasses.replace(kernels, flash_blocks=(blocks, blocks), interpret=True)
+    elif blocks:
         kernels = dataclasses.replace(kernels, block_q=blocks, block_k=blocks)
     model = make_model(tiny.config, kernels=kernels)
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])

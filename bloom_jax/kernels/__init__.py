@@ -85,14 +85,12 @@ class Kernels:
 
 def attend(kernels: Kernels, q_bnsh, k, v, mask: attention.AttentionMask, dtype, dropout=None):
     """Attention context [b, n, s, h] by `kernels.attention_at` its shape. Dropped-out probabilities take the
-    reference (the fused forms have no dropout); `flash` takes every shape but one query row, and packed rows
-    take `blockwise` in its place; `cudnn` falls back to `blockwise` where cuDNN does not apply (a prefill chunk
-    into a cache, odd lengths, float32, packed rows)."""
+    reference (the fused forms have no dropout); `flash` takes every shape but one query row; `cudnn` falls back
+    to `blockwise` where cuDNN does not apply (a prefill chunk into a cache, odd lengths, float32). Packed rows
+    (segment ids) keep their implementation: each masks other examples' keys."""
     s, t = q_bnsh.shape[2], k.shape[-2]
     chosen = kernels.attention_at(s, t)
-    # Packed rows (segment ids) take blockwise where flash would: its Pallas kernels do not mask segments yet.
-    if (chosen == "cudnn" and not attention.cudnn_applies(q_bnsh, k, mask, dtype)) or (
-            chosen == "flash" and mask.segment_ids is not None):
+    if chosen == "cudnn" and not attention.cudnn_applies(q_bnsh, k, mask, dtype):
         chosen = dataclasses.replace(kernels, attention="blockwise").attention_at(s, t)
     if dropout is not None or chosen == "reference":
         return attention.reference(q_bnsh, k, v, mask, dtype, dropout)

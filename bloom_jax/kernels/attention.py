@@ -172,20 +172,24 @@ def cudnn_applies(q_bnsh: jax.Array, k: jax.Array, mask: AttentionMask, dtype) -
     keys [b, n, t, h], a head size cuDNN supports (a multiple of 8, at most 128: 256 needs Hopper), an even
     length (cuDNN's bias backward needs one) and bfloat16 or float16."""
     s, h = q_bnsh.shape[2], q_bnsh.shape[3]
-    return (k.ndim == 4 and k.shape[2] == s and s % 2 == 0 and h % 8 == 0 and h <= 128 and mask.segment_ids is None
+    return (k.ndim == 4 and k.shape[2] == s and s % 2 == 0 and h % 8 == 0 and h <= 128
             and isinstance(mask.query_start, int) and mask.query_start == 0 and jnp.dtype(dtype) in _CUDNN_MASKED)
 
 
-def relative_alibi_bias(key_mask: jax.Array, n_head: int, dtype) -> jax.Array:
+def relative_alibi_bias(key_mask: jax.Array, n_head: int, dtype, segment_ids: jax.Array | None = None) -> jax.Array:
     """BLOOM's bias and padding as one array [b, n, s, s] in `dtype`: slope * (key position - query position) at
-    visible keys, a large negative number at padding (causality is cuDNN's `is_causal`). Relative to the query, so
-    that the values near the diagonal, which dominate the softmax, are small and exact in bfloat16 (slope * key
-    position alone reaches 1023 at 2048 tokens, where bfloat16 steps by 4); softmax does not see the shift."""
-    positions_bt = alibi_positions(key_mask)
+    visible keys, a large negative number at padding and, in packed rows (`segment_ids`), at other examples' keys
+    (causality is cuDNN's `is_causal`). Relative to the query, so that the values near the diagonal, which
+    dominate the softmax, are small and exact in bfloat16 (slope * key position alone reaches 1023 at 2048 tokens,
+    where bfloat16 steps by 4); softmax does not see the shift."""
+    positions_bt = alibi_positions(key_mask) if segment_ids is None else segment_positions(segment_ids)
     slopes_n = jnp.asarray(alibi_slopes(n_head))
     relative_bnst = slopes_n[None, :, None, None] * (positions_bt[:, None, None, :] - positions_bt[:, None, :, None])
+    visible_bnst = (key_mask > 0)[:, None, None, :]
+    if segment_ids is not None:
+        visible_bnst = visible_bnst & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     masked = _CUDNN_MASKED.get(jnp.dtype(dtype), NEG)
-    return jnp.where(key_mask[:, None, None, :] > 0, relative_bnst, masked).astype(dtype)
+    return jnp.where(visible_bnst, relative_bnst, masked).astype(dtype)
 
 
 def cudnn(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dtype,
@@ -194,7 +198,7 @@ def cudnn(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dt
     call on any backend, for tests), causal, with `relative_alibi_bias` as the bias. Only where
     `cudnn_applies`."""
     b, n, s, h = q_bnsh.shape
-    bias_bnst = lax.stop_gradient(relative_alibi_bias(mask.key_mask, n, dtype))
+    bias_bnst = lax.stop_gradient(relative_alibi_bias(mask.key_mask, n, dtype, mask.segment_ids))
     q_bsnh, k_bsnh, v_bsnh = (jnp.swapaxes(x.astype(dtype), 1, 2) for x in (q_bnsh, k, v))
     out_bsnh = jax.nn.dot_product_attention(q_bsnh, k_bsnh, v_bsnh, bias=bias_bnst, is_causal=True,
                                             implementation=implementation)
@@ -212,27 +216,35 @@ def flash(q_bnsh: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, dt
     block_q, block_k = blocks or (None, None)
     call = functools.partial(flash_kernels.flash_attention, causal=True, block_q=block_q, block_k=block_k,
                              backend=backend, interpret=interpret)
-    positions_bt = alibi_positions(mask.key_mask).astype(jnp.int32)
+    segments = mask.segment_ids
+    positions_bt = (alibi_positions(mask.key_mask) if segments is None else segment_positions(segments))
     offset_b = jnp.broadcast_to(jnp.asarray(mask.query_start, jnp.int32), (b,))
     slopes_n = jnp.asarray(alibi_slopes(n))
-    out = _per_shard(call, q_bnsh.astype(dtype), k_bnth, v_bnth, slopes_n, positions_bt, mask.key_mask, offset_b)
+    out = _per_shard(call, q_bnsh.astype(dtype), k_bnth, v_bnth, slopes_n, positions_bt.astype(jnp.int32),
+                     mask.key_mask, offset_b, segments)
     return out.astype(dtype)
 
 
-def _per_shard(call, q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt, offset_b):
+def _per_shard(call, q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt, offset_b, segments_bt=None):
     """`call` on each shard of the context mesh (directly without one): batch over the mesh axes of
-    `activation_batch`, heads over those of `activation_heads`, each where it divides (else replicated)."""
+    `activation_batch`, heads over those of `activation_heads`, each where it divides (else replicated);
+    `segments_bt` (packed rows) split as the rows."""
+    packed = segments_bt is not None
+
+    def per_shard(q, k, v, slopes, positions, valid, offset, *segments):
+        return call(q, k, v, slopes, positions, valid, offset, segment_ids_bt=segments[0] if packed else None)
+
+    args = (q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt, offset_b, *([segments_bt] if packed else []))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return call(q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt, offset_b)
+        return per_shard(*args)
     b, n = q_bnsh.shape[:2]
     batch, heads = (_dividing_axes(name, size, mesh) for name, size in (("activation_batch", b),
                                                                       ("activation_heads", n)))
     qkv = P(batch, heads, None, None)
     rows = P(batch, None)
-    return jax.shard_map(call, mesh=mesh, in_specs=(qkv, qkv, qkv, P(heads), rows, rows, P(batch)),
-                         out_specs=qkv, check_vma=False)(q_bnsh, k_bnth, v_bnth, slopes_n, positions_bt, valid_bt,
-                                                         offset_b)
+    specs = (qkv, qkv, qkv, P(heads), rows, rows, P(batch), *([rows] if packed else []))
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
 
 
 def _dividing_axes(logical: str, size: int, mesh) -> tuple[str, ...] | None:

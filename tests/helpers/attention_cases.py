@@ -37,6 +37,42 @@ CASES = {
 }
 
 
+# Packed rows: 3 examples and right padding, and 2 examples; 40 tokens, so that blocks of 8, 16 or 32 straddle the
+# examples' edges.
+PACKED_SEGMENTS = [[1] * 13 + [2] * 17 + [3] * 6 + [0] * 4, [1] * 25 + [2] * 15]
+
+
+def packed_inputs(n=3, h=8, seed=6):
+    """(q, k, v [2, n, 40, h], segment ids [2, 40]) of `PACKED_SEGMENTS`."""
+    segments = jnp.asarray(PACKED_SEGMENTS, jnp.int32)
+    b, s = segments.shape
+    q, k, v, _ = attention_inputs(b, n, s, s, h, seed=seed)
+    return q, k, v, segments
+
+
+def assert_packed_equals_the_reference(attend_fn, tolerance=2e-6, grad_tolerance=1e-5):
+    """`attend_fn(q, k, v, mask)` on packed rows (a mask with segment ids) against the reference: the output at
+    real queries within `tolerance` of the largest value (fp32), dq, dk, dv within `grad_tolerance`; and the
+    reference itself far (> 1e-2) from attention over the unpacked rows, so that the segments matter."""
+    q, k, v, segments = packed_inputs()
+    n, s = q.shape[1], q.shape[2]
+    valid = (segments > 0).astype(jnp.int32)
+    mask = AttentionMask.create(valid, n, s, 0, dense=False, segment_ids=segments)
+    keep = np.broadcast_to(np.asarray(valid)[:, None, :, None] > 0, q.shape)
+    cotangent = jax.random.normal(jax.random.key(7), q.shape) * keep
+
+    def run(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+        return np.where(keep, out, 0), vjp(cotangent)
+
+    (out, grads), (ref, ref_grads) = (run(fn) for fn in (attend_fn, lambda *a: attention.reference(*a, jnp.float32)))
+    assert relative_to_largest(out, ref) <= tolerance
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert relative_to_largest(got, want) <= grad_tolerance, what
+    unpacked = AttentionMask.create(valid, n, s, 0, dense=False)
+    assert relative_to_largest(np.where(keep, attention.reference(q, k, v, unpacked, jnp.float32), 0), ref) > 1e-2
+
+
 def real_queries(case) -> np.ndarray:
     """bool [b, s]: the queries at real tokens (a padding query's output is unspecified)."""
     keep = np.ones((case["b"], case["s"]), bool)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_cases import (CASES, assert_equals_the_reference, assert_model_equals_the_reference, attention_inputs,
-                             relative_to_largest)
+from attention_cases import (CASES, assert_equals_the_reference, assert_model_equals_the_reference,
+                             assert_packed_equals_the_reference, attention_inputs, packed_inputs, relative_to_largest)
 from commands import WORKERS
 from jax.sharding import PartitionSpec as P
 from reference import tiny_config
@@ -72,6 +72,33 @@ def test_flash_attention_with_one_offset_per_row_and_without_causality(backend, 
     assert relative_to_largest(np.where(keep, got, 0), np.where(keep, want, 0)) <= 2e-6
     for ours, ref, what in zip(got_grads, want_grads, ("dq", "dk", "dv")):
         assert relative_to_largest(ours, ref) <= 1e-5, what
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("blocks", [(8, 8), (16, 32)])
+def test_flash_attention_keeps_packed_examples_apart_forward_and_backward(backend, blocks):
+    """Segment ids inside the kernels: each query sees only its own example's keys, whose ALiBi positions start at
+    0; the kernel against its reference with segments, and the model's attention (`attention.flash`) against the
+    reference attention, forward within 2e-6 of the largest value and gradients within 1e-5 (fp32)."""
+    q, k, v, segments = packed_inputs()
+    valid = (segments > 0).astype(jnp.int32)
+    positions = attention.segment_positions(segments).astype(jnp.int32)
+    slopes = jnp.asarray(alibi_slopes(q.shape[1]))
+    keep = np.broadcast_to(np.asarray(valid)[:, None, :, None] > 0, q.shape)
+    cotangent = jax.random.normal(jax.random.key(7), q.shape) * keep
+
+    def run(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, slopes, positions, valid, 0), q, k, v)
+        return np.where(keep, out, 0), vjp(cotangent)
+
+    got, got_grads = run(lambda *a: flash.flash_attention(*a, block_q=blocks[0], block_k=blocks[1], backend=backend,
+                                                          interpret=True, segment_ids_bt=segments))
+    want, want_grads = run(lambda *a: flash.reference(*a, segment_ids_bt=segments))
+    assert relative_to_largest(got, want) <= 2e-6
+    for ours, ref, what in zip(got_grads, want_grads, ("dq", "dk", "dv")):
+        assert relative_to_largest(ours, ref) <= 1e-5, what
+    assert_packed_equals_the_reference(
+        lambda q, k, v, mask: attention.flash(q, k, v, mask, jnp.float32, backend, blocks, interpret=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,9 +209,9 @@ def abstract_inputs(b, n, s, h, dtype):
 
 
 def attention_loss(backend, block_q=None, block_k=None):
-    def loss(q, k, v, slopes, positions, valid):
+    def loss(q, k, v, slopes, positions, valid, segments=None):
         out = flash.flash_attention(q, k, v, slopes, positions, valid, block_q=block_q, block_k=block_k,
-                                    backend=backend)
+                                    backend=backend, segment_ids_bt=segments)
         return jnp.sum(out.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -198,16 +225,21 @@ def test_the_tpu_kernel_compiles_for_tpus_forward_and_backward(topology, bounds)
     done = subprocess.run([sys.executable, str(worker), topology, bounds], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])
-    assert plan["kernels"] == ["alibi_flash_fwd", "alibi_flash_dkv", "alibi_flash_dq"] and not plan["square"]
+    for flash_name in ("flash", "flash_packed"):  # packed rows: the same three kernels, with segment ids
+        assert plan[f"{flash_name}_kernels"] == ["alibi_flash_fwd", "alibi_flash_dkv", "alibi_flash_dq"]
+        assert not plan[f"{flash_name}_square"], flash_name
     # Temporaries of forward and backward at 1 x 16 x 2048 x 64, bf16 (measured, MiB): v5e 0 / 0.37 / 384,
     # v5p 4.2 / 56.8 / 384 for flash / blockwise / reference.
     assert plan["flash"] <= plan["blockwise"] and 10 * plan["flash"] < plan["reference"]
+    assert plan["flash_packed"] <= plan["blockwise"]
 
 
-def test_the_gpu_kernel_lowers_to_triton_forward_and_backward():
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_gpu_kernel_lowers_to_triton_forward_and_backward(packed):
     # Lowering builds each kernel's Triton IR here; compiling it to PTX needs the GPU. h = 80 (bloom-3b) runs as
-    # 128 lanes.
-    lowered = attention_loss("gpu").trace(*abstract_inputs(1, 4, 256, 80, jnp.bfloat16)).lower(
+    # 128 lanes. Packed rows add the segment ids to the same three kernels.
+    inputs = abstract_inputs(1, 4, 256, 80, jnp.bfloat16)
+    lowered = attention_loss("gpu").trace(*inputs, *inputs[-1:] if packed else []).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 3  # forward, dk and dv, dq
 

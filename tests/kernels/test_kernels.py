@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_cases import (CASES, assert_equals_the_reference, assert_model_equals_the_reference, attention_inputs,
-                             relative_to_largest)
+from attention_cases import (CASES, assert_equals_the_reference, assert_model_equals_the_reference,
+                             assert_packed_equals_the_reference, attention_inputs, relative_to_largest)
 from reference import tiny_config
 
 from bloom_jax import BloomJaxError
@@ -34,6 +34,15 @@ def test_blockwise_attention_equals_the_reference_forward_and_backward(name, blo
 def test_cudnn_attention_call_equals_the_reference_forward_and_backward(name):
     assert_equals_the_reference(CASES[name], name,
                                 lambda q, k, v, mask: attention.cudnn(q, k, v, mask, jnp.float32, "xla"))
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "cudnn"])
+def test_packed_rows_attend_within_their_own_example_forward_and_backward(implementation):
+    # Blockwise with blocks of 8 that straddle the examples' edges; cuDNN's call through XLA, the segments in its
+    # bias. (flash: kernels/test_flash.py.)
+    assert_packed_equals_the_reference(
+        lambda q, k, v, mask: attention.blockwise(q, k, v, mask, jnp.float32, 8, 8) if implementation == "blockwise"
+        else attention.cudnn(q, k, v, mask, jnp.float32, "xla"))
 
 
 def test_cudnn_attention_in_bfloat16_at_2048_positions_keeps_the_bias_exact_near_the_diagonal():
@@ -64,6 +73,8 @@ def test_cudnn_applies_to_whole_even_sequences_in_half_precision_only():
     assert not attention.cudnn_applies(q[:, :, :4], k, whole, jnp.bfloat16)  # a chunk into a cache
     assert not attention.cudnn_applies(q, k, dataclasses.replace(whole, query_start=jnp.int32(0)), jnp.bfloat16)
     assert not attention.cudnn_applies(q[..., :6], k[..., :6], whole, jnp.bfloat16)  # head size 6
+    packed = AttentionMask.create(key_mask, 2, 6, 0, dense=False, segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2]]))
+    assert attention.cudnn_applies(q, k, packed, jnp.bfloat16)  # the segments go into the bias
 
 
 @pytest.mark.slow
