@@ -1,8 +1,8 @@
-"""Training data: text and JSONL files -> tokens cached on disk -> train/eval split by document -> packed
-windows -> batches by optimizer step.
+"""Training data: text, JSONL, Parquet and Arrow files -> tokens cached on disk -> train/eval split by document
+-> packed windows -> batches by optimizer step.
 
-1. `iter_documents`: a JSONL line is one document (its `jsonl_field`), any other file is one document. Files
-   are local paths or URLs (`gs://bucket/data/*.jsonl`), read through `bloom_jax.storage`.
+1. `iter_documents`: a JSONL line or a table's row is one document (its `jsonl_field`), any other file is one
+   document. Files are local paths or URLs (`gs://bucket/data/*.jsonl`), read through `bloom_jax.storage`.
 2. `TokenizedCorpus`: every document tokenized once into one flat uint32 stream with EOS after each document,
    saved as .npy under a key of (files, sizes, versions, field, tokenizer) and memory-mapped on later runs; a
    cache in a bucket is read by byte ranges, each process fetching only the windows of its own rows.
@@ -40,6 +40,7 @@ from bloom_jax import storage
 from bloom_jax.disk_faults import DISK_ERRORS, disk_error, room
 from bloom_jax.errors import BloomJaxError, one_line
 from bloom_jax.log import get_logger
+from bloom_jax.records import is_records, records, saved_dataset_files
 from bloom_jax.storage import is_remote, join
 from bloom_jax.tokenizer import Tokenizer
 
@@ -47,7 +48,6 @@ log = get_logger(__name__)
 
 Files = str | os.PathLike | Sequence[str | os.PathLike]
 
-JSONL_SUFFIXES = (".jsonl", ".json")
 _CACHE_VERSION = 1  # bump when the cached arrays change meaning
 _TOKENIZE_CHUNK = 1024  # documents per `encode_batch` call (the Rust side tokenizes a chunk in parallel)
 
@@ -58,6 +58,7 @@ def expand_files(files: Files) -> list[str]:
 
     A file stands for itself, a directory (a URL prefix) for every file under it (recursive, sorted by path),
     and a glob pattern (`*`, `?`, `[`; `**` recursive) for its matches, sorted, directories among them expanded.
+    A directory that Hugging Face `Dataset.save_to_disk` wrote stands for its Arrow files.
     """
     if isinstance(files, (str, os.PathLike)):
         files = [files]
@@ -84,7 +85,7 @@ def _expand_one(item: str | os.PathLike) -> list[str]:
     paths = []
     for match in matches:
         if match.is_dir():
-            paths.extend(sorted(str(p) for p in match.rglob("*") if p.is_file()))
+            paths.extend(saved_dataset_files(str(match)) or sorted(str(p) for p in match.rglob("*") if p.is_file()))
         elif match.is_file():
             paths.append(str(match))
         else:
@@ -108,7 +109,7 @@ def _expand_remote(url: str) -> list[str]:
         if storage.is_file(match):
             paths.append(match)
         else:
-            paths.extend(join(match, key) for key in storage.find(match))
+            paths.extend(saved_dataset_files(match) or (join(match, key) for key in storage.find(match)))
     if not paths:
         raise BloomJaxError(f"no files in {url}")
     return paths
@@ -118,7 +119,8 @@ def iter_documents(files: Files, jsonl_field: str = "text") -> Iterator[str]:
     """The documents of `files` (see `expand_files`), in order.
 
     A `.jsonl`/`.json` file holds one JSON object per line, whose string `jsonl_field` is a document; blank lines
-    are skipped. Any other file is one document. Text must be UTF-8: undecodable bytes are an error naming the
+    are skipped. So does each row of a Parquet or Arrow file (`bloom_jax.records`). Any other file is one
+    document. Text must be UTF-8: undecodable bytes are an error naming the
     file (and line), not replaced, so that a binary or mis-encoded file is not silently trained on. The files
     are found at once (a bad path fails here), read (streamed, for a URL) as the documents are consumed.
     """
@@ -127,43 +129,17 @@ def iter_documents(files: Files, jsonl_field: str = "text") -> Iterator[str]:
 
 def _documents(paths: list[str], jsonl_field: str) -> Iterator[str]:
     for path in paths:
-        if is_jsonl(path):
-            yield from _jsonl_documents(path, jsonl_field)
+        if is_records(path):
+            yield from _record_documents(path, jsonl_field)
         else:
             yield _text_document(path)
 
 
-def _jsonl_documents(path: str, field: str) -> Iterator[str]:
-    for number, record in jsonl_records(path):
+def _record_documents(path: str, field: str) -> Iterator[str]:
+    for where, record in records(path, [field]):
         if not isinstance(record.get(field), str):
-            raise BloomJaxError(f"{path}:{number}: no string field {field!r}")
+            raise BloomJaxError(f"{where}: no string field {field!r}")
         yield record[field]
-
-
-def is_jsonl(path: str) -> bool:
-    """Whether a file holds one JSON object per line (by its suffix, `.jsonl` or `.json`)."""
-    return os.path.splitext(storage.name_of(path))[1].lower() in JSONL_SUFFIXES
-
-
-def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSONL file (a path or URL, streamed); a line that is not
-    UTF-8, not JSON or not an object is an error naming the file and line."""
-    with storage.open_read(path) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BloomJaxError(f"{path}:{number}: not UTF-8 (invalid byte at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BloomJaxError(f"{path}:{number}: not a JSON line ({e.msg}); expected one JSON object per line"
-                                    ) from None
-            if not isinstance(record, dict):
-                raise BloomJaxError(f"{path}:{number}: not a JSON object")
-            yield number, record
 
 
 def _text_document(path: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from bloom_jax import storage
 from bloom_jax.config import configs_dir
 from bloom_jax.errors import BloomJaxError
+from bloom_jax.records import load_dataset_files
 
 SCHEDULES = ("cosine", "linear", "constant")
 # How a LoRA run stores its frozen base weights (`lora.base`): plain, or the linear layers quantized for QLoRA
@@ -66,9 +67,19 @@ class TrainConfig:
     lora_base: str = _setting("bfloat16", "storage of the frozen base weights: " + ", ".join(LORA_BASES),
                               "lora.base")
     # Data.
-    train_data: list[str] = _setting([], "text files (a document each) or JSONL, directories or globs: paths or "
-                                         "gs:// URLs")
-    jsonl_field: str = _setting("text", "the field of a JSONL line that holds its document")
+    train_data: list[str] = _setting([], "text files (a document each), JSONL, Parquet or Arrow files, saved "
+                                         "Hugging Face datasets, directories or globs: paths or gs:// URLs")
+    jsonl_field: str = _setting("text", "the field of a JSONL line (or a table's row) that holds its document")
+    # A Hugging Face dataset (`datasets.load_dataset`), read beside train_data: offline from its cache with
+    # HF_DATASETS_OFFLINE=1.
+    dataset_path: str | None = _setting(None, "load_dataset's path: a hub dataset, a local directory, or a "
+                                              "builder (json, parquet, arrow) with data_files", "hf_dataset.path")
+    dataset_name: str | None = _setting(None, "load_dataset's name (the configuration)", "hf_dataset.name")
+    dataset_split: str = _setting("train", "load_dataset's split", "hf_dataset.split")
+    dataset_data_files: list[str] = _setting([], "load_dataset's data_files", "hf_dataset.data_files")
+    dataset_revision: str | None = _setting(None, "load_dataset's revision", "hf_dataset.revision")
+    dataset_cache_dir: str | None = _setting(None, "load_dataset's cache_dir (default: HF_DATASETS_CACHE)",
+                                             "hf_dataset.cache_dir")
     data_format: str = _setting("auto", "text, prompt_completion or chat (instruction data: the loss on answers); "
                                         "auto: what the files' first lines hold")
     prompt_field: str = _setting("prompt", "prompt_completion: the prompt's field (xP3's inputs/targets are found "
@@ -240,11 +251,19 @@ def recipe_keys() -> list[str]:
 
 def data_files(cfg: TrainConfig) -> list[str]:
     """The recipe's data paths, with `{python_stdlib}` standing for the directory of Python's standard library
-    (real text on any machine with Python: the quickstart recipe trains on it)."""
-    if not cfg.train_data:
-        raise BloomJaxError("train config: train_data is empty (text or JSONL files, directories or globs)")
+    (real text on any machine with Python: the quickstart recipe trains on it), then the Arrow files of its
+    Hugging Face dataset (`hf_dataset`), if any."""
+    if not cfg.train_data and cfg.dataset_path is None:
+        raise BloomJaxError("train config: train_data is empty (text, JSONL, Parquet or Arrow files, directories or "
+                            "globs) and no hf_dataset is given")
     stdlib = sysconfig.get_paths()["stdlib"]
-    return [path.replace("{python_stdlib}", stdlib) for path in cfg.train_data]
+    files = [path.replace("{python_stdlib}", stdlib) for path in cfg.train_data]
+    if cfg.dataset_path is not None:
+        arguments = {"path": cfg.dataset_path, "name": cfg.dataset_name, "split": cfg.dataset_split,
+                     "data_files": cfg.dataset_data_files or None, "revision": cfg.dataset_revision,
+                     "cache_dir": cfg.dataset_cache_dir}
+        files += load_dataset_files({key: value for key, value in arguments.items() if value is not None})
+    return files
 
 
 def _is_float(text: str) -> bool:

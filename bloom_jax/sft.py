@@ -1,13 +1,15 @@
 """Instruction data for supervised fine-tuning (SFT), as BLOOMZ was tuned on xP3: prompt/completion examples,
 the loss on the completion only.
 
-1. `detect_format`, `iter_examples`: JSONL files whose lines are
+1. `detect_format`, `iter_examples`: files of records (`bloom_jax.records`: JSONL lines, Parquet or Arrow rows, a
+   saved Hugging Face dataset) that are
    - prompt/completion: two strings (`prompt` and `completion`, other names given, or xP3's `inputs` and
      `targets`);
    - chat: `messages`, a list of {"role", "content"}: the prompt is the conversation before its last message,
      rendered by a chat template with the assistant's turn opened, and the completion is that last message, the
      assistant's.
-   A line that lacks a field, or whose completion is empty, is an error naming the file, the line and the field.
+   A record that lacks a field, or whose completion is empty, is an error naming the file, the line (or row) and
+   the field.
 2. `SftCorpus.load`: each example tokenized once, as tokens(prompt) + tokens(completion) + [EOS] (encoded apart,
    so the boundary is exact), cached as text is (`bloom_jax.data.CacheEntry`: the token stream, the examples'
    offsets into it and their prompts' lengths).
@@ -44,8 +46,6 @@ from bloom_jax.data import (
     cache_key,
     expand_files,
     inside,
-    is_jsonl,
-    jsonl_records,
     offsets_problem,
     process_share,
     read_token_ranges,
@@ -54,6 +54,7 @@ from bloom_jax.data import (
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.log import get_logger
 from bloom_jax.recipe import DATA_FORMATS, SFT_FORMATS, TOO_LONG
+from bloom_jax.records import is_records, records
 from bloom_jax.tokenizer import Tokenizer
 
 log = get_logger(__name__)
@@ -73,9 +74,9 @@ class Fields:
 
 
 def detect_format(files: Files, fields: Fields, data_format: str = "auto", text_field: str = "text") -> Fields:
-    """The format of the data (`data_format`, or with "auto" what the first line of each JSONL file holds:
+    """The format of the data (`data_format`, or with "auto" what the first record of each file holds:
     `messages`, a prompt and a completion, xP3's `inputs` and `targets`, or text), with the fields it is read by.
-    Files of different formats are an error; non-JSONL files are text."""
+    Files of different formats are an error; files that are not records (plain text) are text."""
     if data_format not in DATA_FORMATS:
         raise BloomJaxError(f"data_format must be one of {', '.join(DATA_FORMATS)}, not {data_format!r}")
     if data_format != "auto":
@@ -83,9 +84,9 @@ def detect_format(files: Files, fields: Fields, data_format: str = "auto", text_
     found: dict[str, Fields] = {}
     for path in expand_files(files):
         record = {}
-        if is_jsonl(path):
-            with contextlib.closing(jsonl_records(path)) as records:
-                record = next(records, (0, {}))[1]
+        if is_records(path):
+            with contextlib.closing(records(path)) as rows:
+                record = next(rows, ("", {}))[1]
         if fields.messages in record:
             found[path] = dataclasses.replace(fields, format="chat")
         elif fields.prompt in record and fields.completion in record:
@@ -108,17 +109,19 @@ def detect_format(files: Files, fields: Fields, data_format: str = "auto", text_
 
 
 def iter_examples(files: Files, fields: Fields, template: ChatTemplate | None = None) -> Iterator[tuple[str, str]]:
-    """(prompt, completion) of each example of `files` (JSONL), in order; chat needs `template`."""
+    """(prompt, completion) of each example of `files` (JSONL, Parquet or Arrow records), in order; chat needs
+    `template`."""
     if fields.format not in SFT_FORMATS:
         raise BloomJaxError(f"not a format of prompts and completions: {fields.format}")
     if fields.format == "chat" and template is None:
         raise BloomJaxError("chat data needs a chat template: the base checkpoint's tokenizer config has none; set "
                             "chat_template (a file, a URL or the template's text)")
+    columns = [fields.messages] if fields.format == "chat" else [fields.prompt, fields.completion]
     for path in expand_files(files):
-        if not is_jsonl(path):
-            raise BloomJaxError(f"{path}: not a JSONL file (.jsonl or .json), which {fields.format} data must be")
-        for number, record in jsonl_records(path):
-            where = f"{path}:{number}"
+        if not is_records(path):
+            raise BloomJaxError(f"{path}: not a file of records (.jsonl, .json, .parquet or .arrow), which "
+                                f"{fields.format} data must be")
+        for where, record in records(path, columns):
             if fields.format == "chat":
                 yield _chat_example(record, fields.messages, template, where)
                 continue

@@ -15,6 +15,7 @@ LAYERS = [
     ["errors", "log", "platforms"],
     ["config", "devices", "runtime", "distributed", "kernels.flash", "disk_faults"],
     ["storage"],
+    ["records"],
     ["tokenizer", "chat", "recipe", "cache", "lora", "quantize", "kernels.attention", "kernels.decode_matmul",
      "kernels.pick", "kernels.barriers", "metrics"],
     ["kernels", "data"],

@@ -89,3 +89,21 @@ def test_a_packed_sft_run_takes_the_loss_of_its_packed_rows(run_a, recipe_file, 
                                                        segment_ids=batch["segment_ids"]))(params))
     assert losses[0] == pytest.approx(expected, rel=1e-5)
     assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
+
+
+@pytest.mark.slow
+def test_a_run_on_a_hugging_face_dataset_equals_the_run_on_its_jsonl(run_a, recipe_file, pairs_file, tmp_path):
+    """`hf_dataset` (load_dataset's json builder over the same file, offline, its cache in the run's tmp) gives
+    the run the same examples in the same order: the same losses, bit for bit."""
+    pytest.importorskip("datasets")
+    runs = {}
+    for name, data in (("jsonl", [f"train_data=[{pairs_file}]"]),
+                       ("dataset", ["train_data=[]", "hf_dataset.path=json", f"hf_dataset.data_files=[{pairs_file}]",
+                                    f"hf_dataset.cache_dir={tmp_path / 'hf-cache'}"])):
+        output_dir = tmp_path / name
+        overrides = [*sft_overrides(run_a, output_dir, pairs_file), *data, "steps=4", "save_every=4",
+                     "eval_every=4"]
+        code, out, err = run_cli("train", recipe_file, *overrides)
+        assert code == 0, err[-3000:]
+        runs[name] = [(m["loss"], m.get("eval_loss")) for m in read_metrics(output_dir)]
+    assert runs["dataset"] == runs["jsonl"] and len(runs["jsonl"]) == 4

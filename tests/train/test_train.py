@@ -552,8 +552,9 @@ def test_empty_train_data_exits_2(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "out"))
     code, out, err = run_cli("train", recipe, "train_data=[]")
     assert code == 2 and out == ""
-    assert err.strip().splitlines()[-1] == ("bloom-jax: error: train config: train_data is empty (text or JSONL "
-                                            "files, directories or globs)")
+    assert err.strip().splitlines()[-1] == ("bloom-jax: error: train config: train_data is empty (text, JSONL, "
+                                            "Parquet or Arrow files, directories or globs) and no hf_dataset is "
+                                            "given")
     assert not (tmp_path / "out").exists()
 
 
