@@ -74,13 +74,18 @@ def test_each_format_is_found_by_its_first_line_and_read(tmp_path):
     ({"messages": [{"role": "user"}]}, r"messages\[0\] is not a \{\"role\", \"content\"\} message"),
     ({"messages": [{"role": "user", "content": "a"}]}, "the last of messages is the user's, not the assistant's"),
 ])
-def test_a_bad_line_is_one_error_naming_the_file_line_and_field(tmp_path, record, says):
+def test_a_bad_line_is_one_error_naming_the_file_line_and_field(tmp_path, tokenizer, record, says):
     fmt = "chat" if "messages" in record else "prompt_completion"
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]} \
         if fmt == "chat" else {"prompt": "q", "completion": "a"}
     path = write_jsonl(tmp_path / "data.jsonl", [good, record])
     with pytest.raises(BloomJaxError, match=rf"data.jsonl:2: {says}"):
         list(iter_examples([path], Fields(format=fmt), ChatTemplate(TEMPLATE)))
+    # Loading stops at the line too, before anything is cached.
+    with pytest.raises(BloomJaxError, match=rf"data.jsonl:2: {says}"):
+        load_sft([path], tokenizer, 32, tmp_path / "cache", Fields(format=fmt), ChatTemplate(TEMPLATE),
+                 progress=False)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_rows_hold_an_example_each_and_mask_its_answer(tmp_path, tokenizer):
