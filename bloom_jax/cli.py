@@ -199,10 +199,14 @@ def _load_generator(args: argparse.Namespace):
         from bloom_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
-    log.info(f"loading {args.checkpoint}")
+    draft, lookup = getattr(args, "draft", None), getattr(args, "prompt_lookup", None)
+    if draft is not None and lookup is not None:
+        raise BloomJaxError("--draft and --prompt-lookup are two ways to draft: give one")
+    log.info(f"loading {args.checkpoint}" + (f" and the draft {draft}" if draft else ""))
     generator = Generator.from_pretrained(args.checkpoint, decode_weights=args.decode_weights, dtype=args.dtype,
                                           mesh=mesh, kernels=args.kernels, attention=args.attention,
-                                          adapter=args.adapter, merge_adapter=not args.unmerged)
+                                          adapter=args.adapter, merge_adapter=not args.unmerged, draft=draft,
+                                          draft_tokens=getattr(args, "draft_tokens", 4), prompt_lookup=lookup or 0)
     if generator.tokenizer is None:
         raise BloomJaxError(f"{args.checkpoint} has no tokenizer.json: cannot encode text prompts")
     return generator
@@ -265,7 +269,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling)
     if args.json:
         for completion in generator.generate(prompts, **kw):
-            print(json.dumps(completion.to_json(), ensure_ascii=False), flush=True)
+            line = completion.to_json()
+            if generator.speculation is not None:  # the batch's, on each line
+                line["speculative"] = generator.last_stats
+            print(json.dumps(line, ensure_ascii=False), flush=True)
         return
     # The first prompt streams live; the others (same batch) print, prompt then completion, when all are done.
     held: list[list[str]] = [[] for _ in prompts]
@@ -278,6 +285,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _write("\n")
     for prompt, pieces in zip(prompts[1:], held[1:]):
         _write(prompt + "".join(pieces) + "\n")
+    if generator.speculation is not None:
+        stats = generator.last_stats
+        log.info(f"speculative decoding: {stats['accepted_tokens']} of {stats['drafted_tokens']} drafted tokens "
+                 f"accepted ({stats['acceptance_rate']:.0%}), {stats['tokens_per_round']:.2f} tokens per pass")
 
 
 def _write(text: str) -> None:
@@ -451,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     _decoding_flags(p)
+    _speculation_flags(p)
 
     p = command("serve", "serve a checkpoint over HTTP with OpenAI's API (completions, chat), batching requests",
                 cmd_serve)
@@ -558,6 +570,17 @@ def _decoding_flags(p: argparse.ArgumentParser) -> None:
     _kernel_flags(p)
     p.add_argument("--compilation-cache", default=None,
                    help="JAX persistent compilation cache directory (default: $BLOOM_JAX_COMPILATION_CACHE)")
+
+
+def _speculation_flags(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (`_load_generator` reads them): the same tokens, fewer passes over the weights."""
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding: a smaller checkpoint with this one's tokenizer drafts tokens that "
+                        "this one verifies (e.g. bloom-560m for bloom-7b1); loaded with the same flags")
+    p.add_argument("--draft-tokens", type=_positive_int, default=4, help="tokens drafted per verification (K)")
+    p.add_argument("--prompt-lookup", type=_positive_int, default=None,
+                   help="speculative decoding without a draft: propose the tokens after the last earlier "
+                        "occurrence of the context's final N tokens (code, quotes, edits)")
 
 
 def _kernel_flags(p: argparse.ArgumentParser) -> None:

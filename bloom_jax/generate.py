@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bloom_jax import speculative
 from bloom_jax.cache import KVCache
 from bloom_jax.config import BloomConfig
 from bloom_jax.errors import BloomJaxError
@@ -81,13 +82,14 @@ def _checked(value: Any, key: str, kind: type) -> Any:
     return kind(value)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "new_tokens"))
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "new_tokens", "room"))
 def prefill(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mask: jax.Array, active: jax.Array,
             rng: jax.Array, eos_token_ids: jax.Array, pad_token_id: jax.Array | int, sampling: Sampling,
-            new_tokens: int) -> dict:
+            new_tokens: int, room: int | None = None) -> dict:
     """Runs left-padded prompts (ids and mask [b, s]) into a fresh cache with room for `new_tokens` more
-    positions and picks each sequence's first new token. Rows with `active` [b] False are batch padding: done
-    from the start. Any of `eos_token_ids` (int32 [k]) ends a sequence.
+    positions (or `room`: speculative decoding writes past the budget) and picks each sequence's first new token.
+    Rows with `active` [b] False are batch padding: done from the start. Any of `eos_token_ids` (int32 [k]) ends a
+    sequence.
 
     Returns the decode state: `tokens_bn` int32 [b, new_tokens] (pad after a sequence's EOS), `step` (tokens
     made so far), `token_b` (the last ones), `done_b`, the cache, the seen-token mask of the repetition penalty,
@@ -95,7 +97,8 @@ def prefill(model: BloomForCausalLM, params, input_ids: jax.Array, attention_mas
     """
     ids_bs, active_b = input_ids, active
     batch, prompt_len = ids_bs.shape
-    cache = KVCache.init(model.config, batch, prompt_len + new_tokens, model.dtype, per_layer=not model.scan_layers)
+    cache = KVCache.init(model.config, batch, prompt_len + (room or new_tokens), model.dtype,
+                         per_layer=not model.scan_layers)
     seen_bv = seen_tokens(ids_bs, model.config.vocab_size) if sampling.features.penalty else None
     logits_b1v, cache = model.apply({"params": params}, ids_bs, attention_mask=attention_mask, cache=cache,
                                     last_only=True)
@@ -219,11 +222,17 @@ class Generator:
 
     def __init__(self, model: BloomForCausalLM, params, tokenizer=None, decode_weights: str | None = None,
                  mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor",
-                 generation_config: Mapping[str, Any] | None = None, scan_layers: bool | None = None):
+                 generation_config: Mapping[str, Any] | None = None, scan_layers: bool | None = None,
+                 draft: Generator | None = None, draft_tokens: int = 4, prompt_lookup: int = 0):
         """`mesh` and `rules`: where `params` are sharded, and the rules that also shard the KV cache and the
         activations (a preset of configs/sharding or (logical, mesh axes) pairs). `generation_config`: a
         `generation_config.json` dict, for the EOS and pad ids and the default sampling (`GenerationDefaults`).
-        `scan_layers`: the layer layout to decode with (None: the model's kernels', `Kernels.decode_scan_layers`)."""
+        `scan_layers`: the layer layout to decode with (None: the model's kernels', `Kernels.decode_scan_layers`).
+
+        Speculative decoding (`bloom_jax.speculative`): `draft`, a generator of a smaller model with this one's
+        tokenizer, proposes `draft_tokens` tokens a round; or, without a draft, `prompt_lookup` N >= 1 proposes
+        the tokens after the last earlier occurrence of the context's final N. The tokens are those this model
+        decodes alone (greedy) or drawn from its distribution (sampling); `last_stats` counts the accepted ones."""
         self.sharding = ShardingPlan.create(mesh, rules) if mesh is not None else None
         if scan_layers is None:
             scan_layers = model.resolved_kernels.decode_scan_layers
@@ -239,19 +248,32 @@ class Generator:
         declared = [config.seq_length] + [config.extra.get(k) for k in ("n_positions", "max_position_embeddings")]
         self.max_length: int | None = next((int(n) for n in declared if n is not None), None)
         self.defaults = GenerationDefaults.from_configs(config, generation_config)
+        self.speculation: speculative.Speculation | None = None
+        self.draft = draft
+        if draft is not None or prompt_lookup:
+            if draft is not None:
+                speculative.check_draft(model, draft.model)
+            self.speculation = speculative.Speculation(draft_tokens, None if draft is None else draft.model,
+                                                       prompt_lookup)
+        self.last_stats: dict[str, float] | None = None  # the last call's rounds and accepted tokens (speculative)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, decode_weights: str | None = None, dtype: Any = None,
                         mesh: jax.sharding.Mesh | None = None, rules: str | Sequence = "fsdp_tensor",
                         scan_layers: bool | None = None, kernels: str = "auto", attention: str = "auto",
-                        adapter: str | os.PathLike | None = None, merge_adapter: bool = True) -> Generator:
+                        adapter: str | os.PathLike | None = None, merge_adapter: bool = True,
+                        draft: str | os.PathLike | Generator | None = None, draft_tokens: int = 4,
+                        prompt_lookup: int = 0) -> Generator:
         """A converted checkpoint, Hugging Face directory or hub id (see `bloom_jax.from_pretrained`), with the
         tokenizer.json beside it (None if there is none: prompts must then be token ids) and its
         generation_config.json if it has one. `kernels`, `attention`: see `bloom_jax.kernels.Kernels.create`.
 
         `adapter`: a peft LoRA adapter directory or hub id (`bloom_jax.checkpoints.peft`) for this base, folded
         into the weights (`merge_adapter`, decoding at the base's speed) or applied beside them (the base's
-        weights left as they are, in any `decode_weights` format)."""
+        weights left as they are, in any `decode_weights` format).
+
+        `draft`: a checkpoint (loaded as this one is, with the same dtype, mesh and decode weights) or a `Generator`
+        that drafts `draft_tokens` tokens a round; `prompt_lookup`: draft by prompt lookup instead (see `__init__`)."""
         from bloom_jax.checkpoints import checkpoint_location, from_pretrained, read_generation_config, read_tokenizer
 
         if scan_layers is None:
@@ -262,8 +284,10 @@ class Generator:
         if adapter is not None:
             model, params = with_adapter(model, params, adapter, merge_adapter,
                                          ShardingPlan.create(mesh, rules) if mesh is not None else None)
+        if draft is not None and not isinstance(draft, Generator):
+            draft = cls.from_pretrained(draft, decode_weights, dtype, mesh, rules, scan_layers, kernels, attention)
         return cls(model, params, read_tokenizer(location), decode_weights, mesh, rules,
-                   read_generation_config(location), scan_layers)
+                   read_generation_config(location), scan_layers, draft, draft_tokens, prompt_lookup)
 
     def sharding_context(self, batch: int) -> contextlib.AbstractContextManager:
         """The mesh and logical rules to run compiled calls on `batch` rows of this model under (the batch's
@@ -368,6 +392,10 @@ class Generator:
         ids_bs, mask_bs = left_pad(list(prompt_ids) + padding_rows, length, self.pad_token_id)
         active_b = np.arange(batch) < len(prompt_ids)
         eos_k = np.asarray(self.eos_token_ids or (-1,), np.int32)  # -1: never produced, never stops
+        if self.speculation is not None:
+            yield from self._run_speculative(ids_bs, mask_bs, active_b, len(prompt_ids), eos_k, max_new_tokens,
+                                             room, sampling, seed, streaming)
+            return
         with self.sharding_context(batch):
             state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
                             self.pad_token_id, sampling, room)
@@ -386,12 +414,47 @@ class Generator:
                 step += 1
         with self.sharding_context(batch):
             state = decode(self.model, self.params, state, max_new_tokens, sampling)
-        tokens_bn = np.asarray(state["tokens_bn"])[:, :max_new_tokens]
-        for row in range(len(prompt_ids)):
-            for token in tokens_bn[row]:
-                yield row, int(token)
-                if token in eos_k:
+        yield from _completed_rows(np.asarray(state["tokens_bn"])[:, :max_new_tokens], len(prompt_ids), eos_k)
+
+    def _run_speculative(self, ids_bs, mask_bs, active_b, rows: int, eos_k, max_new_tokens: int, room: int,
+                         sampling: Sampling, seed: int, streaming: bool) -> Iterator[tuple[int, int]]:
+        """`_run` by speculative rounds: all at once, or one round at a time when streaming (each round's accepted
+        tokens arrive together). Sets `last_stats`."""
+        spec, batch = self.speculation, len(active_b)
+        draft_params = None if self.draft is None else self.draft.params
+        with self.sharding_context(batch):
+            state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
+                            self.pad_token_id, sampling, room, speculative.room(room, spec))
+            state = speculative.prefill(draft_params, state, ids_bs, mask_bs, spec)
+        if streaming:
+            sent = np.zeros(batch, np.int64)
+            while True:
+                tokens_bn, length_b = np.asarray(state["tokens_bn"]), np.asarray(state["length_b"])
+                done_b = np.asarray(state["done_b"])
+                for row in range(rows):
+                    for token in tokens_bn[row, sent[row]:min(length_b[row], max_new_tokens)]:
+                        yield row, int(token)
+                sent = np.minimum(length_b, max_new_tokens)
+                if done_b[:rows].all() or (sent[:rows] >= max_new_tokens).all():
                     break
+                with self.sharding_context(batch):
+                    state = speculative.decode(self.model, self.params, draft_params, state, max_new_tokens,
+                                               sampling, spec, 1)
+        else:
+            with self.sharding_context(batch):
+                state = speculative.decode(self.model, self.params, draft_params, state, max_new_tokens, sampling,
+                                           spec)
+            yield from _completed_rows(np.asarray(state["tokens_bn"])[:, :max_new_tokens], rows, eos_k)
+        self.last_stats = speculative.statistics(state, spec, rows)
+
+
+def _completed_rows(tokens_bn: np.ndarray, rows: int, eos_k: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(row, token) of the first `rows` rows' tokens, each up to its first EOS (included)."""
+    for row in range(rows):
+        for token in tokens_bn[row]:
+            yield row, int(token)
+            if token in eos_k:
+                break
 
 
 __all__ = ["GenerationDefaults", "prefill", "decode", "generate", "bucket",

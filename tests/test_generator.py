@@ -384,6 +384,26 @@ def test_cli_json_lines(setup, gen):
     assert [r["completion"] for r in results] == [c.completion for c in expected]
 
 
+@pytest.mark.parametrize("flags", [["--draft", "{converted}", "--draft-tokens", "3"], ["--prompt-lookup", "2"]])
+def test_cli_speculative_decoding_prints_the_same_tokens_and_its_acceptance(setup, gen, flags):
+    """The checkpoint drafting for itself (every proposal accepted) or prompt lookup: the tokens plain greedy
+    decoding gives, each JSON line with the batch's rounds and acceptance; text mode prints the same text."""
+    flags = [f.replace("{converted}", str(setup["converted"])) for f in flags]
+    code, out, _ = run_cli("generate", setup["converted"], *prompt_flags(PROMPTS), "--max-new-tokens", 12, "--json",
+                           *flags)
+    assert code == 0
+    results = [json.loads(line) for line in out.splitlines()]
+    expected = gen.generate(PROMPTS, max_new_tokens=12)
+    assert [r["completion_ids"] for r in results] == [c.completion_ids for c in expected]
+    speculative = results[0]["speculative"]
+    assert set(speculative) == {"rounds", "drafted_tokens", "accepted_tokens", "acceptance_rate", "tokens_per_round"}
+    if flags[0] == "--draft":
+        assert speculative["acceptance_rate"] == 1.0 and speculative["tokens_per_round"] == 4.0
+    code, out, err = run_cli("generate", setup["converted"], *prompt_flags(PROMPTS), "--max-new-tokens", 12, *flags)
+    assert code == 0 and out == "".join(f"{p}{c.completion}\n" for p, c in zip(PROMPTS, expected))
+    assert "speculative decoding: " in err and "tokens per pass" in err
+
+
 def test_cli_text_prints_each_prompt_and_its_completion(setup, gen):
     code, out, _ = run_cli("generate", setup["converted"], *prompt_flags(PROMPTS), "--max-new-tokens", 12)
     assert code == 0
@@ -412,6 +432,8 @@ def test_cli_prompts_file(setup, tmp_path):
     (["--prompt", "hi", "--decode-weights", "int4"], "invalid choice: 'int4'"),
     ([], "no prompt: give --prompt TEXT or --prompts-file FILE"),
     (["--prompts-file", "{tmp}/missing.txt"], "cannot read"),
+    (["--prompt", "hi", "--draft-tokens", "0"], "--draft-tokens: must be at least 1, got 0"),
+    (["--prompt", "hi", "--draft", "{tmp}", "--prompt-lookup", "3"], "--draft and --prompt-lookup are two ways"),
 ])
 def test_cli_bad_flags_are_one_line_and_exit_2(setup, tmp_path, flags, message):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]

@@ -21,7 +21,7 @@ LAYERS = [
     ["kernels", "data"],
     ["weights", "sampling", "sft"],
     ["model"],
-    ["losses", "sharding", "train.optimizer"],
+    ["losses", "sharding", "train.optimizer", "speculative"],
     ["checkpoints.storage", "checkpoints.hub", "checkpoints.hf_files", "train.step"],
     ["checkpoints.hf"],
     ["checkpoints.converted"],
