@@ -379,7 +379,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
                             chips=devices, kernels=args.kernels, attention=args.attention,
                             remat_policy=args.remat_policy, lora=lora, lora_base=args.lora_base,
                             scan_layers=args.layers == "scanned", loss_chunk_tokens=args.loss_chunk_tokens,
-                            packed=args.packed)
+                            packed=args.packed, draft=load_config(args.draft_model) if args.draft_model else None,
+                            draft_tokens=args.draft_tokens, decode_weights=args.decode_weights)
     print(json.dumps({"model": args.model, **plan.describe(result, limit)}))
 
 
@@ -529,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("plan", "per-device memory and FLOPs of a step, compiled on simulated devices", cmd_plan)
     p.add_argument("--model", required=True, help="preset name or config.json path")
     p.add_argument("--mesh", required=True, help="mesh spec, e.g. data=4,fsdp=32,tensor=4")
-    p.add_argument("--task", choices=("train", "forward", "generate"), default="train", help="the step")
+    p.add_argument("--task", choices=("train", "forward", "generate", "speculate"), default="train",
+                   help="the step (speculate: a round of speculative decoding, with --draft-model)")
     p.add_argument("--batch", type=_positive_int, default=None,
                    help="global batch (default: one sequence per data shard)")
     p.add_argument("--seq", type=_positive_int, default=2048, help="sequence length (generate: KV cache length)")
@@ -554,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the frozen base is stored (int8, nf4: QLoRA)")
     p.add_argument("--packed", action="store_true",
                    help="plan the step of packed instruction rows (a loss mask and segment ids: SFT)")
+    p.add_argument("--draft-model", default=None,
+                   help="--task speculate: the draft's preset or config.json (e.g. bloom-560m for bloom-7b1)")
+    p.add_argument("--draft-tokens", type=_positive_int, default=4, help="--task speculate: tokens drafted a round")
+    p.add_argument("--decode-weights", choices=("float32", "bfloat16", "int8"), default=None,
+                   help="--task generate or speculate: the weights' decode format (default: bf16 weights)")
     _kernel_flags(p)
     return parser
 

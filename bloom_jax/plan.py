@@ -34,7 +34,7 @@ from bloom_jax.sharding import ShardingPlan, make_mesh, mesh_spec_sizes
 from bloom_jax.train.optimizer import make_optimizer, optimizer_shardings
 from bloom_jax.train.step import train_step
 
-TASKS = ("train", "forward", "generate")
+TASKS = ("train", "forward", "generate", "speculate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,8 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
               rules: str = "fsdp_tensor", remat_policy: str = "full", tpu: str | None = None,
               chips: int | None = None, kernels: str = "auto", attention: str = "auto",
               lora: LoraConfig | None = None, lora_base: str = "bfloat16", scan_layers: bool = True,
-              loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, packed: bool = False) -> Plan:
+              loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, packed: bool = False, draft: BloomConfig | None = None,
+              draft_tokens: int = 4, decode_weights: str | None = None) -> Plan:
     """Compiles one step for `config` and returns its analysed memory: with `tpu` (v4, v5e, v5p, v6e) by the TPU
     compiler for a slice of `chips` chips (default: the mesh's size), else on a mesh of this process's devices.
 
@@ -129,7 +130,10 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
       step of packed instruction rows (a completion-only loss mask and segment ids, each example attending only
       to itself: `bloom_jax.sft`). forward: bf16
       weights and compute, logits of every position. generate: one decode step with a bf16 KV cache of `seq`
-      positions (donated), bf16 weights. `kernels` and `attention` are those of the target
+      positions (donated), bf16 weights. speculate: one round of speculative decoding (`bloom_jax.speculative`):
+      the `draft` model's `draft_tokens` + 1 steps and the target's verification of them, greedy, both with bf16
+      weights and KV caches of `seq` positions (donated). `decode_weights` (generate, speculate: "int8",
+      "bfloat16" or "float32", `bloom_jax.weights`) stores the weights of both models so instead. `kernels` and `attention` are those of the target
       (`bloom_jax.kernels.Kernels.create` for its platform); `scan_layers` and `loss_chunk_tokens` as the recipe
       keys of the same names.
     """
@@ -137,6 +141,11 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         raise BloomJaxError(f"plan: unknown task {task!r} (choose from {', '.join(TASKS)})")
     if packed and task != "train":
         raise BloomJaxError("plan: --packed plans a train step (--task train)")
+    if decode_weights is not None and task not in ("generate", "speculate"):
+        raise BloomJaxError("plan: --decode-weights plans decoding (--task generate or speculate)")
+    if (draft is not None) != (task == "speculate"):
+        raise BloomJaxError("plan: a speculative round (--task speculate) needs a draft model (--draft-model), and "
+                            "only it does")
     devices, compiler, platform = None, "XLA:CPU (stand-in)", "cpu"
     if tpu is not None:
         devices = tpu_devices(tpu, chips or devices_for(mesh_spec))
@@ -151,7 +160,8 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
         param_dtype = jnp.float32 if training else jnp.bfloat16
     model = make_model(config, dtype=jnp.bfloat16, param_dtype=param_dtype, scan_layers=scan_layers,
                        remat_policy=remat_policy if training else "none",
-                       kernels=Kernels.create(kernels, attention, platform), lora=lora, frozen_weights=frozen_weights)
+                       kernels=Kernels.create(kernels, attention, platform), lora=lora, frozen_weights=frozen_weights,
+                       decode_weights=decode_weights)
     # Generation at batch 1: every data shard sees the whole batch.
     sharding = ShardingPlan.create(mesh, rules).for_batch(batch)
     params = sharding.abstract_params(model)
@@ -195,6 +205,14 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
 
         fn = jax.jit(decode, donate_argnums=(1,))
         args = (params, cache, token)
+    elif task == "speculate":
+        draft_model = make_model(draft, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=scan_layers,
+                                 remat_policy="none", kernels=Kernels.create(kernels, attention, platform),
+                                 decode_weights=decode_weights)
+        fn, args = _speculative_round(model, params, draft_model, sharding.abstract_params(draft_model), sharding,
+                                      batch, seq, draft_tokens)
+        parts = {"weights": _argument_bytes(params), "draft_weights": _argument_bytes(args[1]),
+                 "caches": _argument_bytes((args[2]["cache"], args[2]["draft_cache"]))}
     else:
         fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
         args = (params, jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding()))
@@ -233,9 +251,41 @@ _OUT_OF_HBM = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\
                          r"|Used ([\d.]+)G of ([\d.]+)G hbm")
 
 
+def _speculative_round(model, params, draft_model, draft_params, sharding: ShardingPlan, batch: int, seq: int,
+                       draft_tokens: int):
+    """(the jitted round, its abstract arguments): the decode state as `bloom_jax.speculative.prefill` leaves it,
+    with caches of `seq` positions (sharded by the cache's logical axes, the rest replicated), greedy."""
+    from bloom_jax import generate, speculative
+    from bloom_jax.sampling import Sampling
+
+    spec = speculative.Speculation(draft_tokens, draft_model)
+    new_tokens = max(1, seq // 4)
+    prompt = seq - speculative.room(new_tokens, spec)
+    if prompt < 1:
+        raise BloomJaxError(f"plan: --seq {seq} leaves no room for a prompt beside a round of {draft_tokens} drafts")
+    ids = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
+
+    def start(p, dp, ids):
+        state = generate.prefill(model, p, ids, jnp.ones_like(ids), jnp.ones((batch,), jnp.bool_),
+                                 jax.random.key(0), jnp.asarray([-1], jnp.int32), 3, Sampling(), new_tokens,
+                                 speculative.room(new_tokens, spec))
+        return speculative.prefill(dp, state, ids, jnp.ones_like(ids), spec)
+
+    state = jax.eval_shape(start, params, draft_params, ids)
+    caches = {"cache": KVCache.logical_axes(model.config, not model.scan_layers),
+              "draft_cache": KVCache.logical_axes(draft_model.config, not draft_model.scan_layers)}
+    state = {key: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), value,
+                               sharding.shardings(caches[key])) if key in caches else
+             jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated), value)
+             for key, value in state.items()}
+    fn = jax.jit(lambda p, dp, state: speculative.decode(model, p, dp, state, new_tokens, Sampling(), spec, 1),
+                 donate_argnums=(2,))
+    return fn, (params, draft_params, state)
+
+
 def _argument_bytes(args) -> int:
     """Per-device bytes of abstract sharded arguments."""
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize  # a key<fry> too: 8
                for leaf in jax.tree.leaves(args))
 
 

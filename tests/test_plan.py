@@ -100,6 +100,22 @@ def test_generate_plan_holds_the_kv_cache():
     assert long.argument_bytes - short.argument_bytes == pytest.approx(256 * cache_bytes_per_position, rel=0.05)
 
 
+def test_a_speculative_round_plan_holds_both_models_and_their_caches():
+    """`--task speculate`: the target's and the draft's weights and KV caches are the round's arguments (int8
+    decode weights: a byte a weight, a float32 scale per output channel), donated, and a draft is required."""
+    target, draft = tiny_config(n_layer=4), tiny_config(n_layer=1)
+    plan = plan_step(target, "data=8", "speculate", batch=8, seq=64, draft=draft, draft_tokens=3,
+                     decode_weights="int8")
+    bf16 = plan_step(target, "data=8", "speculate", batch=8, seq=64, draft=draft, draft_tokens=3)
+    cache_bytes = 2 * 1 * 8 * 64 * 8 * 2  # keys and values [b*n, T, h] in bf16, per layer: a row per device
+    assert plan.parts["caches"] == pytest.approx(5 * cache_bytes, rel=0.05)  # 4 target layers, 1 draft layer
+    assert bf16.parts["weights"] > 1.5 * plan.parts["weights"] and plan.alias_bytes >= plan.parts["caches"]
+    with pytest.raises(BloomJaxError, match="needs a draft model"):
+        plan_step(target, "data=8", "speculate", batch=2, seq=64)
+    with pytest.raises(BloomJaxError, match="--decode-weights plans decoding"):
+        plan_step(target, "data=8", "train", batch=2, seq=64, decode_weights="int8")
+
+
 # -- the TPU compiler (libtpu, no TPU) -------------------------------------------------------------------------------
 def test_slices_are_shaped_as_the_generations_are():
     from bloom_jax.plan import slice_shape
