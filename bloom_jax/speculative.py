@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from jax import lax
 from bloom_jax.cache import KVCache
 from bloom_jax.errors import BloomJaxError
 from bloom_jax.model import BloomForCausalLM
-from bloom_jax.sampling import Sampling, choose, gumbel_noise, mark_seen, process_logits
+from bloom_jax.sampling import Features, RowSampling, Sampling, choose, gumbel_noise, mark_seen, process_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,21 +130,15 @@ def decode(target: BloomForCausalLM, params, draft_params, state: dict, stop: ja
 
 def _round(target, params, draft_params, state, stop, sampling: Sampling, speculation: Speculation) -> dict:
     k = speculation.draft_tokens
-    features = sampling.features
-    rng, draft_key, target_key, accept_key = jax.random.split(state["rng"], 4)
+    rng, key = jax.random.split(state["rng"])
+    keys = RoundKeys.split(key, k)
     t0_b = state["token_b"]
-    if speculation.draft is not None:
-        drafted_bk, q_bkv, draft_cache = _draft(speculation.draft, draft_params, state, sampling, k, draft_key)
-    else:
-        drafted_bk = _lookup(state["context_bl"], state["prompt_len"] + state["length_b"], speculation.lookup, k)
-        q_bkv = None  # a point mass on each proposal
-
-    # The target over [t0, d1..dK]: p_i, its distribution of the token after position i.
-    ids_bk1 = jnp.concatenate([t0_b[:, None], drafted_bk], axis=1)
-    logits_bk1v, cache = target.apply({"params": params}, ids_bk1, cache=state["cache"])
-    seen_bk1v = _seen_per_position(state["seen_bv"], ids_bk1)
-    accepted_b, emitted_bk1 = _verify(target, logits_bk1v, seen_bk1v, drafted_bk, q_bkv, sampling, features,
-                                      target_key, accept_key)
+    context_len_b = None if speculation.draft is not None else state["prompt_len"] + state["length_b"]
+    drafted_bk, q_bkv, draft_cache = propose(speculation, draft_params, state.get("draft_cache"),
+                                             state.get("context_bl"), context_len_b, t0_b, state["seen_bv"],
+                                             sampling, sampling.features, keys)
+    accepted_b, emitted_bk1, _, cache = verify(target, params, state["cache"], t0_b, drafted_bk, q_bkv,
+                                               state["seen_bv"], sampling, sampling.features, keys)
 
     # What the rows keep: t0 and the accepted tokens in the caches; the accepted and the one after in the output,
     # cut after an EOS and at the budget.
@@ -155,52 +150,153 @@ def _round(target, params, draft_params, state, stop, sampling: Sampling, specul
     ended_b = jnp.any(is_eos_bk1, axis=1)
     count_b = jnp.where(ended_b, first_eos_b + 1, count_b)
     count_b = jnp.where(live_b, jnp.minimum(count_b, stop - state["length_b"]), 0)
-    room = state["tokens_bn"].shape[1]
-    write_at_bk1 = jnp.where(index_k1 < count_b[:, None], state["length_b"][:, None] + index_k1, room)
-    rows_bk1 = jnp.broadcast_to(jnp.arange(len(t0_b))[:, None], write_at_bk1.shape)
-    tokens_bn = state["tokens_bn"].at[rows_bk1, write_at_bk1].set(emitted_bk1, mode="drop")
+    tokens_bn = _written(state["tokens_bn"], emitted_bk1, state["length_b"], count_b)
     length_b = state["length_b"] + count_b
     last_b = jnp.take_along_axis(emitted_bk1, jnp.maximum(count_b - 1, 0)[:, None], axis=1)[:, 0]
     done_b = state["done_b"] | ended_b & live_b | (length_b >= stop)
 
     advance_b = jnp.where(live_b, accepted_b + 1, 0)
     new = {**state, "tokens_bn": tokens_bn, "length_b": length_b, "done_b": done_b, "rng": rng,
-           "token_b": jnp.where(live_b, last_b, t0_b), "cache": _rolled_back(cache, state["cache"].index + advance_b),
+           "token_b": jnp.where(live_b, last_b, t0_b), "cache": rolled_back(cache, state["cache"].index + advance_b),
            "rounds": state["rounds"] + 1,
            "accepted_b": state["accepted_b"] + jnp.where(live_b, accepted_b, 0),
            "drafted_b": state["drafted_b"] + jnp.where(live_b, k, 0),
-           "seen_bv": mark_seen(state["seen_bv"], jnp.where(index_k1 < jnp.maximum(count_b, 1)[:, None], emitted_bk1,
-                                                               emitted_bk1[:, :1]))}
+           "seen_bv": mark_emitted(state["seen_bv"], emitted_bk1, count_b)}
     if speculation.draft is not None:
-        new["draft_cache"] = _rolled_back(draft_cache, state["draft_cache"].index + advance_b)
+        new["draft_cache"] = rolled_back(draft_cache, state["draft_cache"].index + advance_b)
     else:
-        at_bk1 = jnp.where(index_k1 < count_b[:, None], state["prompt_len"] + state["length_b"][:, None] + index_k1,
-                           state["context_bl"].shape[1])
-        new["context_bl"] = state["context_bl"].at[rows_bk1, at_bk1].set(emitted_bk1, mode="drop")
+        new["context_bl"] = _written(state["context_bl"], emitted_bk1, state["prompt_len"] + state["length_b"],
+                                     count_b)
     return new
 
 
-def _draft(draft: BloomForCausalLM, draft_params, state, sampling: Sampling, k: int, key):
-    """The draft's K proposals int32 [b, K] from t0 on, the processed distributions q [b, K, v] they were drawn
-    from (None when greedy: proposals are argmaxes), and its cache with t0 and all K written (K + 1 steps)."""
-    features = sampling.features
-    keys = jax.random.split(key, k + 1)
+def _written(rows_bl: jax.Array, new_bk: jax.Array, at_b: jax.Array, count_b: jax.Array) -> jax.Array:
+    """`rows_bl` with each row's first `count_b` new values written from position `at_b` (past the end: dropped)."""
+    index_k = jnp.arange(new_bk.shape[1])
+    at_bk = jnp.where(index_k < count_b[:, None], at_b[:, None] + index_k, rows_bl.shape[1])
+    rows_bk = jnp.broadcast_to(jnp.arange(rows_bl.shape[0])[:, None], at_bk.shape)
+    return rows_bl.at[rows_bk, at_bk].set(new_bk.astype(rows_bl.dtype), mode="drop")
+
+
+def mark_emitted(seen_bv: jax.Array | None, emitted_bk1: jax.Array, count_b: jax.Array) -> jax.Array | None:
+    """The seen-token marks with each row's first `count_b` emitted tokens marked (the repetition penalty's)."""
+    keep_bk1 = jnp.arange(emitted_bk1.shape[1]) < jnp.maximum(count_b, 1)[:, None]
+    return mark_seen(seen_bv, jnp.where(keep_bk1, emitted_bk1, emitted_bk1[:, :1]))
+
+
+class RoundKeys(NamedTuple):
+    """A round's random keys: one per draft step [K + 1], the target's draw and the acceptance test; each a key
+    for the whole batch, or one per row (a server's slots: a row's draws then do not depend on the others)."""
+
+    draft: jax.Array  # [K + 1] or [K + 1, b]
+    target: jax.Array  # [] or [b]
+    accept: jax.Array  # [] or [b]
+
+    @classmethod
+    def split(cls, key: jax.Array, k: int) -> RoundKeys:
+        """From one key ([]) or one per row ([b])."""
+        if key.ndim == 0:
+            keys = jax.random.split(key, k + 3)
+        else:
+            keys = jnp.swapaxes(jax.vmap(lambda row_key: jax.random.split(row_key, k + 3))(key), 0, 1)
+        return cls(keys[:k + 1], keys[k + 1], keys[k + 2])
+
+
+def propose(speculation: Speculation, draft_params, draft_cache: KVCache | None, context_bl: jax.Array | None,
+            context_len_b: jax.Array | None, token_b: jax.Array, seen_bv: jax.Array | None,
+            settings: Sampling | RowSampling, features: Features, keys: RoundKeys):
+    """The K proposals int32 [b, K] after each row's last token `token_b` [b] (the rows are the first b of the
+    caches), the processed distributions q [b, K, v] they were drawn from (None when no row samples, and for
+    prompt lookup: point masses), and the draft's cache with the last token and all K written (K + 1 steps;
+    None for prompt lookup, which reads `context_bl` [b, L] filled to `context_len_b`, the last token included)."""
+    k = speculation.draft_tokens
+    if speculation.draft is None:
+        return _lookup(context_bl, context_len_b, speculation.lookup, k), None, None
+    draft = speculation.draft
 
     def step(carry, key):
         token_b, cache, seen_bv = carry
         logits_b1v, cache = draft.apply({"params": draft_params}, token_b[:, None], cache=cache, last_only=True)
         logits_bv = logits_b1v[:, -1]
-        picked_b = choose(draft.resolved_kernels, logits_bv, seen_bv, sampling, features,
-                          None if sampling.greedy else key)
-        q_bv = None if sampling.greedy else jax.nn.softmax(process_logits(logits_bv, seen_bv, sampling, features))
+        picked_b = choose(draft.resolved_kernels, logits_bv, seen_bv, settings, features,
+                          key if features.sample else None)
+        q_bv = jax.nn.softmax(process_logits(logits_bv, seen_bv, settings, features)) if features.sample else None
         return (picked_b, cache, mark_seen(seen_bv, picked_b[:, None])), (picked_b, q_bv)
 
-    seen_bv = state["seen_bv"]
-    (_, cache, _), (picked_kb, q_kbv) = lax.scan(step, (state["token_b"], state["draft_cache"], seen_bv), keys)
+    (_, cache, _), (picked_kb, q_kbv) = lax.scan(step, (token_b, draft_cache, seen_bv), keys.draft)
     # Step K + 1 fed dK (its proposal unused): the cache then holds t0, d1..dK, as the target's after verifying.
     drafted_bk = jnp.swapaxes(picked_kb[:k], 0, 1)
     q_bkv = None if q_kbv is None else jnp.swapaxes(q_kbv[:k], 0, 1)
     return drafted_bk, q_bkv, cache
+
+
+def verify(target: BloomForCausalLM, params, cache: KVCache, token_b: jax.Array, drafted_bk: jax.Array,
+           q_bkv: jax.Array | None, seen_bv: jax.Array | None, settings: Sampling | RowSampling, features: Features,
+           keys: RoundKeys):
+    """The target over [t0, d1..dK] (its cache's first b rows, one write position each): (accepted count [b] in
+    0..K, the round's tokens int32 [b, K + 1]: the accepted proposals, then the target's own at the first
+    rejection, or after all K; the target's logits float32 [b, K + 1, v]; its cache with all K + 1 written)."""
+    ids_bk1 = jnp.concatenate([token_b[:, None], drafted_bk], axis=1)
+    logits_bk1v, cache = target.apply({"params": params}, ids_bk1, cache=cache)
+    b, k1, v = logits_bk1v.shape
+    flat_logits = logits_bk1v.reshape(b * k1, v)
+    seen_bk1v = _seen_per_position(seen_bv, ids_bk1)
+    flat_seen = None if seen_bk1v is None else seen_bk1v.reshape(b * k1, v)
+    flat_settings = _repeated(settings, k1)
+    # Greedy: the target's own choice at every position (the penalised argmax), kept while the proposals match.
+    chosen_bk1 = choose(target.resolved_kernels, flat_logits, flat_seen, flat_settings,
+                        features._replace(sample=False)).reshape(b, k1)
+    accepted_b = jnp.sum(jnp.cumprod(chosen_bk1[:, :-1] == drafted_bk, axis=1), axis=1)
+    emitted_bk1 = _with_token_at(jnp.concatenate([drafted_bk, chosen_bk1[:, -1:]], axis=1), accepted_b,
+                                 jnp.take_along_axis(chosen_bk1, accepted_b[:, None], axis=1)[:, 0])
+    if features.sample:
+        p_bk1v = jax.nn.softmax(process_logits(flat_logits, flat_seen, flat_settings, features)).reshape(b, k1, v)
+        sampled_b, sampled_bk1 = _rejection(p_bk1v, drafted_bk, q_bkv, keys)
+        greedy_b = jnp.broadcast_to(jnp.asarray(settings.temperature) == 0.0, (b,))
+        accepted_b = jnp.where(greedy_b, accepted_b, sampled_b)
+        emitted_bk1 = jnp.where(greedy_b[:, None], emitted_bk1, sampled_bk1)
+    return accepted_b, emitted_bk1, logits_bk1v, cache
+
+
+def _repeated(settings: Sampling | RowSampling, times: int) -> Sampling | RowSampling:
+    """The settings of each row repeated for its `times` positions (rows flattened with their positions)."""
+    if isinstance(settings, Sampling):
+        return settings
+    return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), settings)
+
+
+def _with_token_at(tokens_bk1: jax.Array, at_b: jax.Array, token_b: jax.Array) -> jax.Array:
+    return jnp.where(jnp.arange(tokens_bk1.shape[1]) == at_b[:, None], token_b[:, None].astype(jnp.int32),
+                     tokens_bk1)
+
+
+def _rejection(p_bk1v: jax.Array, drafted_bk: jax.Array, q_bkv: jax.Array | None, keys: RoundKeys):
+    """The rejection rule on the target's distributions p [b, K + 1, v] and the proposals' q (None: point masses):
+    (accepted count [b], the round's tokens [b, K + 1])."""
+    b, k1, v = p_bk1v.shape
+    k = k1 - 1
+    proposal_bk = jnp.maximum(drafted_bk, 0)  # -1 (no proposal) is rejected below
+    p_of_draft_bk = jnp.take_along_axis(p_bk1v[:, :k], proposal_bk[..., None], axis=2)[..., 0]
+    if q_bkv is None:  # prompt lookup: a point mass on each proposal
+        q_bkv = jax.nn.one_hot(proposal_bk, v, dtype=p_bk1v.dtype)
+    q_of_draft_bk = jnp.take_along_axis(q_bkv, proposal_bk[..., None], axis=2)[..., 0]
+    if keys.accept.ndim == 0:
+        u_bk = jax.random.uniform(keys.accept, (b, k))
+    else:
+        u_bk = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(keys.accept)
+    accept_bk = (u_bk * q_of_draft_bk < p_of_draft_bk) & (drafted_bk >= 0)
+    accepted_b = jnp.sum(jnp.cumprod(accept_bk, axis=1), axis=1)
+    # The token at position `accepted`: from max(0, p - q) normalized after a rejection, from p after all K.
+    q_pad_bk1v = jnp.concatenate([q_bkv, jnp.zeros((b, 1, v), q_bkv.dtype)], axis=1)
+    at_b11 = accepted_b[:, None, None]
+    p_at_bv = jnp.take_along_axis(p_bk1v, at_b11, axis=1)[:, 0]
+    q_at_bv = jnp.take_along_axis(q_pad_bk1v, at_b11, axis=1)[:, 0]
+    residual_bv = jnp.maximum(p_at_bv - q_at_bv, 0.0)
+    # p == q at a rejected position has probability 0; p itself is then as good as any distribution.
+    residual_bv = jnp.where(jnp.sum(residual_bv, axis=-1, keepdims=True) > 0, residual_bv, p_at_bv)
+    drawn_b = jnp.argmax(jnp.log(residual_bv) + gumbel_noise(keys.target, residual_bv.shape), axis=-1)
+    emitted_bk1 = jnp.concatenate([drafted_bk, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    return accepted_b, _with_token_at(emitted_bk1, accepted_b, drawn_b)
 
 
 def _lookup(context_bl: jax.Array, length_b: jax.Array, n: int, k: int) -> jax.Array:
@@ -229,54 +325,15 @@ def _seen_per_position(seen_bv: jax.Array | None, ids_bk1: jax.Array) -> jax.Arr
         return None
     v = seen_bv.shape[-1]
     new_bk1v = jnp.cumsum(jax.nn.one_hot(ids_bk1, v, dtype=jnp.int32), axis=1) > 0
-    return seen_bv[:, None, :] | new_bk1v
+    return seen_bv[:ids_bk1.shape[0], None, :] | new_bk1v
 
 
-def _verify(target, logits_bk1v, seen_bk1v, drafted_bk, q_bkv, sampling: Sampling, features, target_key,
-            accept_key):
-    """(accepted count [b] in 0..K, the round's tokens int32 [b, K + 1]: the accepted proposals, then the target's
-    token at the first rejection, or after all K)."""
-    b, k1, v = logits_bk1v.shape
-    k = k1 - 1
-    flat_logits = logits_bk1v.reshape(b * k1, v)
-    flat_seen = None if seen_bk1v is None else seen_bk1v.reshape(b * k1, v)
-    # Greedy: the target's own choice at every position.
-    chosen_bk1 = choose(target.resolved_kernels, flat_logits, flat_seen, Sampling(
-        repetition_penalty=sampling.repetition_penalty), features._replace(sample=False)).reshape(b, k1)
-    if sampling.greedy:
-        matches_bk = chosen_bk1[:, :k] == drafted_bk
-        accepted_b = jnp.sum(jnp.cumprod(matches_bk, axis=1), axis=1)
-        emitted_bk1 = jnp.concatenate([drafted_bk, chosen_bk1[:, k:]], axis=1)
-        return accepted_b, jnp.where(jnp.arange(k1) == accepted_b[:, None], chosen_bk1, emitted_bk1)
-
-    p_bk1v = jax.nn.softmax(process_logits(flat_logits, flat_seen, sampling, features)).reshape(b, k1, v)
-    proposal_bk = jnp.maximum(drafted_bk, 0)  # -1 (no proposal) is rejected below
-    p_of_draft_bk = jnp.take_along_axis(p_bk1v[:, :k], proposal_bk[..., None], axis=2)[..., 0]
-    if q_bkv is None:  # prompt lookup: a point mass on each proposal
-        q_bkv = jax.nn.one_hot(proposal_bk, v, dtype=p_bk1v.dtype)
-    q_of_draft_bk = jnp.take_along_axis(q_bkv, proposal_bk[..., None], axis=2)[..., 0]
-    u_bk = jax.random.uniform(accept_key, (b, k))
-    accept_bk = (u_bk * q_of_draft_bk < p_of_draft_bk) & (drafted_bk >= 0)
-    accepted_b = jnp.sum(jnp.cumprod(accept_bk, axis=1), axis=1)
-    # The token at position `accepted`: from max(0, p - q) normalized after a rejection, from p after all K.
-    q_pad_bk1v = jnp.concatenate([q_bkv, jnp.zeros((b, 1, v), q_bkv.dtype)], axis=1)
-    at_b1 = accepted_b[:, None, None]
-    p_at_bv = jnp.take_along_axis(p_bk1v, at_b1, axis=1)[:, 0]
-    q_at_bv = jnp.take_along_axis(q_pad_bk1v, at_b1, axis=1)[:, 0]
-    residual_bv = jnp.maximum(p_at_bv - q_at_bv, 0.0)
-    # p == q at a rejected position has probability 0; p itself is then as good as any distribution.
-    residual_bv = jnp.where(jnp.sum(residual_bv, axis=-1, keepdims=True) > 0, residual_bv, p_at_bv)
-    drawn_b = jnp.argmax(jnp.log(residual_bv) + gumbel_noise(target_key, residual_bv.shape), axis=-1)
-    emitted_bk1 = jnp.concatenate([drafted_bk, jnp.zeros((b, 1), jnp.int32)], axis=1)
-    return accepted_b, jnp.where(jnp.arange(k1) == accepted_b[:, None], drawn_b[:, None].astype(jnp.int32),
-                                 emitted_bk1)
-
-
-def _rolled_back(cache: KVCache, index_b: jax.Array) -> KVCache:
+def rolled_back(cache: KVCache, index_b: jax.Array) -> KVCache:
     """The cache after a round: each row's write position at `index_b`, the key mask cleared from there (the rejected
     proposals' positions, written over by the next round)."""
     keep_bt = jnp.arange(cache.length)[None, :] < index_b[:, None]
     return cache.replace(mask=cache.mask * keep_bt.astype(cache.mask.dtype), index=index_b)
 
 
-__all__ = ["Speculation", "check_draft", "decode", "prefill", "room", "statistics"]
+__all__ = ["RoundKeys", "Speculation", "check_draft", "decode", "mark_emitted", "prefill", "propose", "rolled_back",
+           "room", "statistics", "verify"]
