@@ -487,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: "
                         "$BLOOM_JAX_API_KEY; none: no key)")
     _decoding_flags(p)
+    _speculation_flags(p)
 
     p = command("train", "train or fine-tune from a recipe (configs/train/*.yaml) with overrides", cmd_train,
                 epilog=_recipe_epilog())

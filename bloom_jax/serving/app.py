@@ -113,7 +113,8 @@ class Server:
         self.limits = protocol.Limits(model_name, engine.model.config.vocab_size, engine.max_length,
                                       engine.max_slots)
         self.metrics = engine.metrics or Metrics(lambda: engine.queue_depth, lambda: engine.busy_slots,
-                                                 engine.max_slots)
+                                                 engine.max_slots,
+                                                 engine.speculation.draft_tokens if engine.speculation else 0)
         engine.metrics = self.metrics
         self.started = int(time.time())
 

@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bloom_jax import speculative
 from bloom_jax.cache import KVCache
 from bloom_jax.kernels import Kernels
 from bloom_jax.model import BloomForCausalLM
 from bloom_jax.sampling import Features, RowSampling, choose, mark_seen, seen_tokens
+from bloom_jax.speculative import Speculation
 
 # Alternatives returned per token when asked (OpenAI's chat API allows up to 20, its completions up to 5).
 TOP_LOGPROBS = 20
@@ -123,5 +125,85 @@ def decode_step(model: BloomForCausalLM, params, slots: KVCache, seen: jax.Array
     return slots, seen, choice
 
 
-__all__ = ["TOP_LOGPROBS", "Choice", "new_prefill_cache", "new_slots", "prefill_chunk", "insert", "first_tokens",
-           "mark_tokens", "decode_step"]
+# -- speculative decoding (`bloom_jax.speculative`): a round per step, up to K + 1 tokens a slot ---------------------
+@functools.partial(jax.jit, static_argnames=("speculation", "slots", "length"))
+def new_drafts(speculation: Speculation, slots: int, length: int) -> KVCache | jax.Array:
+    """What the slots draft from: the draft model's cache (a write position per row), or, for prompt lookup, each
+    slot's context int32 [slots, length] (its prompt and new tokens; -1 where none is)."""
+    if speculation.draft is None:
+        return jnp.full((slots, length), -1, jnp.int32)
+    draft = speculation.draft
+    return KVCache.init(draft.config, slots, length, draft.dtype, per_layer=not draft.scan_layers, per_row=True)
+
+
+@functools.partial(jax.jit, donate_argnames=("drafts",))
+def insert_draft(drafts: KVCache | jax.Array, prefill: KVCache | None, prompt_ids_bs: jax.Array, row: jax.Array,
+                 slot: jax.Array, length: jax.Array) -> KVCache | jax.Array:
+    """The drafts with prefill row `row` (a prompt of `length` tokens, left-padded) in slot `slot`: the draft's
+    prefilled cache row (`KVCache.insert_row`), or for prompt lookup the prompt's ids from position 0."""
+    if isinstance(drafts, KVCache):
+        return drafts.insert_row(prefill, row, slot, length)
+    pad = prompt_ids_bs.shape[1] - length
+    ids_s = jnp.roll(prompt_ids_bs[row], -pad)
+    keep = min(ids_s.shape[0], drafts.shape[1])
+    context_t = jnp.full((drafts.shape[1],), -1, jnp.int32).at[:keep].set(ids_s[:keep])
+    context_t = jnp.where(jnp.arange(drafts.shape[1]) < length, context_t, -1)
+    return lax.dynamic_update_slice(drafts, context_t[None], (slot, 0))
+
+
+class RoundChoice(NamedTuple):
+    """What the host reads after a speculative step: each row's round of tokens int32 [b, K + 1] of which the first
+    `count` [b] are made (the accepted proposals and the target's own), their log-probabilities float32
+    [b, K + 1], and the best alternatives [b, K + 1, TOP_LOGPROBS] when asked, else None."""
+
+    token: jax.Array
+    count: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array | None
+    top_logprobs: jax.Array | None
+
+
+@functools.partial(jax.jit, static_argnames=("model", "speculation", "features", "top_logprobs"),
+                   donate_argnames=("slots", "drafts", "seen"))
+def speculative_step(model: BloomForCausalLM, params, draft_params, slots: KVCache, drafts: KVCache | jax.Array,
+                     seen: jax.Array, token_b: jax.Array, sampling: RowSampling, features: Features,
+                     top_logprobs: bool, speculation: Speculation):
+    """One speculative round for each of the first b slots (the others idle, untouched): the draft (or prompt
+    lookup) proposes K tokens after each slot's last token `token_b` [b], the model verifies them in one pass,
+    and each slot keeps what it accepted. Each row draws with its own key folded with its token index (as
+    `decode_step`), so a seed gives the same tokens whatever shares the batch. Returns the slots, the drafts, the
+    seen marks and a `RoundChoice`."""
+    rows = token_b.shape[0]
+    keys = speculative.RoundKeys.split(sampling.keys(), speculation.draft_tokens)
+    seen_bv = seen[:rows] if features.penalty else None
+    index_b = slots.index[:rows]  # where each row's last token goes: its prompt and all but that token are cached
+    rows_b = jnp.arange(rows)
+    context, context_len_b, draft_cache = None, None, None
+    if speculation.draft is None:
+        drafts = drafts.at[rows_b, index_b].set(token_b, mode="drop")
+        context, context_len_b = drafts[:rows], index_b + 1
+    else:
+        draft_cache = drafts
+    drafted_bk, q_bkv, draft_cache = speculative.propose(speculation, draft_params, draft_cache, context,
+                                                         context_len_b, token_b, seen_bv, sampling, features, keys)
+    accepted_b, emitted_bk1, logits_bk1v, slots = speculative.verify(model, params, slots, token_b, drafted_bk,
+                                                                     q_bkv, seen_bv, sampling, features, keys)
+    count_b = accepted_b + 1
+    new_index = slots.index.at[:rows].set(index_b + count_b)
+    slots = speculative.rolled_back(slots, new_index)
+    if speculation.draft is None:
+        at_bk1 = jnp.where(jnp.arange(emitted_bk1.shape[1]) < count_b[:, None], index_b[:, None] + 1 + jnp.arange(
+            emitted_bk1.shape[1]), drafts.shape[1])
+        drafts = drafts.at[rows_b[:, None], at_bk1].set(emitted_bk1, mode="drop")
+    else:
+        drafts = speculative.rolled_back(draft_cache, draft_cache.index.at[:rows].set(index_b + count_b))
+    if features.penalty:
+        seen = speculative.mark_emitted(seen, emitted_bk1, count_b)
+    logprobs_bk1v = jax.nn.log_softmax(logits_bk1v.astype(jnp.float32), axis=-1)
+    logprob_bk1 = jnp.take_along_axis(logprobs_bk1v, emitted_bk1[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = lax.top_k(logprobs_bk1v, TOP_LOGPROBS) if top_logprobs else (None, None)
+    return slots, drafts, seen, RoundChoice(emitted_bk1, count_b, logprob_bk1, top_ids, top_lp)
+
+
+__all__ = ["TOP_LOGPROBS", "Choice", "RoundChoice", "new_prefill_cache", "new_slots", "prefill_chunk", "insert",
+           "first_tokens", "mark_tokens", "decode_step", "new_drafts", "insert_draft", "speculative_step"]

@@ -143,6 +143,7 @@ class _Prefill:
     done: int = 0  # positions prefilled
     scored: list = dataclasses.field(default_factory=list)  # per chunk: (next logprobs, top ids, top logprobs)
     last_logits: object = None
+    draft_cache: object = None  # the draft model's (speculative decoding)
 
 
 class Engine:
@@ -172,8 +173,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.failure: str | None = None
+        # Speculative decoding: each step a round of K drafts per slot, verified at once (`bloom_jax.speculative`);
+        # a round writes K + 1 positions, so the slots have that many past max_length.
+        self.speculation = generator.speculation
+        self._draft = generator.draft
+        self._draft_params = None if self._draft is None else self._draft.params
+        length = max_length if self.speculation is None else max_length + self.speculation.draft_tokens + 1
         with self._context(max_slots):
-            self._slots, self._seen = device.new_slots(self.model, max_slots, max_length)
+            self._slots, self._seen = device.new_slots(self.model, max_slots, length)
+            self._drafts = None if self.speculation is None else device.new_drafts(self.speculation, max_slots,
+                                                                                   length)
 
     # -- the web side ---------------------------------------------------------------------------------------------
 
@@ -189,8 +198,9 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
-        """The slots' KV cache in bytes (keys and values of every layer)."""
-        return self._slots.nbytes
+        """The slots' KV cache in bytes (keys and values of every layer; the draft's too)."""
+        drafts = self._drafts.nbytes if self._drafts is not None else 0
+        return self._slots.nbytes + drafts
 
     @property
     def queue_depth(self) -> int:
@@ -220,10 +230,7 @@ class Engine:
         while True:
             rows = min(rows, self.max_slots)
             sampling, features = self._row_sampling([None] * rows)
-            with self._context(rows):
-                self._slots, self._seen, choice = device.decode_step(
-                    self.model, self.params, self._slots, self._seen, np.full(rows, self.pad, np.int32), sampling,
-                    features, False)
+            choice = self._step(np.full(rows, self.pad, np.int32), sampling, features, False)
             if rows == self.max_slots:
                 break
             rows *= 2
@@ -237,9 +244,12 @@ class Engine:
                     cache = device.new_prefill_cache(self.model, group, length)
                     cache, last, *_ = device.prefill_chunk(self.model, self.params, cache, ids_bs,
                                                            np.ones_like(ids_bs), ids_bs, False)
+                    draft_cache = self._draft_prefill(self._new_draft_prefill(group, length), ids_bs,
+                                                      np.ones_like(ids_bs))
                     for slot in range(group):
                         self._slots, self._seen = device.insert(self._slots, self._seen, cache, ids_bs,
                                                                 np.int32(slot), np.int32(slot), np.int32(length))
+                        self._insert_draft(draft_cache, ids_bs, slot, slot, length)
                     choice = device.first_tokens(self.model.resolved_kernels, last, slots, self._seen, slots,
                                                  sampling, features, False)
                 group *= 2
@@ -332,8 +342,9 @@ class Engine:
                                        self.pad)
             with self._context(rows):
                 cache = device.new_prefill_cache(self.model, rows, padded)
+                draft_cache = self._new_draft_prefill(rows, padded)
             next_ids_bs = np.concatenate([ids_bs[:, 1:], ids_bs[:, :1]], axis=1)
-            self._prefill = _Prefill(group, ids_bs, mask_bs, cache, next_ids_bs)
+            self._prefill = _Prefill(group, ids_bs, mask_bs, cache, next_ids_bs, draft_cache=draft_cache)
         self._prefill_chunk(self._prefill)
         if self._prefill.done == self._prefill.ids_bs.shape[1]:
             prefill, self._prefill = self._prefill, None
@@ -376,6 +387,8 @@ class Engine:
             prefill.cache, prefill.last_logits, *chunk_scores = device.prefill_chunk(
                 self.model, self.params, prefill.cache, prefill.ids_bs[:, start:stop],
                 prefill.mask_bs[:, start:stop], prefill.next_ids_bs[:, start:stop], scored)
+            prefill.draft_cache = self._draft_prefill(prefill.draft_cache, prefill.ids_bs[:, start:stop],
+                                                      prefill.mask_bs[:, start:stop])
         if scored:
             prefill.scored.append([np.asarray(x) for x in chunk_scores])
         prefill.done = stop
@@ -408,6 +421,7 @@ class Engine:
                 with self._context(self.max_slots):
                     self._slots, self._seen = device.insert(self._slots, self._seen, prefill.cache, prefill.ids_bs,
                                                             np.int32(row), np.int32(slot), np.int32(length))
+                    self._insert_draft(prefill.draft_cache, prefill.ids_bs, row, slot, length)
                 seqs.append(_Sequence(request, choice, slot, _key_data(request.sampling, choice),
                                       self.generator.tokenizer.stream() if self.generator.tokenizer else None))
                 rows.append(row)
@@ -434,12 +448,59 @@ class Engine:
         seqs = [self._running.get(slot) for slot in range(rows)]
         token_b = np.asarray([s.last_token if s else self.pad for s in seqs], np.int32)
         sampling, features = self._row_sampling(seqs)
-        with self._context(rows):
-            self._slots, self._seen, choice = device.decode_step(self.model, self.params, self._slots, self._seen,
-                                                                 token_b, sampling, features, _wants_top_logprobs(seqs))
+        choice = self._step(token_b, sampling, features, _wants_top_logprobs(seqs))
         busy = [s for s in seqs if s is not None]
         index = np.asarray([s.slot for s in busy])
-        self._deliver(busy, device.Choice(*(None if x is None else np.asarray(x)[index] for x in choice)))
+        if self.speculation is None:
+            self._deliver(busy, device.Choice(*(None if x is None else np.asarray(x)[index] for x in choice)))
+            return
+        # A round: each slot's made tokens in order, the j-th of every slot that made that many and still runs.
+        token, count, logprob, top_ids, top_lp = (None if x is None else np.asarray(x)[index] for x in choice)
+        if self.metrics:
+            self.metrics.drafted_tokens.inc(len(busy) * self.speculation.draft_tokens)
+            self.metrics.accepted_tokens.inc(int(np.sum(count - 1)))
+            for made in count:
+                self.metrics.tokens_per_step.observe(int(made))
+        for j in range(int(count.max())):
+            live = [i for i, seq in enumerate(busy) if count[i] > j and self._running.get(seq.slot) is seq]
+            if not live:
+                break
+            self._deliver([busy[i] for i in live], device.Choice(
+                token[live, j], logprob[live, j], None if top_ids is None else top_ids[live, j],
+                None if top_lp is None else top_lp[live, j]))
+
+    def _step(self, token_b: np.ndarray, sampling: RowSampling, features: Features, top_logprobs: bool):
+        """One decode step of the first len(token_b) slots (a `device.Choice`), or with speculative decoding one
+        round (a `device.RoundChoice`)."""
+        with self._context(len(token_b)):
+            if self.speculation is None:
+                self._slots, self._seen, choice = device.decode_step(self.model, self.params, self._slots, self._seen,
+                                                                     token_b, sampling, features, top_logprobs)
+            else:
+                self._slots, self._drafts, self._seen, choice = device.speculative_step(
+                    self.model, self.params, self._draft_params, self._slots, self._drafts, self._seen, token_b,
+                    sampling, features, top_logprobs, self.speculation)
+        return choice
+
+    def _new_draft_prefill(self, rows: int, length: int):
+        """The draft model's prefill cache (speculative decoding with a draft), else None."""
+        if self._draft is None:
+            return None
+        return device.new_prefill_cache(self._draft.model, rows, length)
+
+    def _draft_prefill(self, draft_cache, ids_bc: np.ndarray, mask_bc: np.ndarray):
+        """A prefill chunk through the draft model too (its logits unused), when there is one."""
+        if draft_cache is None:
+            return None
+        draft_cache, *_ = device.prefill_chunk(self._draft.model, self._draft_params, draft_cache, ids_bc, mask_bc,
+                                               ids_bc, False)
+        return draft_cache
+
+    def _insert_draft(self, draft_cache, ids_bs: np.ndarray, row: int, slot: int, length: int) -> None:
+        """Speculative decoding: the slot's draft cache row, or its context for prompt lookup."""
+        if self.speculation is not None:
+            self._drafts = device.insert_draft(self._drafts, draft_cache, ids_bs, np.int32(row), np.int32(slot),
+                                               np.int32(length))
 
     def _row_sampling(self, seqs: Sequence[_Sequence | None]) -> tuple[RowSampling, Features]:
         """The per-row settings of these sequences (None: an idle row, greedy) and what they need."""

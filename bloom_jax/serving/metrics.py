@@ -12,7 +12,8 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 class Metrics:
     """Counters and histograms the engine and the routes update, and gauges read from the engine at scrape."""
 
-    def __init__(self, queue_depth: Callable[[], float], busy_slots: Callable[[], float], slots: int):
+    def __init__(self, queue_depth: Callable[[], float], busy_slots: Callable[[], float], slots: int,
+                 speculative_tokens: int = 0):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = registry = CollectorRegistry()
@@ -29,6 +30,15 @@ class Metrics:
         self.time_per_output_token = Histogram("bloom_jax_time_per_output_token_seconds",
                                                "between a choice's successive tokens", buckets=TPOT_BUCKETS,
                                                registry=registry)
+        if speculative_tokens:  # speculative decoding, K tokens drafted per slot and step
+            self.drafted_tokens = Counter("bloom_jax_speculative_drafted_tokens", "tokens the draft proposed",
+                                          registry=registry)
+            self.accepted_tokens = Counter("bloom_jax_speculative_accepted_tokens",
+                                           "proposed tokens the model accepted (the acceptance rate: over drafted)",
+                                           registry=registry)
+            self.tokens_per_step = Histogram("bloom_jax_speculative_tokens_per_step",
+                                             "tokens a slot made in one step (accepted + 1)",
+                                             buckets=tuple(range(1, speculative_tokens + 2)), registry=registry)
         self.request_duration = Histogram("bloom_jax_request_duration_seconds", "from arrival to a choice's last token",
                                           buckets=TTFT_BUCKETS, registry=registry)
 

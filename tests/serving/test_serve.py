@@ -124,6 +124,56 @@ def prompts(seed: int, count: int, longest: int = 60) -> list[list[int]]:
 
 # -- the engine ----------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module", params=["draft", "lookup"])
+def speculative_engine(request, gen):
+    """An engine of the same model with speculative decoding: a draft (the model with noise on its weights: it
+    agrees often, not always) of 3 tokens, or prompt lookup (N = 2) of 4; metrics on, as a server has them."""
+    from bloom_jax.serving.metrics import Metrics
+
+    if request.param == "draft":
+        noisy = jax.tree.map(lambda x: x + 0.15 * jnp.std(x) * jax.random.normal(jax.random.key(5), x.shape),
+                             gen.params)
+        spec = Generator(gen.model, gen.params, gen.tokenizer, draft=Generator(gen.model, noisy), draft_tokens=3)
+    else:
+        spec = Generator(gen.model, gen.params, gen.tokenizer, prompt_lookup=2, draft_tokens=4)
+    engine = Engine(spec, max_slots=SLOTS, max_length=MAX_LENGTH, chunk=CHUNK)
+    engine.metrics = Metrics(lambda: engine.queue_depth, lambda: engine.busy_slots, SLOTS,
+                             spec.speculation.draft_tokens)
+    engine.warm_up()
+    yield engine
+    engine.stop()
+
+
+@pytest.mark.slow
+def test_speculative_slots_give_the_models_greedy_tokens_and_logprobs(gen, engine, speculative_engine):
+    """Greedy requests of every length (some prefilled in chunks), budgets that end inside a round, beside sampled
+    ones: each greedy request's tokens equal `Generator.generate` alone, their log-probabilities those of the
+    engine without speculation (2e-5); a seed repeats its sampled tokens; the metrics count drafts and
+    acceptances."""
+    greedy_prompts = prompts(0, 8)
+    budgets = [1, 2, 5, 7, 10, 13, 20, 26]
+    mine = [dict(prompt_ids=p, max_tokens=m, logprobs=2, sampling=SamplingParams(temperature=0.0))
+            for p, m in zip(greedy_prompts, budgets)]
+    crowd = [dict(prompt_ids=p, max_tokens=12, sampling=SamplingParams(temperature=0.9, top_p=0.9, seed=i))
+             for i, p in enumerate(prompts(1, 4))]
+    results = run(speculative_engine, mine[:4] + crowd + mine[4:])
+    got = [r["tokens"][0] for r in results[:4] + results[8:]]
+    assert got == [greedy(gen, p, m) for p, m in zip(greedy_prompts, budgets)]
+    plain = run(engine, mine)
+    for ours, theirs in zip(results[:4] + results[8:], plain):
+        np.testing.assert_allclose(ours["logprobs"][0], theirs["logprobs"][0], atol=2e-5)
+        assert [[t for t, _ in top] for top in ours["tops"][0]] == [[t for t, _ in top] for top in theirs["tops"][0]]
+    again = run(speculative_engine, crowd)
+    assert [r["tokens"] for r in again] == [r["tokens"] for r in results[4:8]]
+    assert speculative_engine.busy_slots == 0
+    metrics = speculative_engine.metrics
+    drafted, accepted = (metrics.drafted_tokens._value.get(), metrics.accepted_tokens._value.get())
+    assert drafted > 0 and 0 < accepted < drafted
+    text = metrics.render()[0].decode()
+    assert "bloom_jax_speculative_accepted_tokens_total" in text
+    assert "bloom_jax_speculative_tokens_per_step_bucket" in text
+
+
 @pytest.mark.slow
 def test_greedy_tokens_equal_generate_whatever_shares_the_batch(gen, engine):
     """12 greedy prompts (1 to 59 tokens: some prefilled in chunks of 32) submitted at once with 6 sampled ones
@@ -603,3 +653,5 @@ def test_serve_flag_mistakes_are_one_line_errors(checkpoint, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", str(checkpoint), "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--draft", str(checkpoint), "--prompt-lookup", "2"]) == 2
+    assert "--draft and --prompt-lookup are two ways to draft: give one" in capsys.readouterr().err
