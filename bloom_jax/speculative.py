@@ -115,8 +115,7 @@ def decode(target: BloomForCausalLM, params, draft_params, state: dict, stop: ja
            speculation: Speculation, max_rounds: jax.Array | int = 2**30) -> dict:
     """Rounds until each row has `stop` tokens (at most the budget prefill made room for) or has produced EOS, or
     `max_rounds` rounds in all (streaming runs one at a time), in one compiled loop; the state donated."""
-    room = state["tokens_bn"].shape[1]
-    stop = jnp.minimum(stop, room)
+    stop = jnp.minimum(stop, state["tokens_bn"].shape[1])
     max_rounds = state["rounds"] + max_rounds
 
     def cond(state):
