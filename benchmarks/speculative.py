@@ -9,7 +9,8 @@ reuses `--workdir`. Prompts are 48-token windows of held-out code: the modules o
 (json, email, ...), which neither model saw. Greedy, EOS disabled so that every run makes all `--new` tokens.
 
 Plain decoding, the draft at each K, and prompt lookup (N = 3) run in turn, `--repeats` rounds, medians and the
-spread (min-max). Prints (stdout, markdown), per batch: new tokens/s and the ratio to plain decoding; the draft
+spread (min-max), both models in `--weights` decode format (as `bloom-jax generate`, float32 out-major by default).
+Prints (stdout, markdown), per batch: new tokens/s and the ratio to plain decoding; the draft
 tokens accepted, and tokens per target pass; the target's decode step beside its roofline (its weights' bytes over
 the memory bandwidth, the fastest 1 GiB matrix-vector product of the same rounds). Every speculative run's tokens
 are checked equal to plain decoding's.
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--draft-tokens", default="3,5", help="K values to run")
     parser.add_argument("--lookup", type=int, default=3, help="prompt lookup's N (0: leave it out)")
+    parser.add_argument("--weights", default="float32", help="decode weights of both models (bloom-jax generate's "
+                                                             "default: float32, out-major)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
@@ -121,9 +124,9 @@ def main() -> None:
     draft_dir = trained(workdir, "draft", model_config(args.draft_layers, args.draft_hidden, 4), args.steps,
                         target_dir)
     no_eos = {"eos_token_id": []}
-    target = Generator.from_pretrained(target_dir)
+    target = Generator.from_pretrained(target_dir, decode_weights=args.weights)
     target = Generator(target.model, target.params, target.tokenizer, generation_config=no_eos)
-    draft = Generator.from_pretrained(draft_dir)
+    draft = Generator.from_pretrained(draft_dir, decode_weights=args.weights)
     draft = Generator(draft.model, draft.params, draft.tokenizer, generation_config=no_eos)
     ks = [int(k) for k in args.draft_tokens.split(",")]
     methods = {"plain": target}
@@ -175,7 +178,7 @@ def main() -> None:
           f"({target_bytes / 2**20:.0f} MiB fp32), draft {args.draft_layers} x {args.draft_hidden} "
           f"({draft_bytes / 2**20:.0f} MiB), both trained {args.steps} steps on the quickstart corpus; held-out "
           f"code prompts of {PROMPT_TOKENS} tokens, {args.new} new tokens, greedy (tokens checked equal to plain), "
-          f"median of {args.repeats} runs")
+          f"{args.weights} decode weights, median of {args.repeats} runs")
     print(f"Machine: {machine()}; {versions()}")
     print(f"Memory bandwidth, the fastest fp32 matrix-vector product over 1 GiB in the same rounds: "
           f"{', '.join(bandwidths)}")
