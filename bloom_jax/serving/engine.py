@@ -457,10 +457,7 @@ class Engine:
         # A round: each slot's made tokens in order, the j-th of every slot that made that many and still runs.
         token, count, logprob, top_ids, top_lp = (None if x is None else np.asarray(x)[index] for x in choice)
         if self.metrics:
-            self.metrics.drafted_tokens.inc(len(busy) * self.speculation.draft_tokens)
-            self.metrics.accepted_tokens.inc(int(np.sum(count - 1)))
-            for made in count:
-                self.metrics.tokens_per_step.observe(int(made))
+            self.metrics.speculative_step(len(busy) * self.speculation.draft_tokens, count.tolist())
         for j in range(int(count.max())):
             live = [i for i, seq in enumerate(busy) if count[i] > j and self._running.get(seq.slot) is seq]
             if not live:

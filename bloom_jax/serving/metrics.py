@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 # Seconds: time to first token spans prefill and queueing (CPU: seconds), per-token latency one decode step.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
@@ -39,8 +39,21 @@ class Metrics:
             self.tokens_per_step = Histogram("bloom_jax_speculative_tokens_per_step",
                                              "tokens a slot made in one step (accepted + 1)",
                                              buckets=tuple(range(1, speculative_tokens + 2)), registry=registry)
+
+            self._drafted = self._accepted = 0
+            Gauge("bloom_jax_speculative_acceptance_rate", "accepted over drafted tokens since the start",
+                  registry=registry).set_function(lambda: self._accepted / self._drafted if self._drafted else 0.0)
         self.request_duration = Histogram("bloom_jax_request_duration_seconds", "from arrival to a choice's last token",
                                           buckets=TTFT_BUCKETS, registry=registry)
+
+    def speculative_step(self, drafted: int, made_per_slot: Sequence[int]) -> None:
+        """Counts a speculative step: `drafted` proposals, and each busy slot's tokens made (accepted + 1)."""
+        accepted = sum(made_per_slot) - len(made_per_slot)
+        self._drafted, self._accepted = self._drafted + drafted, self._accepted + accepted
+        self.drafted_tokens.inc(drafted)
+        self.accepted_tokens.inc(accepted)
+        for made in made_per_slot:
+            self.tokens_per_step.observe(made)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""

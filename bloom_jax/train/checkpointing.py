@@ -188,10 +188,13 @@ class RunCheckpoints:
         if is_remote(self.directory):
             return
         # Orbax reports a failed save at its first failed write, while TensorStore may still be finishing the
-        # others: what they write after a removal is removed in turn, until the directory stays gone (0.2 s).
-        for _ in range(25):
+        # others: what they write after a removal is removed in turn, until the directory stays gone for 0.6 s
+        # (CI once measured the free space with a gone directory written again: 0.9 MB where 1.x were free).
+        gone = 0
+        for _ in range(40):
             partials = storage.glob(join(self.directory, "*.orbax-checkpoint-tmp*"))
-            if not partials:
+            gone = 0 if partials else gone + 1
+            if gone == 3:
                 return
             for partial in partials:
                 storage.remove_tree(partial)

@@ -166,12 +166,16 @@ def test_speculative_slots_give_the_models_greedy_tokens_and_logprobs(gen, engin
     again = run(speculative_engine, crowd)
     assert [r["tokens"] for r in again] == [r["tokens"] for r in results[4:8]]
     assert speculative_engine.busy_slots == 0
-    metrics = speculative_engine.metrics
-    drafted, accepted = (metrics.drafted_tokens._value.get(), metrics.accepted_tokens._value.get())
+    text = speculative_engine.metrics.render()[0].decode()
+
+    def value(name):
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    drafted, accepted = value("bloom_jax_speculative_drafted_tokens_total"), value(
+        "bloom_jax_speculative_accepted_tokens_total")
     assert drafted > 0 and 0 < accepted < drafted
-    text = metrics.render()[0].decode()
-    assert "bloom_jax_speculative_accepted_tokens_total" in text
-    assert "bloom_jax_speculative_tokens_per_step_bucket" in text
+    assert value("bloom_jax_speculative_acceptance_rate") == pytest.approx(accepted / drafted)
+    assert value("bloom_jax_speculative_tokens_per_step_count") > 0
 
 
 @pytest.mark.slow
