@@ -294,8 +294,9 @@ class BloomForCausalLM(nn.Module):
         start at 0, so each example's logits are those it gets alone. With a `cache`
         (`bloom_jax.cache.KVCache`) the ids are the next positions after those cached: returns
         `(logits, updated cache)`; a cache with a write position per row may have more rows than the ids (a
-        server's slots): the ids are its first rows, the others are left as they are. `return_hidden`: the final hidden states [b, s, d] (after `ln_f`) instead
-        of the logits, for a loss that applies the tied head itself (`bloom_jax.losses`).
+        server's slots): the ids are its first rows, the others are left as they are. `return_hidden`: the final
+        hidden states [b, s, d] (after `ln_f`) instead of the logits, for a loss that applies the tied head itself
+        (`bloom_jax.losses`).
         """
         cfg = self.config
         kernels = self.resolved_kernels

@@ -128,12 +128,12 @@ def plan_step(config: BloomConfig, mesh_spec: str, task: str, batch: int | None,
       checkpointing (`remat_policy`), state donated; with `lora`, fp32 adapters and their AdamW state beside a
       frozen base stored in `lora_base` (bfloat16, float32, or int8 / nf4 linear layers); with `packed`, the
       step of packed instruction rows (a completion-only loss mask and segment ids, each example attending only
-      to itself: `bloom_jax.sft`). forward: bf16
-      weights and compute, logits of every position. generate: one decode step with a bf16 KV cache of `seq`
-      positions (donated), bf16 weights. speculate: one round of speculative decoding (`bloom_jax.speculative`):
-      the `draft` model's `draft_tokens` + 1 steps and the target's verification of them, greedy, both with bf16
-      weights and KV caches of `seq` positions (donated). `decode_weights` (generate, speculate: "int8",
-      "bfloat16" or "float32", `bloom_jax.weights`) stores the weights of both models so instead. `kernels` and `attention` are those of the target
+      to itself: `bloom_jax.sft`). forward: bf16 weights and compute, logits of every position. generate: one
+      decode step with a bf16 KV cache of `seq` positions (donated), bf16 weights. speculate: one round of
+      speculative decoding (`bloom_jax.speculative`): the `draft` model's `draft_tokens` + 1 steps and the
+      target's verification of them, greedy, both with bf16 weights and KV caches of `seq` positions (donated).
+      `decode_weights` (generate, speculate: "int8", "bfloat16" or "float32", `bloom_jax.weights`) stores the
+      weights of both models so instead. `kernels` and `attention` are those of the target
       (`bloom_jax.kernels.Kernels.create` for its platform); `scan_layers` and `loss_chunk_tokens` as the recipe
       keys of the same names.
     """
