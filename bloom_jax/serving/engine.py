@@ -5,8 +5,8 @@ on HTTP. Each turn of the engine's loop:
 1. drops requests whose client went away (their slots freed at once);
 2. prefills the waiting requests that fit the free slots: short prompts in padded batches of a few, a long
    one (over `chunk` tokens) alone, one chunk per turn so that the running slots keep decoding meanwhile;
-3. runs one decode step for every busy slot, each with its own sampling, stop strings and token budget, and frees
-   the slot of each sequence that ends.
+3. runs one decode step for every busy slot (with speculative decoding, one round: 1 to K + 1 tokens a slot),
+   each with its own sampling, stop strings and token budget, and frees the slot of each sequence that ends.
 
 A request with `n` choices is prefilled once and copied into n slots.
 """
