@@ -8,7 +8,9 @@ corpus (Python's standard library, top-level modules; the draft with the target'
 reuses `--workdir`. Prompts are 48-token windows of held-out code: the modules of the standard library's packages
 (json, email, ...), which neither model saw. Greedy, EOS disabled so that every run makes all `--new` tokens.
 
-Plain decoding, the draft at each K, and prompt lookup (N = 3) run in turn, `--repeats` rounds, medians and the
+Plain decoding, the draft at each K, and prompt lookup (N = 3) run in turn, beside the peer at batch 1:
+transformers' PyTorch BLOOM on the same weights (exported), plain and with its assisted generation (the draft as
+`assistant_model`, K tokens a round, the first K given), `--repeats` rounds, medians and the
 spread (min-max), both models in `--weights` decode format (as `bloom-jax generate`, float32 out-major by default).
 Prints (stdout, markdown), per batch: new tokens/s and the ratio to plain decoding; the draft
 tokens accepted, and tokens per target pass; the target's decode step beside its roofline (its weights' bytes over
@@ -95,6 +97,38 @@ def held_out_prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
     raise SystemExit(f"only {len(prompts)} held-out files are long enough")
 
 
+def transformers_peers(workdir: Path, target_dir: Path, draft_dir: Path, k: int) -> dict:
+    """The peer: transformers' PyTorch BLOOM on the same weights (exported), plain and with its assisted generation
+    (the draft as `assistant_model`, `k` tokens a round, constant), each a function (prompt ids, new) -> run."""
+    import torch
+    import transformers
+
+    from bloom_jax.checkpoints import export
+
+    models = {}
+    for name, directory in (("target", target_dir), ("draft", draft_dir)):
+        hf_dir = workdir / name / "hf"
+        if not (hf_dir / "config.json").is_file():
+            export(directory, hf_dir, overwrite=True, progress=False)
+        models[name] = transformers.BloomForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    models["draft"].generation_config.num_assistant_tokens = k
+    models["draft"].generation_config.num_assistant_tokens_schedule = "constant"
+
+    def peer(assistant):
+        def make(prompt: list[int], new: int):
+            ids = torch.as_tensor([prompt])
+
+            def go():
+                with torch.inference_mode():
+                    models["target"].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                              max_new_tokens=new, min_new_tokens=new, pad_token_id=3,
+                                              assistant_model=assistant)
+            return go
+        return make
+
+    return {"PyTorch plain": peer(None), f"PyTorch assisted K={k}": peer(models["draft"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[DOCS_FLAG])
@@ -137,6 +171,7 @@ def main() -> None:
         methods[f"lookup N={args.lookup} K={max(ks)}"] = Generator(
             target.model, target.params, target.tokenizer, generation_config=no_eos, prompt_lookup=args.lookup,
             draft_tokens=max(ks))
+    peers = transformers_peers(workdir, target_dir, draft_dir, ks[0])
     matvec, matvec_bytes = jax_matvec()
     target_bytes = sum(x.nbytes for x in jax.tree.leaves(target.params))
     draft_bytes = sum(x.nbytes for x in jax.tree.leaves(draft.params))
@@ -156,6 +191,9 @@ def main() -> None:
         for name, gen in methods.items():
             runs[name] = run(name, gen, args.new)
         runs["plain first"] = run("plain", target, 1)
+        if batch == 1:  # transformers' assisted generation takes one sequence
+            for name, peer in peers.items():
+                runs[name] = peer(prompts[0], args.new)
         log(f"batch {batch}: {', '.join(methods)}, in turn")
         times = interleaved_times(runs, args.repeats)
         bandwidth = matvec_bytes / min(times["matvec"])
@@ -163,16 +201,16 @@ def main() -> None:
         plain_rate = batch * args.new / statistics.median(times["plain"])
         step = (statistics.median(times["plain"]) - statistics.median(times["plain first"])) / (args.new - 1)
         steps.append(f"batch {batch}: {step * 1e3:.2f} ms (roofline {target_bytes / bandwidth * 1e3:.2f} ms)")
-        for name in methods:
-            if outputs[name, args.new] != outputs["plain", args.new]:
+        for name in [*methods, *(peers if batch == 1 else ())]:
+            if name in methods and outputs[name, args.new] != outputs["plain", args.new]:
                 raise SystemExit(f"batch {batch}, {name}: the tokens differ from plain greedy decoding")
             ts = times[name]
             rate = batch * args.new / statistics.median(ts)
             s = stats.get((name, args.new))
             rows.append([str(batch), name, f"{rate:.0f}",
                          f"{batch * args.new / max(ts):.0f}-{batch * args.new / min(ts):.0f}",
-                         f"{rate / plain_rate:.2f}x", "" if name == "plain" else f"{s['acceptance_rate']:.0%}",
-                         "1.00" if name == "plain" else f"{s['tokens_per_round']:.2f}"])
+                         f"{rate / plain_rate:.2f}x", "" if s is None else f"{s['acceptance_rate']:.0%}",
+                         "" if s is None else f"{s['tokens_per_round']:.2f}"])
 
     print(f"Speculative decoding, target {args.target_layers} layers x {args.target_hidden} "
           f"({target_bytes / 2**20:.0f} MiB fp32), draft {args.draft_layers} x {args.draft_hidden} "
