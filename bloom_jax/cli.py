@@ -199,14 +199,14 @@ def _load_generator(args: argparse.Namespace):
         from bloom_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
-    draft, lookup = getattr(args, "draft", None), getattr(args, "prompt_lookup", None)
+    draft, lookup = args.draft, args.prompt_lookup
     if draft is not None and lookup is not None:
         raise BloomJaxError("--draft and --prompt-lookup are two ways to draft: give one")
     log.info(f"loading {args.checkpoint}" + (f" and the draft {draft}" if draft else ""))
     generator = Generator.from_pretrained(args.checkpoint, decode_weights=args.decode_weights, dtype=args.dtype,
                                           mesh=mesh, kernels=args.kernels, attention=args.attention,
                                           adapter=args.adapter, merge_adapter=not args.unmerged, draft=draft,
-                                          draft_tokens=getattr(args, "draft_tokens", 4), prompt_lookup=lookup or 0)
+                                          draft_tokens=args.draft_tokens, prompt_lookup=lookup or 0)
     if generator.tokenizer is None:
         raise BloomJaxError(f"{args.checkpoint} has no tokenizer.json: cannot encode text prompts")
     return generator

@@ -259,7 +259,7 @@ def _speculative_round(model, params, draft_model, draft_params, sharding: Shard
     from bloom_jax.sampling import Sampling
 
     spec = speculative.Speculation(draft_tokens, draft_model)
-    new_tokens = max(1, seq // 4)
+    new_tokens = max(1, seq // 4)  # the round's memory depends on the caches' length, not on how it splits
     prompt = seq - speculative.room(new_tokens, spec)
     if prompt < 1:
         raise BloomJaxError(f"plan: --seq {seq} leaves no room for a prompt beside a round of {draft_tokens} drafts")

@@ -149,7 +149,7 @@ def _round(target, params, draft_params, state, stop, sampling: Sampling, specul
     ended_b = jnp.any(is_eos_bk1, axis=1)
     count_b = jnp.where(ended_b, first_eos_b + 1, count_b)
     count_b = jnp.where(live_b, jnp.minimum(count_b, stop - state["length_b"]), 0)
-    tokens_bn = _written(state["tokens_bn"], emitted_bk1, state["length_b"], count_b)
+    tokens_bn = written(state["tokens_bn"], emitted_bk1, state["length_b"], count_b)
     length_b = state["length_b"] + count_b
     last_b = jnp.take_along_axis(emitted_bk1, jnp.maximum(count_b - 1, 0)[:, None], axis=1)[:, 0]
     done_b = state["done_b"] | ended_b & live_b | (length_b >= stop)
@@ -164,17 +164,18 @@ def _round(target, params, draft_params, state, stop, sampling: Sampling, specul
     if speculation.draft is not None:
         new["draft_cache"] = rolled_back(draft_cache, state["draft_cache"].index + advance_b)
     else:
-        new["context_bl"] = _written(state["context_bl"], emitted_bk1, state["prompt_len"] + state["length_b"],
+        new["context_bl"] = written(state["context_bl"], emitted_bk1, state["prompt_len"] + state["length_b"],
                                      count_b)
     return new
 
 
-def _written(rows_bl: jax.Array, new_bk: jax.Array, at_b: jax.Array, count_b: jax.Array) -> jax.Array:
-    """`rows_bl` with each row's first `count_b` new values written from position `at_b` (past the end: dropped)."""
+def written(rows_zl: jax.Array, new_bk: jax.Array, at_b: jax.Array, count_b: jax.Array) -> jax.Array:
+    """`rows_zl` with its first b rows' first `count_b` new values [b, k] written from position `at_b` (past the
+    end: dropped); the other rows (a server's idle slots) as they are."""
     index_k = jnp.arange(new_bk.shape[1])
-    at_bk = jnp.where(index_k < count_b[:, None], at_b[:, None] + index_k, rows_bl.shape[1])
-    rows_bk = jnp.broadcast_to(jnp.arange(rows_bl.shape[0])[:, None], at_bk.shape)
-    return rows_bl.at[rows_bk, at_bk].set(new_bk.astype(rows_bl.dtype), mode="drop")
+    at_bk = jnp.where(index_k < count_b[:, None], at_b[:, None] + index_k, rows_zl.shape[1])
+    rows_bk = jnp.broadcast_to(jnp.arange(new_bk.shape[0])[:, None], at_bk.shape)
+    return rows_zl.at[rows_bk, at_bk].set(new_bk.astype(rows_zl.dtype), mode="drop")
 
 
 def mark_emitted(seen_bv: jax.Array | None, emitted_bk1: jax.Array, count_b: jax.Array) -> jax.Array | None:
@@ -335,4 +336,4 @@ def rolled_back(cache: KVCache, index_b: jax.Array) -> KVCache:
 
 
 __all__ = ["RoundKeys", "Speculation", "check_draft", "decode", "mark_emitted", "prefill", "propose", "rolled_back",
-           "room", "statistics", "verify"]
+           "room", "statistics", "verify", "written"]

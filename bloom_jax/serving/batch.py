@@ -177,10 +177,9 @@ def speculative_step(model: BloomForCausalLM, params, draft_params, slots: KVCac
     keys = speculative.RoundKeys.split(sampling.keys(), speculation.draft_tokens)
     seen_bv = seen[:rows] if features.penalty else None
     index_b = slots.index[:rows]  # where each row's last token goes: its prompt and all but that token are cached
-    rows_b = jnp.arange(rows)
     context, context_len_b, draft_cache = None, None, None
     if speculation.draft is None:
-        drafts = drafts.at[rows_b, index_b].set(token_b, mode="drop")
+        drafts = speculative.written(drafts, token_b[:, None], index_b, jnp.ones_like(index_b))
         context, context_len_b = drafts[:rows], index_b + 1
     else:
         draft_cache = drafts
@@ -192,9 +191,7 @@ def speculative_step(model: BloomForCausalLM, params, draft_params, slots: KVCac
     new_index = slots.index.at[:rows].set(index_b + count_b)
     slots = speculative.rolled_back(slots, new_index)
     if speculation.draft is None:
-        at_bk1 = jnp.where(jnp.arange(emitted_bk1.shape[1]) < count_b[:, None], index_b[:, None] + 1 + jnp.arange(
-            emitted_bk1.shape[1]), drafts.shape[1])
-        drafts = drafts.at[rows_b[:, None], at_bk1].set(emitted_bk1, mode="drop")
+        drafts = speculative.written(drafts, emitted_bk1, index_b + 1, count_b)
     else:
         drafts = speculative.rolled_back(draft_cache, draft_cache.index.at[:rows].set(index_b + count_b))
     if features.penalty:
