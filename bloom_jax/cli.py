@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from bloom_jax.checkpoints import read_side_file
     from bloom_jax.serving.app import Server, serve
     from bloom_jax.chat import ChatTemplate
-    from bloom_jax.serving.engine import Engine
+    from bloom_jax.serving.engine import Engine, EngineStopped
 
     api_key = args.api_key or os.environ.get("BLOOM_JAX_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -238,8 +238,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     chunk=args.prefill_chunk, prefill_tokens=args.prefill_batch_tokens)
     log.info(f"compiling ({args.max_slots} slots of {args.max_length} positions: a KV cache of "
              f"{engine.cache_bytes / 2**30:.2f} GiB)")
-    engine.warm_up()  # and starts it
-    server = Server(engine, args.served_model_name or str(args.checkpoint), template, api_key)
+    try:
+        engine.warm_up()  # and starts it
+    except EngineStopped as e:
+        raise RunFailed(f"the engine failed to start: {e}") from None
+    server = Server(engine, args.served_model_name or str(args.checkpoint), template, api_key, args.max_prompts)
     serve(server, args.host, args.port, on_ready=lambda url: log.info(f"serving {server.limits.model} at {url}"))
 
 
@@ -479,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longer prompts are prefilled this many tokens at a time, between decode steps")
     p.add_argument("--prefill-batch-tokens", type=_positive_int, default=256,
                    help="waiting prompts are prefilled together up to this many (padded) tokens")
+    p.add_argument("--max-prompts", type=_positive_int, default=64,
+                   help="prompts one completions request may hold (each is queued as a request of its own)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: CHECKPOINT)")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (a file, or its text) for /v1/chat/completions (default: the "

@@ -32,7 +32,7 @@ from bloom_jax.errors import BloomJaxError
 from bloom_jax.kernels import Kernels
 from bloom_jax.lora import fold, merge_trees, split_adapters
 from bloom_jax.model import BloomForCausalLM, stack_layers, unstack_layers
-from bloom_jax.sampling import Sampling, choose, mark_seen, seen_tokens
+from bloom_jax.sampling import Sampling, choose, mark_seen, seed_key, seen_tokens
 from bloom_jax.sharding import ShardingPlan
 from bloom_jax.tokenizer import left_pad
 from bloom_jax.weights import to_decode_weights
@@ -397,7 +397,7 @@ class Generator:
                                              room, sampling, seed, streaming)
             return
         with self.sharding_context(batch):
-            state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
+            state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, seed_key(seed), eos_k,
                             self.pad_token_id, sampling, room)
         done = ~active_b
         if streaming:
@@ -423,7 +423,7 @@ class Generator:
         spec, batch = self.speculation, len(active_b)
         draft_params = None if self.draft is None else self.draft.params
         with self.sharding_context(batch):
-            state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, jax.random.key(seed), eos_k,
+            state = prefill(self.model, self.params, ids_bs, mask_bs, active_b, seed_key(seed), eos_k,
                             self.pad_token_id, sampling, room, speculative.room(room, spec))
             state = speculative.prefill(draft_params, state, ids_bs, mask_bs, spec)
         if streaming:

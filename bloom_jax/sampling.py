@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bloom_jax import kernels as ops
 from bloom_jax.errors import BloomJaxError
@@ -59,6 +60,17 @@ class Sampling:
         """The steps these settings need."""
         sample = not self.greedy
         return Features(sample, sample and self.top_k > 0, sample and self.top_p < 1.0, self.repetition_penalty != 1.0)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key (threefry) of a seed anywhere in the 64-bit range, signed or unsigned (a negative seed as its
+    two's complement): its high and low 32 bits are the key's data, as `jax.random.key` makes it with 64-bit
+    integers enabled. Without them `jax.random.key` keeps only the low 32 bits (2**32 would draw as 0); for
+    0 <= seed < 2**31 both give the same key."""
+    if not -2**63 <= seed < 2**64:
+        raise BloomJaxError(f"a seed must be a 64-bit integer, got {seed}")
+    seed %= 2**64
+    return jax.random.wrap_key_data(np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")
 
 
 class RowSampling(NamedTuple):
@@ -175,4 +187,4 @@ def mark_seen(seen_bv: jax.Array | None, ids_bs: jax.Array, rows_b: jax.Array | 
 
 
 __all__ = ["Features", "RowSampling", "Sampling", "choose", "gumbel_noise", "mark_seen", "penalised",
-           "process_logits", "seen_tokens", "truncated"]
+           "process_logits", "seed_key", "seen_tokens", "truncated"]

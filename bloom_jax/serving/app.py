@@ -3,9 +3,12 @@
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON, or server-sent events with `stream`),
 `GET /v1/models`, `GET /health` and `GET /metrics` (Prometheus). With an API key, every route but `/health` wants
 `Authorization: Bearer KEY`. Every refusal is a 4xx with OpenAI's error body; a full queue is a 429 with
-`Retry-After`, a failed engine a 503.
+`Retry-After`. A request the engine fails is a 500 (its own work raised) or a 503 with `Retry-After` (a device call
+it was in failed, or the engine stopped); in a stream, whose status is sent, an error event ends it.
 
-The routes run on the web server's event loop and only queue work: the engine's thread calls back with each event
+The routes run on the web server's event loop and only queue work. A body is read in pieces up to
+`MAX_BODY_BYTES` (a larger `Content-Length` is refused unread), then parsed, checked and tokenized on a small thread
+pool, so that a large body never holds up the other streams. The engine's thread calls back with each event
 (`loop.call_soon_threadsafe`), and a client that goes away (a closed stream, or a dropped connection while it waits
 for a whole response) cancels its requests, which frees their slots at the engine's next turn.
 """
@@ -13,6 +16,7 @@ for a whole response) cancels its requests, which frees their slots at the engin
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hmac
@@ -23,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from bloom_jax.errors import BloomJaxError
+from bloom_jax.errors import BloomJaxError, RunFailed, one_line
 from bloom_jax.serving import protocol
 from bloom_jax.chat import ChatTemplate
 from bloom_jax.serving.engine import (
@@ -42,7 +46,9 @@ from bloom_jax.serving.protocol import ApiError, Params
 log = logging.getLogger("bloom_jax.serving")
 
 MAX_BODY_BYTES = 8 << 20  # a request body beyond this is refused (413): prompts of a 2048-token model fit 100x over
+BODY_TIMEOUT_S = 60  # a body still arriving after this is refused (408): a slow sender holds no connection forever
 RETRY_AFTER_S = 1
+PREPARE_THREADS = 2  # bodies parsed, checked and tokenized at once, off the event loop
 
 
 class _Choice:
@@ -90,28 +96,55 @@ class _Run:
             request.cancel()
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, object]]:
-        """(choice index, event) until every choice has finished; a failed engine raises `ApiError` 503."""
+        """(choice index, event) until every choice has finished. A failed request raises `ApiError` (500 for a
+        fault of its own, 503 otherwise: `_failure`) after cancelling the run's other prompts."""
         left = len(self.requests) * self.params.n
         while left:
             prompt, event = await self.events.get()
             if isinstance(event, Failed):
-                raise ApiError(503, event.message, type="server_error", code="engine_failed")
+                self.cancel()
+                raise _failure(event)
             index = prompt * self.params.n + (0 if isinstance(event, PromptScored) else event.choice)
             yield index, event
             left -= isinstance(event, Finished)
 
 
+def _failure(event: Failed) -> ApiError:
+    """The HTTP error of a request the engine failed."""
+    if event.kind == "request":
+        return ApiError(500, event.message, type="server_error", code="request_failed")
+    return ApiError(503, event.message, type="server_error",
+                    code="step_failed" if event.kind == "step" else "engine_stopped",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _parse_json(body: bytes) -> dict:
+    """A request body as a JSON object, or a 400."""
+    try:
+        parsed = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise ApiError(400, f"the request body is not valid JSON: {one_line(e)}") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return parsed
+
+
 class Server:
-    """The routes of one served model. `api_key` None: no key asked."""
+    """The routes of one served model. `api_key` None: no key asked; `max_prompts`: prompts one completions
+    request may hold."""
 
     def __init__(self, engine: Engine, model_name: str, chat_template: ChatTemplate | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, max_prompts: int = 64):
         tokenizer = engine.generator.tokenizer
         if tokenizer is None:
             raise BloomJaxError("the checkpoint has no tokenizer.json: the server needs one to read and write text")
         self.engine, self.tokenizer, self.chat_template, self.api_key = engine, tokenizer, chat_template, api_key
+        longest_token = max(len(token.encode()) for token in tokenizer.tokenizer.get_vocab(with_added_tokens=True))
         self.limits = protocol.Limits(model_name, engine.model.config.vocab_size, engine.max_length,
-                                      engine.max_slots)
+                                      engine.max_slots, min(max_prompts, engine.max_queue), longest_token)
+        self._prepare = concurrent.futures.ThreadPoolExecutor(PREPARE_THREADS, "bloom-jax-prepare")
         self.metrics = engine.metrics or Metrics(lambda: engine.queue_depth, lambda: engine.busy_slots,
                                                  engine.max_slots,
                                                  engine.speculation.draft_tokens if engine.speculation else 0)
@@ -140,12 +173,18 @@ class Server:
 
         @functools.wraps(handler)
         async def route(request):
+            from starlette.requests import ClientDisconnect
+            from starlette.responses import Response
+
             try:
                 if auth:
                     self._authorize(request)
                 response = await handler(request)
             except ApiError as e:
                 response = JSONResponse(e.body(), e.status, headers=e.headers)
+            except ClientDisconnect:  # gone before its body was read: nobody to answer
+                log.debug(f"{name}: the client went away while sending its request")
+                response = Response(status_code=499)
             except Exception:
                 log.exception(f"{name} failed")
                 response = JSONResponse(ApiError(500, "internal error (see the server's log)",
@@ -173,19 +212,31 @@ class Server:
         return JSONResponse(error.body(), status)
 
     async def _body(self, request) -> dict:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB")
+        """The body as a JSON object: read a piece at a time while it stays within `MAX_BODY_BYTES` (a declared
+        larger one is refused unread) and `BODY_TIMEOUT_S`, parsed off the event loop."""
+        too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
+        pieces, size = [], 0
         try:
-            parsed = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(parsed, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return parsed
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                async for piece in request.stream():
+                    size += len(piece)
+                    if size > MAX_BODY_BYTES:
+                        raise too_big
+                    pieces.append(piece)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s") from None
+        return await self._off_loop(_parse_json, b"".join(pieces))
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    async def _off_loop(self, function, *args):
+        """`function(*args)` on the preparing threads (parsing, checking, rendering and tokenizing a body)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, function, *args)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch lets go of the GIL while it tokenizes (encode does not): the event loop runs meanwhile.
+        return [e.ids for e in self.tokenizer.tokenizer.encode_batch(texts)]
 
     @functools.lru_cache(maxsize=1 << 16)
     def _token(self, token_id: int) -> str:
@@ -237,8 +288,12 @@ class Server:
                 async for chunk in chunks:
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                 yield "data: [DONE]\n\n"
-            except ApiError as e:  # the engine failed mid-stream: the status is sent, the error goes in the stream
+            except ApiError as e:  # the request failed mid-stream: the status is sent, the error goes in the stream
                 yield f"data: {json.dumps(e.body())}\n\n"
+            except Exception:
+                log.exception("a stream failed")
+                error = ApiError(500, "internal error (see the server's log)", type="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
             finally:
                 run.cancel()  # the client went away (or all is done: then it changes nothing)
 
@@ -254,7 +309,8 @@ class Server:
     async def completions(self, request):
         from starlette.responses import JSONResponse
 
-        params = protocol.completion_params(await self._body(request), self.limits, self._encode)
+        params = await self._off_loop(protocol.completion_params, await self._body(request), self.limits,
+                                      self._encode)
         run = _Run(self.engine, params)
         request_id, created = protocol.new_id("cmpl"), int(time.time())
         if params.stream:
@@ -323,17 +379,7 @@ class Server:
     async def chat(self, request):
         from starlette.responses import JSONResponse
 
-        body = await self._body(request)
-        protocol.check_model(body, self.limits)
-        messages = protocol.chat_messages(body)
-        if self.chat_template is None:
-            raise ApiError(400, "this model has no chat template: start the server with --chat-template FILE, or "
-                                "use /v1/completions", code="no_chat_template")
-        try:
-            prompt = self.chat_template.render(messages)
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
-        params = protocol.chat_params(body, self.limits, self._encode(prompt), prompt)
+        params = await self._off_loop(self._chat_params, await self._body(request))
         run = _Run(self.engine, params)
         request_id, created = protocol.new_id("chatcmpl"), int(time.time())
         if params.stream:
@@ -345,6 +391,23 @@ class Server:
         use = protocol.usage(len(params.prompt_ids[0]), sum(len(c.ids) for c in made))
         return JSONResponse(protocol.envelope("chat.completion", request_id, self.limits.model, choices, created,
                                               use))
+
+    def _chat_params(self, body: dict) -> Params:
+        """A chat body checked, its messages rendered by the template and tokenized."""
+        protocol.check_model(body, self.limits)
+        messages = protocol.chat_messages(body)
+        if self.chat_template is None:
+            raise ApiError(400, "this model has no chat template: start the server with --chat-template FILE, or "
+                                "use /v1/completions", code="no_chat_template")
+        try:
+            prompt = self.chat_template.render(messages)
+        except ValueError as e:  # the template refused them (raise_exception)
+            raise ApiError(400, one_line(e), "messages") from None
+        except Exception as e:  # a template that meets fields it did not expect (the messages are all that vary)
+            raise ApiError(400, f"the chat template cannot render these messages: {type(e).__name__}: "
+                                f"{one_line(e)}", "messages") from None
+        return protocol.chat_params(body, self.limits, protocol.chat_prompt(prompt, self.limits, self._encode),
+                                    prompt)
 
     def _chat_logprobs(self, choice: _Choice) -> dict:
         return protocol.chat_logprobs([self._token(t) for t in choice.ids], choice.logprobs,
@@ -438,7 +501,9 @@ class ServerThread:
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, on_ready: Callable[[str], None] | None = None,
           log_level: str = "info") -> None:
-    """Runs the server in this thread until SIGINT or SIGTERM, then stops its engine."""
+    """Runs the server in this thread until SIGINT or SIGTERM, then stops its engine. If the engine stops for good
+    (`Engine.on_failure`), the server shuts down too and this raises `RunFailed` (a non-zero exit, so that a
+    supervisor restarts the process)."""
     import uvicorn
 
     # The engine thread wants the GIL back after each decode step; at Python's default 5 ms switch interval the web
@@ -456,10 +521,19 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, on_ready: C
                 on_ready(f"http://{bound[0]}:{bound[1]}")
 
         uv.startup = announce
+
+    def engine_failed(message: str) -> None:
+        log.error(f"{message}: shutting down")
+        uv.should_exit = True
+
+    server.engine.on_failure = engine_failed
     try:
-        uv.run()
+        if server.engine.failure is None:
+            uv.run()
     finally:
         server.engine.stop()
+    if server.engine.failure is not None:
+        raise RunFailed(f"{server.engine.failure}; the server stopped")
 
 
 __all__ = ["Server", "ServerThread", "serve"]

@@ -9,11 +9,21 @@ on HTTP. Each turn of the engine's loop:
    each with its own sampling, stop strings and token budget, and frees the slot of each sequence that ends.
 
 A request with `n` choices is prefilled once and copied into n slots.
+
+Faults stay with what they touch. An exception in one request's own host work (its sampling settings, its text,
+its stop strings, its callback) fails that request alone (`Failed`, kind "request"); an exception in a device call
+(an out-of-memory prefill or step) fails the requests in that call (kind "step"), and when the call had taken the
+slots' buffers (they are donated to each step) every running request with them, and the slots are made anew. The
+engine stops for good (kind "engine") only when it cannot go on: the slots cannot be made anew, the decode step
+failed `MAX_STEP_FAILURES` times in a row, or its own bookkeeping failed; `on_failure` is then called (the server
+exits so that a supervisor restarts it). Every request it accepted gets a `Finished` for each choice or one
+`Failed`, also when the engine stops.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import heapq
 import logging
@@ -25,8 +35,9 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from bloom_jax.errors import one_line
 from bloom_jax.generate import Generator, bucket
-from bloom_jax.sampling import Features, RowSampling
+from bloom_jax.sampling import Features, RowSampling, seed_key
 from bloom_jax.serving import batch as device
 from bloom_jax.tokenizer import left_pad
 
@@ -41,6 +52,11 @@ class EngineStopped(Exception):
     """The engine is not running (stopped, or failed: `Engine.failure` says why)."""
 
 
+# Decode steps failed in a row (no step between them went through) before the engine gives up: a step's memory is
+# the same whatever the requests (the slots are preallocated), so a step that keeps failing is a device that does.
+MAX_STEP_FAILURES = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """A request's sampling: temperature 0 is greedy; `seed` None draws one."""
@@ -51,8 +67,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
 
+    def check(self, vocab_size: int) -> None:
+        """Raises ValueError for settings the engine cannot run (the server's protocol refuses them first)."""
+        if not (0 <= self.temperature <= 100 and 0 < self.top_p <= 1 and 0 <= self.top_k <= vocab_size
+                and 0 < self.repetition_penalty <= 100):
+            raise ValueError(f"sampling settings out of range: {self}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise ValueError(f"the seed {self.seed} is not a 64-bit integer")
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(eq=False)  # a request is itself (the engine finds it in its queue by identity)
 class Request:
     """One prompt's generation with `n` choices. `logprobs`: the number of alternatives returned with each new
     token's log-probability (None: no log-probabilities); `prompt_logprobs` the same for the prompt's tokens (the
@@ -69,10 +93,26 @@ class Request:
     ignore_eos: bool = False
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    failed: bool = False  # the engine sent it `Failed` (or its callback raised): nothing more comes
 
     def cancel(self) -> None:
         """Frees the request's slots at the engine's next turn (its client went away)."""
         self.cancelled.set()
+
+    def check(self, vocab_size: int, max_length: int, max_slots: int) -> None:
+        """Raises ValueError for a request the engine cannot run: an empty prompt or ids out of the vocabulary, a
+        prompt and budget beyond `max_length`, n beyond the slots, settings out of range."""
+        ids = self.prompt_ids
+        if not ids or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"a prompt must be 1 or more token ids in [0, {vocab_size})")
+        if not 0 <= self.max_tokens or len(ids) + self.max_tokens > max_length:
+            raise ValueError(f"{len(ids)} prompt tokens and {self.max_tokens} new ones are beyond {max_length}")
+        if not 1 <= self.n <= max_slots:
+            raise ValueError(f"n must be between 1 and {max_slots}, got {self.n}")
+        for top in (self.logprobs, self.prompt_logprobs):
+            if top is not None and not 0 <= top <= device.TOP_LOGPROBS:
+                raise ValueError(f"at most {device.TOP_LOGPROBS} alternatives per token, got {top}")
+        self.sampling.check(vocab_size)
 
 
 @dataclasses.dataclass
@@ -107,9 +147,13 @@ class Finished:
 
 @dataclasses.dataclass
 class Failed:
-    """The engine failed while running the request (a device error, not the request's fault)."""
+    """The request failed, all its choices (nothing more comes for it). `kind`: "request" when its own work raised
+    (a bug the request met: the others go on), "step" when a device call it was in failed (out of memory: it may
+    go through when tried again), "engine" when the engine stopped (failed for good, or the server is shutting
+    down)."""
 
     message: str
+    kind: str = "engine"
 
 
 Event = PromptScored | Token | Finished | Failed
@@ -148,7 +192,8 @@ class _Prefill:
 
 class Engine:
     """Serves a `Generator`'s model with `max_slots` decode slots of `max_length` positions (prompt plus new
-    tokens) and a queue of at most `max_queue` waiting requests. `start()` runs its loop on a thread.
+    tokens) and a queue of at most `max_queue` waiting requests. `start()` runs its loop on a thread;
+    `on_failure(message)` is called from it if the engine stops for good.
 
     Prompts longer than `chunk` tokens are prefilled a chunk per turn; shorter ones together while the padded
     batch (rows and length rounded up to powers of two) holds at most `prefill_tokens` tokens. A prefill is
@@ -156,41 +201,51 @@ class Engine:
     bloom-560m prefills 1 x 64 tokens in 0.17 s, 4 x 64 in 0.6 s, 16 x 64 in 4.4 s."""
 
     def __init__(self, generator: Generator, max_slots: int = 8, max_length: int = 1024, max_queue: int = 256,
-                 chunk: int = 512, prefill_tokens: int = 256, metrics=None):
+                 chunk: int = 512, prefill_tokens: int = 256, metrics=None,
+                 on_failure: Callable[[str], None] | None = None):
         self.generator = generator
         self.model, self.params = generator.model, generator.params
         self.max_slots, self.max_length, self.max_queue = max_slots, max_length, max_queue
         self.chunk, self.prefill_tokens = chunk, prefill_tokens
         self.metrics = metrics
+        self.on_failure = on_failure
         self.pad = generator.pad_token_id
         self.eos = frozenset(generator.eos_token_ids)
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
+        self._closed = False  # under the lock: no request is taken any more (stopped or failed)
         self._wake = threading.Event()
         self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps busy slots low
         self._running: dict[int, _Sequence] = {}
         self._prefill: _Prefill | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._step_failures = 0  # decode steps failed since the last that went through
         self.failure: str | None = None
         # Speculative decoding: each step a round of K drafts per slot, verified at once (`bloom_jax.speculative`);
         # a round writes K + 1 positions, so the slots have that many past max_length.
         self.speculation = generator.speculation
         self._draft = generator.draft
         self._draft_params = None if self._draft is None else self._draft.params
-        length = max_length if self.speculation is None else max_length + self.speculation.draft_tokens + 1
-        with self._context(max_slots):
-            self._slots, self._seen = device.new_slots(self.model, max_slots, length)
-            self._drafts = None if self.speculation is None else device.new_drafts(self.speculation, max_slots,
+        self._new_slots()
+
+    def _new_slots(self) -> None:
+        """The slots' cache, seen-token marks and draft state, empty."""
+        length = self.max_length if self.speculation is None else self.max_length + self.speculation.draft_tokens + 1
+        with self._context(self.max_slots):
+            self._slots, self._seen = device.new_slots(self.model, self.max_slots, length)
+            self._drafts = None if self.speculation is None else device.new_drafts(self.speculation, self.max_slots,
                                                                                    length)
 
     # -- the web side ---------------------------------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
-        """Queues a request (checked by the caller: its prompt and budget fit `max_length`, n <= `max_slots`)."""
-        if self.failure is not None or self._stop.is_set():
-            raise EngineStopped(self.failure or "the engine is stopped")
+        """Queues a request. Raises ValueError for one the engine cannot run (`Request.check`: the server's
+        protocol refuses those first), `QueueFull`, or `EngineStopped`."""
+        request.check(self.model.config.vocab_size, self.max_length, self.max_slots)
         with self._lock:
+            if self._closed or self._stop.is_set():
+                raise EngineStopped(self.failure or "the engine is stopped")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
             self._waiting.append(request)
@@ -204,7 +259,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting) + (len(self._prefill.requests) if self._prefill else 0)
+        prefill = self._prefill
+        return len(self._waiting) + (len(prefill.requests) if prefill else 0)
 
     @property
     def busy_slots(self) -> int:
@@ -229,7 +285,7 @@ class Engine:
         rows = 1
         while True:
             rows = min(rows, self.max_slots)
-            sampling, features = self._row_sampling([None] * rows)
+            sampling, features, _ = self._row_sampling([None] * rows)
             choice = self._step(np.full(rows, self.pad, np.int32), sampling, features, False)
             if rows == self.max_slots:
                 break
@@ -239,7 +295,7 @@ class Engine:
             while group <= min(max_group, self.max_slots) and group * length <= self.prefill_tokens:
                 ids_bs = np.full((group, length), self.pad, np.int32)
                 slots = np.arange(group, dtype=np.int32)
-                sampling, features = self._row_sampling([None] * group)
+                sampling, features, _ = self._row_sampling([None] * group)
                 with self._context(group):
                     cache = device.new_prefill_cache(self.model, group, length)
                     cache, last, *_ = device.prefill_chunk(self.model, self.params, cache, ids_bs,
@@ -274,39 +330,136 @@ class Engine:
             raise EngineStopped(failed[0])
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stops the loop at its next turn; every request not finished by then gets `Failed`."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self._close("the server is shutting down")
 
     # -- the engine thread ----------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._drop_cancelled()
-                worked = False
-                # Prefills first: every waiting prompt that fits is prefilled before the next decode step (a decode
-                # step between two prefills would delay the second's first token by a step), except that a long
-                # prompt's chunks alternate with decode steps.
-                while self._prefill_some():
-                    worked = True
-                    if self._prefill is not None or not self._waiting:
-                        break
-                if self._running:
-                    self._decode()
-                    worked = True
-            except Exception as e:  # a device or program error: fail everything, refuse new work
-                log.exception("the engine failed")
-                self.failure = f"the engine failed: {type(e).__name__}: {e}"
-                self._fail_all()
-                return
-            if not worked:
-                self._wake.wait(0.05)
-                self._wake.clear()
+        reason = "the server is shutting down"
+        try:
+            while not self._stop.is_set():
+                try:
+                    worked = self._turn()
+                except _StepFailed:  # its requests are failed and the slots sound again: go on
+                    continue
+                if not worked:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except Exception as e:  # the engine cannot go on: fail everything, refuse new work
+            log.exception("the engine failed")
+            self.failure = reason = f"the engine failed: {e}" if isinstance(e, _EngineFailure) else (
+                f"the engine failed: {type(e).__name__}: {one_line(e)}")
+        finally:
+            self._close(reason)
+        if self.failure is not None and self.on_failure is not None:
+            self.on_failure(self.failure)
+
+    def _turn(self) -> bool:
+        """One turn of the loop (the module's docstring); False when there was nothing to do."""
+        self._drop_cancelled()
+        worked = False
+        # Prefills first: every waiting prompt that fits is prefilled before the next decode step (a decode step
+        # between two prefills would delay the second's first token by a step), except that a long prompt's chunks
+        # alternate with decode steps.
+        while self._prefill_some():
+            worked = True
+            if self._prefill is not None or not self._waiting:
+                break
+        if self._running:
+            self._decode()
+            worked = True
+        return worked
 
     def _context(self, batch: int):
         return self.generator.sharding_context(batch)
+
+    @contextlib.contextmanager
+    def _device_call(self, requests: Sequence[Request], what: str, decode: bool = False):
+        """Runs device work for `requests` (its results made ready inside the block, where an error at run time
+        shows). An exception fails them (kind "step"), and, if the slots' buffers went with the failed call, every
+        running request too and the slots are made anew; then raises `_StepFailed`. Raises `_EngineFailure` when
+        that cannot be done, or when the decode step has failed `MAX_STEP_FAILURES` times in a row."""
+        try:
+            yield
+        except Exception as e:
+            log.exception(f"{what} failed")
+            message = f"{what} failed: {type(e).__name__}: {one_line(e)}"
+            for request in list(requests):
+                self._fail(request, message, "step")
+            self._make_slots_sound(message)
+            if decode:
+                self._step_failures += 1
+                if self._step_failures >= MAX_STEP_FAILURES:
+                    raise _EngineFailure(f"{MAX_STEP_FAILURES} decode steps failed in a row; the last: "
+                                         f"{message}") from None
+            raise _StepFailed from None
+        if decode:
+            self._step_failures = 0
+
+    def _make_slots_sound(self, message: str) -> None:
+        """After a failed device call: if it took the slots' buffers with it (each step donates them), fails
+        every running request and makes the slots anew."""
+        buffers = jax.tree.leaves((self._slots, self._seen, self._drafts))
+        if not any(buffer.is_deleted() for buffer in buffers):
+            return
+        for request in self._running_requests():
+            self._fail(request, message, "step")
+        try:
+            self._new_slots()
+        except Exception as e:
+            raise _EngineFailure(f"the slots could not be made anew after {message} "
+                                 f"({type(e).__name__}: {one_line(e)})") from None
+        log.warning("the slots were made anew")
+
+    def _running_requests(self) -> list[Request]:
+        return list({id(s.request): s.request for s in self._running.values()}.values())
+
+    def _emit(self, request: Request, event: Event) -> None:
+        """Hands a request an event (none after its `Failed`); a callback that raises cancels its request."""
+        if request.failed and not isinstance(event, Failed):
+            return
+        try:
+            request.on_event(event)
+        except Exception:
+            log.exception("a request's event callback failed: the request is cancelled")
+            request.failed = True  # the callback is not called again
+            request.cancel()
+
+    def _fail(self, request: Request, message: str, kind: str) -> None:
+        """Ends a request with `Failed` (once): out of the queue, its slots freed."""
+        if request.failed:
+            return
+        request.failed = True
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(request)
+        for seq in [s for s in self._running.values() if s.request is request]:
+            self._release(seq)
+        if self.metrics:
+            self.metrics.failed_requests.labels(kind).inc()
+        self._emit(request, Failed(message, kind))
+
+    def _request_failed(self, request: Request, error: Exception) -> None:
+        """A request's own host work raised: it fails alone."""
+        log.exception("a request failed")
+        self._fail(request, f"an internal error while running this request: {type(error).__name__}: "
+                            f"{one_line(error)}", "request")
+
+    def _close(self, reason: str) -> None:
+        """Takes no more requests and fails every one not finished (`reason` says why)."""
+        with self._lock:
+            self._closed = True
+            requests = list(self._waiting)
+        prefill, self._prefill = self._prefill, None
+        requests += (prefill.requests if prefill else []) + self._running_requests()
+        for request in requests:
+            self._fail(request, reason, "engine")
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -315,17 +468,9 @@ class Engine:
                 self._waiting.remove(request)
         for request in dropped:
             for choice in range(request.n):
-                request.on_event(Finished(choice, "cancelled"))
+                self._emit(request, Finished(choice, "cancelled"))
         for seq in [s for s in self._running.values() if s.request.cancelled.is_set()]:
             self._finish(seq, "cancelled")
-
-    def _fail_all(self) -> None:
-        with self._lock:
-            requests = list(self._waiting) + (self._prefill.requests if self._prefill else [])
-            self._waiting.clear()
-        requests += list({id(s.request): s.request for s in self._running.values()}.values())
-        for request in requests:
-            request.on_event(Failed(self.failure or "the engine failed"))
 
     # -- prefill --------------------------------------------------------------------------------------------------
 
@@ -340,14 +485,17 @@ class Engine:
             rows = bucket(len(group), 1)
             ids_bs, mask_bs = left_pad([r.prompt_ids for r in group] + [[self.pad]] * (rows - len(group)), padded,
                                        self.pad)
-            with self._context(rows):
-                cache = device.new_prefill_cache(self.model, rows, padded)
-                draft_cache = self._new_draft_prefill(rows, padded)
             next_ids_bs = np.concatenate([ids_bs[:, 1:], ids_bs[:, :1]], axis=1)
-            self._prefill = _Prefill(group, ids_bs, mask_bs, cache, next_ids_bs, draft_cache=draft_cache)
-        self._prefill_chunk(self._prefill)
-        if self._prefill.done == self._prefill.ids_bs.shape[1]:
-            prefill, self._prefill = self._prefill, None
+            self._prefill = _Prefill(group, ids_bs, mask_bs, None, next_ids_bs)
+        prefill = self._prefill
+        try:
+            with self._device_call(prefill.requests, "a prefill"):
+                self._prefill_chunk(prefill)
+        except _StepFailed:
+            self._prefill = None
+            raise
+        if prefill.done == prefill.ids_bs.shape[1]:
+            self._prefill = None
             self._start(prefill)
         return True
 
@@ -357,13 +505,12 @@ class Engine:
         than a chunk goes alone."""
         group: list[Request] = []
         free = len(self._free)
+        nothing_to_do = []
         with self._lock:
             while self._waiting:
                 request = self._waiting[0]
                 if request.max_tokens == 0 and request.prompt_logprobs is None:  # nothing to compute
-                    self._waiting.popleft()
-                    for choice in range(request.n):
-                        request.on_event(Finished(choice, "length"))
+                    nothing_to_do.append(self._waiting.popleft())
                     continue
                 need = request.n if request.max_tokens > 0 else 0
                 length = len(request.prompt_ids)
@@ -376,14 +523,22 @@ class Engine:
                 free -= need
                 if long:
                     break
+        for request in nothing_to_do:
+            for choice in range(request.n):
+                self._emit(request, Finished(choice, "length"))
         return group
 
     def _prefill_chunk(self, prefill: _Prefill) -> None:
+        """The prefill's next chunk (its caches made at the first), its results ready."""
         start = prefill.done
-        width = min(self.chunk, prefill.ids_bs.shape[1] - start)
+        rows, padded = prefill.ids_bs.shape
+        width = min(self.chunk, padded - start)
         scored = any(r.prompt_logprobs is not None for r in prefill.requests)
         stop = start + width
-        with self._context(prefill.ids_bs.shape[0]):
+        with self._context(rows):
+            if prefill.cache is None:
+                prefill.cache = device.new_prefill_cache(self.model, rows, padded)
+                prefill.draft_cache = self._new_draft_prefill(rows, padded)
             prefill.cache, prefill.last_logits, *chunk_scores = device.prefill_chunk(
                 self.model, self.params, prefill.cache, prefill.ids_bs[:, start:stop],
                 prefill.mask_bs[:, start:stop], prefill.next_ids_bs[:, start:stop], scored)
@@ -391,6 +546,7 @@ class Engine:
                                                       prefill.mask_bs[:, start:stop])
         if scored:
             prefill.scored.append([np.asarray(x) for x in chunk_scores])
+        jax.block_until_ready((prefill.cache, prefill.last_logits, prefill.draft_cache))
         prefill.done = stop
 
     def _start(self, prefill: _Prefill) -> None:
@@ -402,60 +558,75 @@ class Engine:
         seqs: list[_Sequence] = []
         rows: list[int] = []
         for row, request in enumerate(prefill.requests):
-            length = len(request.prompt_ids)
-            if request.prompt_logprobs is not None:
-                first = padded - length  # position of the first prompt token; position j scores token j + 1
-                n_top = request.prompt_logprobs
-                request.on_event(PromptScored(
-                    [None] + [float(x) for x in next_bs[row, first:padded - 1]],
-                    [[]] + [list(zip(top_ids_bsk[row, j, :n_top].tolist(), top_lp_bsk[row, j, :n_top].tolist()))
-                            for j in range(first, padded - 1)]))
-            if self.metrics:
-                self.metrics.prompt_tokens.inc(length)
-            if request.max_tokens == 0:
-                for choice in range(request.n):
-                    request.on_event(Finished(choice, "length"))
+            if request.failed:
                 continue
-            for choice in range(request.n):
+            length = len(request.prompt_ids)
+            try:
+                if request.prompt_logprobs is not None:
+                    first = padded - length  # position of the first prompt token; position j scores token j + 1
+                    n_top = request.prompt_logprobs
+                    self._emit(request, PromptScored(
+                        [None] + [float(x) for x in next_bs[row, first:padded - 1]],
+                        [[]] + [list(zip(top_ids_bsk[row, j, :n_top].tolist(), top_lp_bsk[row, j, :n_top].tolist()))
+                                for j in range(first, padded - 1)]))
+                if self.metrics:
+                    self.metrics.prompt_tokens.inc(length)
+                if request.max_tokens == 0:
+                    for choice in range(request.n):
+                        self._emit(request, Finished(choice, "length"))
+                    continue
+                made = [(_key_data(request.sampling, choice), self._text_stream()) for choice in range(request.n)]
+            except Exception as e:
+                self._request_failed(request, e)
+                continue
+            for choice, (key_data, stream) in enumerate(made):
                 slot = heapq.heappop(self._free)
-                with self._context(self.max_slots):
+                seq = _Sequence(request, choice, slot, key_data, stream)
+                self._running[slot] = seq  # from here a failure frees its slot
+                with self._device_call(prefill.requests, "putting a prompt into its slot"), \
+                        self._context(self.max_slots):
                     self._slots, self._seen = device.insert(self._slots, self._seen, prefill.cache, prefill.ids_bs,
                                                             np.int32(row), np.int32(slot), np.int32(length))
                     self._insert_draft(prefill.draft_cache, prefill.ids_bs, row, slot, length)
-                seqs.append(_Sequence(request, choice, slot, _key_data(request.sampling, choice),
-                                      self.generator.tokenizer.stream() if self.generator.tokenizer else None))
+                seqs.append(seq)
                 rows.append(row)
         if not seqs:
             return
+        self._row_sampling(seqs)  # a request whose settings cannot be read fails here, its slots freed
+        kept = [(seq, row) for seq, row in zip(seqs, rows) if self._running.get(seq.slot) is seq]
+        if not kept:
+            return
+        seqs, rows = (list(x) for x in zip(*kept))
         # Padded to a bucket by repeating the last choice: a compiled shape per bucket, not per count.
         padded = [*seqs, *[seqs[-1]] * (bucket(len(seqs), 1) - len(seqs))]
         rows += [rows[-1]] * (len(padded) - len(seqs))
         slots = np.asarray([s.slot for s in padded], np.int32)
-        sampling, features = self._row_sampling(padded)
-        with self._context(len(padded)):
+        sampling, features, _ = self._row_sampling(padded)
+        with self._device_call(prefill.requests, "the first tokens"), self._context(len(padded)):
             choice = device.first_tokens(self.model.resolved_kernels, prefill.last_logits, np.asarray(rows),
                                          self._seen, slots, sampling, features, _wants_top_logprobs(padded))
             if features.penalty:
                 self._seen = device.mark_tokens(self._seen, slots, choice.token)
-        for seq in seqs:
-            self._running[seq.slot] = seq
+            choice = jax.device_get(choice)
         self._deliver(seqs, choice)
 
     # -- decode ---------------------------------------------------------------------------------------------------
 
     def _decode(self) -> None:
         rows = min(self.max_slots, bucket(max(self._running) + 1, 1))
-        seqs = [self._running.get(slot) for slot in range(rows)]
-        token_b = np.asarray([s.last_token if s else self.pad for s in seqs], np.int32)
-        sampling, features = self._row_sampling(seqs)
-        choice = self._step(token_b, sampling, features, _wants_top_logprobs(seqs))
+        sampling, features, seqs = self._row_sampling([self._running.get(slot) for slot in range(rows)])
         busy = [s for s in seqs if s is not None]
+        if not busy:  # every running request failed while its settings were read
+            return
+        token_b = np.asarray([s.last_token if s else self.pad for s in seqs], np.int32)
+        with self._device_call(self._running_requests(), "a decode step", decode=True):
+            choice = jax.device_get(self._step(token_b, sampling, features, _wants_top_logprobs(seqs)))
         index = np.asarray([s.slot for s in busy])
         if self.speculation is None:
-            self._deliver(busy, device.Choice(*(None if x is None else np.asarray(x)[index] for x in choice)))
+            self._deliver(busy, device.Choice(*(None if x is None else x[index] for x in choice)))
             return
         # A round: each slot's made tokens in order, the j-th of every slot that made that many and still runs.
-        token, count, logprob, top_ids, top_lp = (None if x is None else np.asarray(x)[index] for x in choice)
+        token, count, logprob, top_ids, top_lp = (None if x is None else x[index] for x in choice)
         if self.metrics:
             self.metrics.speculative_step(len(busy) * self.speculation.draft_tokens, count.tolist())
         for j in range(int(count.max())):
@@ -499,65 +670,94 @@ class Engine:
             self._drafts = device.insert_draft(self._drafts, draft_cache, ids_bs, np.int32(row), np.int32(slot),
                                                np.int32(length))
 
-    def _row_sampling(self, seqs: Sequence[_Sequence | None]) -> tuple[RowSampling, Features]:
-        """The per-row settings of these sequences (None: an idle row, greedy) and what they need."""
-        def column(get, dtype, idle):
-            return np.asarray([get(s) if s else idle for s in seqs], dtype)
+    def _text_stream(self):
+        return self.generator.tokenizer.stream() if self.generator.tokenizer else None
 
-        sp = [s.request.sampling if s else None for s in seqs]
-        rows = RowSampling(
-            column(lambda s: s.request.sampling.temperature, np.float32, 0.0),
-            column(lambda s: s.request.sampling.top_k, np.int32, 0),
-            column(lambda s: s.request.sampling.top_p, np.float32, 1.0),
-            column(lambda s: s.request.sampling.repetition_penalty, np.float32, 1.0),
-            np.stack([s.key_data if s else np.zeros(2, np.uint32) for s in seqs]),
-            column(lambda s: s.made, np.int32, 0))
-        sampled = [p for p in sp if p is not None and p.temperature > 0]
+    def _row_sampling(self, seqs: Sequence[_Sequence | None],
+                      ) -> tuple[RowSampling, Features, list[_Sequence | None]]:
+        """The per-row settings of these sequences (None: an idle row, greedy), what they need, and the sequences
+        (those whose settings could not be read are failed, and idle rows here)."""
+        idle = (0.0, 0, 1.0, 1.0, np.zeros(2, np.uint32), 0)
+        values, kept = [], []
+        for seq in seqs:
+            row = idle
+            if seq is not None:
+                try:
+                    p = seq.request.sampling
+                    row = (float(p.temperature), _int32(p.top_k), float(p.top_p), float(p.repetition_penalty),
+                           np.asarray(seq.key_data, np.uint32).reshape(2), _int32(seq.made))
+                except Exception as e:
+                    self._request_failed(seq.request, e)
+                    seq = None
+            values.append(row)
+            kept.append(seq)
+        temperature, top_k, top_p, penalty, key_data, made = zip(*values)
+        rows = RowSampling(np.asarray(temperature, np.float32), np.asarray(top_k, np.int32),
+                           np.asarray(top_p, np.float32), np.asarray(penalty, np.float32), np.stack(key_data),
+                           np.asarray(made, np.int32))
+        live = [seq.request.sampling for seq in kept if seq is not None]
+        sampled = [p for p in live if p.temperature > 0]
         features = Features(
             sample=bool(sampled),
             top_k=any(p.top_k > 0 for p in sampled),
             top_p=any(p.top_p < 1.0 for p in sampled),
-            penalty=any(p is not None and p.repetition_penalty != 1.0 for p in sp))
-        return rows, features
+            penalty=any(p.repetition_penalty != 1.0 for p in live))
+        return rows, features, kept
 
     def _deliver(self, seqs: list[_Sequence], choice: device.Choice) -> None:
-        """Hands each sequence its new token and ends those that are done."""
+        """Hands each sequence its new token and ends those that are done; a sequence whose text handling raises
+        fails its request alone."""
         now = time.monotonic()
         tokens = np.asarray(choice.token).tolist()
         logprobs = np.asarray(choice.logprob).tolist()
         top_ids, top_logprobs = (None, None) if choice.top_ids is None else (
             np.asarray(choice.top_ids).tolist(), np.asarray(choice.top_logprobs).tolist())
         for i, seq in enumerate(seqs):
-            token = tokens[i]
-            request = seq.request
-            if self.metrics:
-                if seq.made == 0:
-                    self.metrics.time_to_first_token.observe(now - request.arrival)
-                else:
-                    self.metrics.time_per_output_token.observe(now - seq.last_time)
-                self.metrics.generation_tokens.inc()
-            seq.made += 1
-            seq.last_token, seq.last_time = token, now
-            top = None
-            if request.logprobs:
-                k = request.logprobs
-                top = list(zip(top_ids[i][:k], top_logprobs[i][:k]))
-            piece = seq.stream.push(token) if seq.stream else ""
-            seq.text += piece
-            ended = token in self.eos and not request.ignore_eos
-            stop_at = _find_stop(seq.text, request.stop, seq.emitted) if request.stop else -1
-            if stop_at >= 0:
-                seq.text = seq.text[:stop_at]
-            elif ended and seq.stream is not None:
-                seq.text += seq.stream.flush()
-            send_to = len(seq.text) if ended or stop_at >= 0 else len(seq.text) - _held(seq.text, request.stop)
-            text, seq.emitted = seq.text[seq.emitted:send_to], max(seq.emitted, send_to)
-            request.on_event(Token(seq.choice, token, text,
-                                   logprobs[i] if request.logprobs is not None else None, top))
-            if ended or stop_at >= 0:
-                self._finish(seq, "stop")
-            elif seq.made >= request.max_tokens:
-                self._finish(seq, "length")
+            if self._running.get(seq.slot) is not seq:  # its request failed meanwhile
+                continue
+            try:
+                self._advance(seq, tokens[i], logprobs[i], top_ids and top_ids[i], top_logprobs and top_logprobs[i],
+                              now)
+            except Exception as e:
+                self._request_failed(seq.request, e)
+
+    def _advance(self, seq: _Sequence, token: int, logprob: float, top_ids: list[int] | None,
+                 top_logprobs: list[float] | None, now: float) -> None:
+        """One new token of a sequence: its text (held back while a stop string may be starting), its event, and
+        its end."""
+        request = seq.request
+        if self.metrics:
+            if seq.made == 0:
+                self.metrics.time_to_first_token.observe(now - request.arrival)
+            else:
+                self.metrics.time_per_output_token.observe(now - seq.last_time)
+            self.metrics.generation_tokens.inc()
+        seq.made += 1
+        seq.last_token, seq.last_time = token, now
+        top = None
+        if request.logprobs:
+            k = request.logprobs
+            top = list(zip(top_ids[:k], top_logprobs[:k]))
+        piece = seq.stream.push(token) if seq.stream else ""
+        seq.text += piece
+        ended = token in self.eos and not request.ignore_eos
+        stop_at = _find_stop(seq.text, request.stop, seq.emitted) if request.stop else -1
+        if stop_at >= 0:
+            seq.text = seq.text[:stop_at]
+        elif ended and seq.stream is not None:
+            seq.text += seq.stream.flush()
+        send_to = len(seq.text) if ended or stop_at >= 0 else len(seq.text) - _held(seq.text, request.stop)
+        text, seq.emitted = seq.text[seq.emitted:send_to], max(seq.emitted, send_to)
+        self._emit(request, Token(seq.choice, token, text, logprob if request.logprobs is not None else None, top))
+        if ended or stop_at >= 0:
+            self._finish(seq, "stop")
+        elif seq.made >= request.max_tokens:
+            self._finish(seq, "length")
+
+    def _release(self, seq: _Sequence) -> None:
+        """Frees a sequence's slot."""
+        del self._running[seq.slot]
+        heapq.heappush(self._free, seq.slot)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         rest = ""
@@ -565,11 +765,25 @@ class Engine:
             if seq.stream is not None:
                 seq.text += seq.stream.flush()
             rest = seq.text[seq.emitted:]
-        del self._running[seq.slot]
-        heapq.heappush(self._free, seq.slot)
+        self._release(seq)
         if self.metrics and reason != "cancelled":
             self.metrics.request_duration.observe(time.monotonic() - seq.request.arrival)
-        seq.request.on_event(Finished(seq.choice, reason, rest))
+        self._emit(seq.request, Finished(seq.choice, reason, rest))
+
+
+class _StepFailed(Exception):
+    """A device call failed and its requests were failed; the engine goes on."""
+
+
+class _EngineFailure(Exception):
+    """The engine cannot go on."""
+
+
+def _int32(value: int) -> int:
+    """`value` if an int32 holds it (a setting that does not is the request's fault: it fails alone)."""
+    if not -2**31 <= value < 2**31:
+        raise OverflowError(f"{value} does not fit an int32")
+    return int(value)
 
 
 def _wants_top_logprobs(seqs: Sequence[_Sequence | None]) -> bool:
@@ -578,12 +792,13 @@ def _wants_top_logprobs(seqs: Sequence[_Sequence | None]) -> bool:
 
 
 def _key_data(sampling: SamplingParams, choice: int) -> np.ndarray:
-    """The sampling key of a request's choice: its seed (or a fresh one) folded with the choice's index; zeros for
-    a greedy request, which draws nothing (no JAX call per request on the way to its first token)."""
+    """The sampling key of a request's choice: its seed (any 64-bit integer, `bloom_jax.sampling.seed_key`; None: a
+    fresh one) folded with the choice's index; zeros for a greedy request, which draws nothing (no JAX call per
+    request on the way to its first token)."""
     if sampling.temperature == 0.0:
         return np.zeros(2, np.uint32)
-    seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), choice)), np.uint32)
+    seed = secrets.randbits(64) if sampling.seed is None else sampling.seed
+    return np.asarray(jax.random.key_data(jax.random.fold_in(seed_key(seed), choice)), np.uint32)
 
 
 def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int:

@@ -22,6 +22,10 @@ class Metrics:
         Gauge("bloom_jax_queue_depth", "requests waiting for a slot", registry=registry).set_function(queue_depth)
         Gauge("bloom_jax_running_slots", "decode slots in use", registry=registry).set_function(busy_slots)
         Gauge("bloom_jax_slots", "decode slots", registry=registry).set(slots)
+        self.failed_requests = Counter("bloom_jax_failed_requests",
+                                       "requests the engine failed, by kind: request (its own work raised), step (a "
+                                       "device call it was in failed), engine (the engine stopped)", ["kind"],
+                                       registry=registry)
         self.prompt_tokens = Counter("bloom_jax_prompt_tokens", "prompt tokens prefilled", registry=registry)
         self.generation_tokens = Counter("bloom_jax_generation_tokens", "tokens generated", registry=registry)
         self.time_to_first_token = Histogram("bloom_jax_time_to_first_token_seconds",

@@ -2,7 +2,9 @@
 the response bodies and stream chunks built from the engine's results.
 
 A mistake in a request is an `ApiError`: a 4xx status with OpenAI's error body (`{"error": {"message", "type",
-"param", "code"}}`), the message one line naming the field. Fields OpenAI defines that a local model cannot honour
+"param", "code"}}`), the message one line naming the field. Every field has a bound (`Limits`, the table in
+docs/serve.md), checked here before anything reaches the engine: a request that passes cannot make the engine do
+more than one request of the server's limits does. Fields OpenAI defines that a local model cannot honour
 (`logit_bias`, `suffix`, presence and frequency penalties) are refused when set, not ignored; unknown fields are
 ignored, as OpenAI's own clients send extras (`extra_body`). bloom-jax's extras: `top_k`, `repetition_penalty`,
 `ignore_eos`.
@@ -19,6 +21,12 @@ from typing import Any
 from bloom_jax.serving.engine import SamplingParams
 
 INT64 = 2**63
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each stop string's length: the engine looks for each one's prefixes after every token
+MAX_LOGPROBS = 5  # alternatives per token in completions (OpenAI's limit; chat allows TOP_LOGPROBS)
+MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs` (OpenAI's limit)
+MAX_MESSAGES = 1024  # a chat's messages
+MAX_MODEL_CHARS = 256  # the `model` field
 
 
 class ApiError(Exception):
@@ -53,12 +61,21 @@ class Params:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What the server can run: its model's name, vocabulary, length limit and slots."""
+    """What the server can run: its model's name, vocabulary, length limit (prompt plus new tokens) and slots,
+    the prompts one request may hold, and the most bytes one token's text has (so that a text that must be too long
+    is refused without tokenizing it)."""
 
     model: str
     vocab_size: int
     max_length: int
     max_slots: int
+    max_prompts: int = 64
+    max_token_bytes: int = 64
+
+    @property
+    def max_text_bytes(self) -> int:
+        """The UTF-8 bytes of the longest text that may still be `max_length` tokens or fewer."""
+        return self.max_length * self.max_token_bytes
 
 
 _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "an array",
@@ -88,7 +105,8 @@ def _show(value: Any) -> str:
 
 
 def check_model(body: dict, limits: Limits) -> None:
-    model = field(body, "model", str, limits.model)
+    model = field(body, "model", str, limits.model, lambda m: len(m) <= MAX_MODEL_CHARS,
+                  f"at most {MAX_MODEL_CHARS} characters")
     if model != limits.model:
         raise ApiError(404, f"the model '{model}' does not exist: this server serves '{limits.model}'", "model",
                        code="model_not_found")
@@ -102,15 +120,17 @@ def _unsupported(body: dict) -> None:
         raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
 
 
-def _sampling(body: dict) -> SamplingParams:
-    top_k = field(body, "top_k", int, 0, lambda k: k >= -1, "-1 or 0 (all tokens) or a positive integer")
+def _sampling(body: dict, limits: Limits) -> SamplingParams:
+    top_k = field(body, "top_k", int, 0, lambda k: -1 <= k <= limits.vocab_size,
+                  f"-1 or 0 (all tokens) or at most the vocabulary, {limits.vocab_size}")
     return SamplingParams(
         temperature=field(body, "temperature", float, 1.0, lambda t: 0 <= t <= 100, "between 0 and 100"),
         top_k=max(top_k, 0),
         top_p=field(body, "top_p", float, 1.0, lambda p: 0 < p <= 1, "in (0, 1]"),
         repetition_penalty=field(body, "repetition_penalty", float, 1.0, lambda r: 0 < r <= 100,
                                  "in (0, 100] (1: none)"),
-        seed=field(body, "seed", int, None, lambda s: -INT64 <= s < INT64, "a 64-bit integer"))
+        seed=field(body, "seed", int, None, lambda s: -INT64 <= s < 2 * INT64,
+                   "a 64-bit integer, signed or unsigned"))
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -118,9 +138,21 @@ def _stop(body: dict) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if stops is None:
         return ()
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise ApiError(400, f"'stop' must be a non-empty string or up to 4 of them, got {_show(stop)}", "stop")
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise ApiError(400, f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or up to "
+                            f"{MAX_STOP_STRINGS} of them, got {_show(stop)}", "stop")
+    for s in stops:
+        _utf8(s, "stop")
     return tuple(stops)
+
+
+def _utf8(text: str, param: str) -> None:
+    """A 400 for a string that is not Unicode text (a lone surrogate escape such as \\ud800, which JSON allows)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' is not valid Unicode text (it holds a lone surrogate)", param) from None
 
 
 def _common(body: dict, limits: Limits) -> dict:
@@ -132,7 +164,7 @@ def _common(body: dict, limits: Limits) -> dict:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
     include_usage = field(options, "include_usage", bool, False) if options else False
     n = field(body, "n", int, 1, lambda n: 1 <= n <= limits.max_slots, f"between 1 and {limits.max_slots}")
-    return dict(n=n, stream=stream, include_usage=include_usage, stop=_stop(body), sampling=_sampling(body),
+    return dict(n=n, stream=stream, include_usage=include_usage, stop=_stop(body), sampling=_sampling(body, limits),
                 ignore_eos=field(body, "ignore_eos", bool, False))
 
 
@@ -146,8 +178,9 @@ def _check_length(prompt_ids: list[list[int]], max_tokens: int, limits: Limits, 
                            "max_tokens" if len(ids) < limits.max_length else param, code="context_length_exceeded")
 
 
-def completion_params(body: dict, limits: Limits, encode: Callable[[str], list[int]]) -> Params:
-    """A /v1/completions body, checked."""
+def completion_params(body: dict, limits: Limits, encode: Callable[[list[str]], list[list[int]]]) -> Params:
+    """A /v1/completions body, checked; `encode` tokenizes its text prompts (all at once), after every bound that
+    can be checked without it has been."""
     common = _common(body, limits)
     if "prompt" not in body:
         raise ApiError(400, "'prompt' is required", "prompt")
@@ -157,21 +190,23 @@ def completion_params(body: dict, limits: Limits, encode: Callable[[str], list[i
     if not isinstance(prompts, list) or not prompts:
         raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array of "
                             f"those, got {_show(body['prompt'])}", "prompt")
-    ids, texts = [], []
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts: this server takes at most "
+                            f"{limits.max_prompts} in one request", "prompt")
     for prompt in prompts:
         if isinstance(prompt, str):
-            ids.append(encode(prompt))
-            texts.append(prompt)
+            _check_text(prompt, limits, "prompt")
         elif isinstance(prompt, list) and _is_ids(prompt):
+            if len(prompt) > limits.max_length:
+                raise _too_long(limits, len(prompt), "prompt")
             if not all(0 <= t < limits.vocab_size for t in prompt):
                 raise ApiError(400, f"'prompt' token ids must be in [0, {limits.vocab_size})", "prompt")
-            ids.append(list(prompt))
-            texts.append(None)
         else:
             raise ApiError(400, f"each 'prompt' must be a string or an array of token ids, got {_show(prompt)}",
                            "prompt")
-    max_tokens = field(body, "max_tokens", int, 16, lambda m: m >= 0, "a non-negative integer")
-    logprobs = field(body, "logprobs", int, None, lambda k: 0 <= k <= 5, "between 0 and 5")
+    max_tokens = field(body, "max_tokens", int, 16, lambda m: 0 <= m <= limits.max_length,
+                       f"between 0 and the length limit, {limits.max_length}")
+    logprobs = field(body, "logprobs", int, None, lambda k: 0 <= k <= MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}")
     echo = field(body, "echo", bool, False)
     if field(body, "suffix", str, None):
         raise ApiError(400, "'suffix' is not supported", "suffix")
@@ -180,8 +215,26 @@ def completion_params(body: dict, limits: Limits, encode: Callable[[str], list[i
         raise ApiError(400, "'best_of' is not supported beyond 'n'", "best_of")
     if max_tokens == 0 and not echo:
         raise ApiError(400, "'max_tokens' is 0: nothing to do without 'echo'", "max_tokens")
+    texts = [p if isinstance(p, str) else None for p in prompts]
+    encoded = iter(encode([t for t in texts if t is not None]) if any(t is not None for t in texts) else [])
+    ids = [next(encoded) if t is not None else list(p) for p, t in zip(prompts, texts)]
     _check_length(ids, max_tokens, limits, "prompt")
     return Params(ids, texts, max_tokens, logprobs=logprobs, echo=echo, **common)
+
+
+def _check_text(text: str, limits: Limits, param: str) -> None:
+    """Refuses a text that is not Unicode, or that has too many bytes to be `max_length` tokens or fewer (before
+    tokenizing it: a text of many megabytes takes the tokenizer seconds)."""
+    _utf8(text, param)
+    if len(text) > limits.max_text_bytes or len(text.encode()) > limits.max_text_bytes:
+        raise ApiError(400, f"a text of {len(text.encode())} bytes is more than this server's length limit of "
+                            f"{limits.max_length} tokens can hold ({limits.max_text_bytes} bytes at most)", param,
+                       code="context_length_exceeded")
+
+
+def _too_long(limits: Limits, tokens: int, param: str) -> ApiError:
+    return ApiError(400, f"this server's length limit is {limits.max_length} tokens; a prompt has {tokens}", param,
+                    code="context_length_exceeded")
 
 
 def _is_ids(value: list) -> bool:
@@ -196,6 +249,9 @@ def chat_messages(body: dict) -> list[dict]:
     messages = field(body, "messages", list, None)
     if not messages:
         raise ApiError(400, "'messages' must be a non-empty array", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"'messages' holds {len(messages)} messages: this server takes at most {MAX_MESSAGES}",
+                       "messages")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -213,15 +269,23 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
+def chat_prompt(prompt: str, limits: Limits, encode: Callable[[list[str]], list[list[int]]]) -> list[int]:
+    """A rendered chat's token ids, the text checked first as a completion's prompt is."""
+    _check_text(prompt, limits, "messages")
+    return encode([prompt])[0]
+
+
 def chat_params(body: dict, limits: Limits, prompt_ids: list[int], prompt: str) -> Params:
     """A /v1/chat/completions body, checked, its messages already rendered into `prompt` (and its ids)."""
     common = _common(body, limits)
     budget = max(limits.max_length - len(prompt_ids), 0)
-    max_tokens = field(body, "max_completion_tokens", int, None, lambda m: m >= 1, "a positive integer")
+    must = f"between 1 and the length limit, {limits.max_length}"
+    max_tokens = field(body, "max_completion_tokens", int, None, lambda m: 1 <= m <= limits.max_length, must)
     if max_tokens is None:
-        max_tokens = field(body, "max_tokens", int, budget, lambda m: m >= 1, "a positive integer")
+        max_tokens = field(body, "max_tokens", int, budget, lambda m: 1 <= m <= limits.max_length, must)
     logprobs = field(body, "logprobs", bool, False)
-    top = field(body, "top_logprobs", int, None, lambda k: 0 <= k <= 20, "between 0 and 20")
+    top = field(body, "top_logprobs", int, None, lambda k: 0 <= k <= MAX_TOP_LOGPROBS,
+                f"between 0 and {MAX_TOP_LOGPROBS}")
     if top is not None and not logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     _check_length([prompt_ids], max(max_tokens, 1), limits, "messages")
@@ -273,4 +337,4 @@ def envelope(kind: str, request_id: str, model: str, choices: list, created: int
 
 
 __all__ = ["ApiError", "Params", "Limits", "field", "check_model", "completion_params", "chat_messages",
-           "chat_params", "new_id", "usage", "completion_logprobs", "chat_logprobs", "envelope"]
+           "chat_prompt", "chat_params", "new_id", "usage", "completion_logprobs", "chat_logprobs", "envelope"]

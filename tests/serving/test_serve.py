@@ -1,9 +1,9 @@
 """`bloom_jax.serving`: the continuous-batching engine against `Generator.generate`, and the OpenAI-compatible
 server through plain HTTP, the `openai` package, curl and the CLI.
 
-One tiny model (transformers' random BLOOM, linear gain 3 so continuations vary) with a trained tokenizer and a
-chat template serves every test; one engine of 8 slots of 96 positions, prefill chunks of 32 tokens (so prompts
-over 32 tokens are prefilled in chunks between decode steps), behind one server with an API key.
+One tiny model (`served.served_checkpoint`: transformers' random BLOOM with a trained tokenizer and a chat
+template) serves every test; one engine of 8 slots of 96 positions, prefill chunks of 32 tokens (so prompts over
+32 tokens are prefilled in chunks between decode steps), behind one server with an API key.
 """
 
 from __future__ import annotations
@@ -23,34 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import hf_model, save_hf, tiny_config
+from served import CHUNK, KEY, MAX_LENGTH, SLOTS, TEMPLATE, VOCAB, greedy, prompts, run, served_checkpoint
 
 from bloom_jax.generate import Generator
 from bloom_jax.serving import batch as device
 from bloom_jax.serving.app import Server, ServerThread
 from bloom_jax.chat import ChatTemplate
 from bloom_jax.serving.engine import Engine, Finished, PromptScored, Request, SamplingParams, Token, _find_stop, _held
-from bloom_jax.tokenizer import train_tokenizer
 
 httpx = pytest.importorskip("httpx")
 
-KEY = "test-key"
-MAX_LENGTH, SLOTS, CHUNK = 96, 8, 32
-TEXTS = ["The cat sat on the mat. The dog sat on the log. A bird sang in the tree.",
-         "Paris est la capitale de la France. Le modèle a été entraîné près de Paris.",
-         "¿Qué tal? El modelo habla español, français, English y más… 🌍🚀 大型语言模型。"]
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A transformers directory with a tokenizer and a tokenizer config holding a chat template."""
-    directory = save_hf(hf_model(tiny_config(), linear_gain=3.0), tmp_path_factory.mktemp("serve") / "model")
-    train_tokenizer(TEXTS * 3, 400).save(directory)
-    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "</s>"}))
-    return directory
+    return served_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -77,49 +62,6 @@ def url(engine, checkpoint):
 def client(url):
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
         yield client
-
-
-def run(engine: Engine, requests: list[dict]) -> list[dict]:
-    """Submits all the requests (Request keyword arguments) at once and waits for every choice: for each request
-    {"tokens": [[ids] per choice], "text": [str per choice], "reasons", "logprobs", "tops", "prompt"}."""
-    results, done = [], []
-    for spec in requests:
-        n = spec.get("n", 1)
-        result = {"tokens": [[] for _ in range(n)], "text": [""] * n, "reasons": [None] * n,
-                  "logprobs": [[] for _ in range(n)], "tops": [[] for _ in range(n)], "prompt": None}
-        results.append(result)
-
-        def on_event(event, result=result):
-            if isinstance(event, PromptScored):
-                result["prompt"] = event
-            elif isinstance(event, Token):
-                result["tokens"][event.choice].append(event.token_id)
-                result["text"][event.choice] += event.text
-                result["logprobs"][event.choice].append(event.logprob)
-                result["tops"][event.choice].append(event.top)
-            elif isinstance(event, Finished):
-                result["text"][event.choice] += event.text
-                result["reasons"][event.choice] = event.reason
-                done.append(1)
-            else:
-                raise AssertionError(event)
-
-        engine.submit(Request(on_event=on_event, **spec))
-    total = sum(spec.get("n", 1) for spec in requests)
-    deadline = time.monotonic() + 120
-    while len(done) < total:
-        assert time.monotonic() < deadline, "the engine did not finish"
-        time.sleep(0.005)
-    return results
-
-
-def greedy(gen: Generator, ids: list[int], max_tokens: int, **kw) -> list[int]:
-    return gen.generate([ids], max_tokens, temperature=0.0, **kw)[0].completion_ids
-
-
-def prompts(seed: int, count: int, longest: int = 60) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(4, 400, size=int(n)).tolist() for n in rng.integers(1, longest, size=count)]
 
 
 # -- the engine ----------------------------------------------------------------------------------------------------
@@ -454,7 +396,8 @@ BAD_REQUESTS = [
     ({"model": "gpt-4", "prompt": "a"}, 404, "model", "does not exist"),
     ({"model": 3, "prompt": "a"}, 400, "model", "must be a string"),
     ({"prompt": "a", "max_tokens": "8"}, 400, "max_tokens", "must be an integer"),
-    ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "non-negative"),
+    ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "between 0 and the length limit, 96"),
+    ({"prompt": "a", "max_tokens": 10**30}, 400, "max_tokens", "between 0 and the length limit, 96"),
     ({"prompt": "a", "max_tokens": MAX_LENGTH}, 400, "max_tokens", "length limit is 96"),
     ({"prompt": list(range(5, 5 + MAX_LENGTH + 4)), "max_tokens": 1}, 400, "prompt", "length limit is 96"),
     ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "nothing to do"),
@@ -462,15 +405,38 @@ BAD_REQUESTS = [
     ({"prompt": "a", "temperature": "hot"}, 400, "temperature", "must be a number"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p", "in (0, 1]"),
     ({"prompt": "a", "top_k": -3}, 400, "top_k", "-1 or 0"),
+    ({"prompt": "a", "top_k": 4294967296}, 400, "top_k", "at most the vocabulary"),
+    ({"prompt": "a", "top_k": VOCAB + 1}, 400, "top_k", f"at most the vocabulary, {VOCAB}"),
+    ({"prompt": "a", "temperature": 1e308}, 400, "temperature", "between 0 and 100"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "between 0 and 100"),
+    (b'{"prompt": "a", "top_p": Infinity}', 400, "top_p", "in (0, 1]"),
     ({"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty", "(0, 100]"),
     ({"prompt": "a", "n": 0}, 400, "n", "between 1 and 8"),
     ({"prompt": "a", "n": 9}, 400, "n", "between 1 and 8"),
+    ({"prompt": "a", "n": 2**70}, 400, "n", "between 1 and 8"),
+    ({"prompt": "a", "best_of": 2**70}, 400, "best_of", "not supported"),
     ({"prompt": "a", "logprobs": 6}, 400, "logprobs", "between 0 and 5"),
-    ({"prompt": "a", "stop": [1]}, 400, "stop", "non-empty string"),
+    ({"prompt": "a", "logprobs": 10**12}, 400, "logprobs", "between 0 and 5"),
+    ({"prompt": "a", "stop": [1]}, 400, "stop", "string of 1 to 256 characters"),
+    ({"prompt": "a", "stop": ""}, 400, "stop", "string of 1 to 256 characters"),
+    ({"prompt": "a", "stop": "x" * 257}, 400, "stop", "string of 1 to 256 characters"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
+    (b'{"prompt": "a", "stop": "\\ud800"}', 400, "stop", "lone surrogate"),
+    (b'{"prompt": "\\udfff x"}', 400, "prompt", "lone surrogate"),
+    ({"prompt": ["a"] * 65}, 400, "prompt", "at most 64 in one request"),
+    ({"prompt": [[5]] * 65}, 400, "prompt", "at most 64 in one request"),
+    ({"prompt": "a" * (MAX_LENGTH * 1000)}, 400, "prompt", "bytes at most"),
+    ({"prompt": [[5, 6], [1, 2, -1]]}, 400, "prompt", "token ids must be in"),
+    ({"model": "m" * 300, "prompt": "a"}, 400, "model", "at most 256 characters"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply"),
+    (b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, "not valid JSON"),
+    (b"\xff\xfe{}", 400, None, "not valid JSON"),
+    (b"", 400, None, "not valid JSON"),
+    (b"x" * (8 << 20) + b"x", 413, None, "over 8 MiB"),
     ({"prompt": "a", "stream": "yes"}, 400, "stream", "true or false"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed"),
     ({"prompt": "a", "seed": 2**64}, 400, "seed", "64-bit"),
+    ({"prompt": "a", "seed": -2**63 - 1}, 400, "seed", "64-bit"),
     ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ({"prompt": "a", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
     ({"prompt": "a", "suffix": "z"}, 400, "suffix", "not supported"),
@@ -494,7 +460,7 @@ def test_bad_completion_requests_get_4xx_with_an_openai_error_body(client, engin
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "'role'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text parts"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "must be a string"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "positive integer"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "between 1 and the length limit"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "needs 'logprobs'"),
     ({"messages": [{"role": "user", "content": "x" * 200}]}, 400, "length limit"),
 ])
@@ -558,20 +524,6 @@ def test_a_full_queue_gets_429_with_retry_after(gen):
         engine.stop()
         stopped = httpx.post(f"{url}/v1/completions", json=body)
         assert stopped.status_code == 503 and "retry-after" in stopped.headers
-
-
-def test_a_failed_engine_answers_503_and_health_says_so(gen, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("device lost")
-
-    engine = Engine(gen, max_slots=2, max_length=MAX_LENGTH).start()
-    monkeypatch.setattr(device, "decode_step", broken)
-    with ServerThread(Server(engine, "tiny").app()) as url:
-        response = httpx.post(f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 4}, timeout=60)
-        assert response.status_code == 503 and "device lost" in response.json()["error"]["message"]
-        health = httpx.get(f"{url}/health")
-        assert health.status_code == 503 and "device lost" in health.json()["error"]
-        assert httpx.post(f"{url}/v1/completions", json={"prompt": "The"}).status_code == 503
 
 
 def test_chat_without_a_template_says_how_to_get_one(gen):
