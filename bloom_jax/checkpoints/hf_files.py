@@ -3,7 +3,8 @@
 Layouts: `model.safetensors`; `model-0000k-of-0000n.safetensors` with
 `model.safetensors.index.json`; `pytorch_model.bin`; `pytorch_model-0000k-of-0000n.bin` with
 `pytorch_model.bin.index.json`; BigScience's `pytorch_model_0000k-of-0000n.bin`, with or without an index.
-`.bin` files are read with `torch.load(weights_only=True)`, which refuses pickles that would run code.
+`.bin` files are read with `torch.load(weights_only=True)`, which refuses pickles that would run code. An index
+may name only files inside its directory (`shard_path`): nothing outside is opened on its word.
 
 Safetensors files are read and written here rather than by the `safetensors` library: its reader memory-maps
 whole shards (whose pages count as resident memory of the process) and its writer takes every tensor of a file
@@ -75,10 +76,14 @@ class WeightFiles:
                 raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError):
             raise BloomJaxError(f"{index_path} is not a checkpoint index (no 'weight_map' object)") from None
-        file_of = {name: self.directory / file for name, file in weight_map.items()}
-        for path in sorted(set(file_of.values())):
+        file_of, checked = {}, {}  # every entry is checked before any shard is opened
+        for name, entry in weight_map.items():
+            if not isinstance(entry, str) or entry not in checked:  # anything but a string is refused
+                checked[entry] = shard_path(self.directory, index_path.name, name, entry)
+            file_of[name] = checked[entry]
+        for entry, path in sorted(checked.items()):
             if not path.is_file():
-                raise BloomJaxError(f"missing shard {path.name}, listed in {index_path.name}")
+                raise BloomJaxError(f"missing shard {entry}, listed in {index_path.name}")
         return file_of
 
     def _scan(self, paths: list[Path]) -> dict[str, Path]:
@@ -142,6 +147,42 @@ class WeightFiles:
         """Names grouped by file, so a reader opens each file once."""
         return sorted(self.file_of, key=lambda n: (str(self.file_of[n]), n))
 
+
+_NOT_IN_A_SHARD_NAME = re.compile(r"[\\:\x00-\x1f\x7f]")  # backslash (Windows paths), colon (URLs, drives), controls
+
+
+def shard_path(directory: Path, index_name: str, tensor: str, entry: object) -> Path:
+    """The shard file that the checkpoint index `index_name` of `directory` names for `tensor`, checked to be a file
+    inside the directory: every index is read through this, before any shard is opened.
+
+    `entry` must be a relative path of plain names joined by '/': a flat file name as the hub's checkpoints have
+    (`model-00001-of-00002.safetensors`), or one in a subfolder (`part/model-00001-of-00002.safetensors`). No
+    part may be empty, '.' or '..' (so no absolute path, no climbing out, even one that would come back in); no
+    backslash, colon or control character (no Windows path, no URL). Then, with its symlinks resolved, the path
+    must lie under the directory's real path, or, for a huggingface_hub snapshot (`models--ORG--NAME/snapshots/
+    REVISION`, whose files are links into `models--ORG--NAME/blobs`), under its repository's `blobs`. Anything else
+    is a `BloomJaxError` naming the index, the entry and the tensor. Only names and links are looked at: nothing
+    is opened.
+    """
+    name = entry if isinstance(entry, str) else ""  # a number or null names no file
+    if _NOT_IN_A_SHARD_NAME.search(name) or {"", ".", ".."} & set(name.split("/")):
+        raise BloomJaxError(f"{index_name} names {entry!r} for tensor {tensor!r}: a shard must be a file inside "
+                            "the checkpoint directory")
+    path = directory / entry
+    try:
+        real_directory, real = directory.resolve(), path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        real_directory = real = None
+    roots = [] if real_directory is None else [real_directory]
+    if (real_directory is not None and real_directory.parent.name == "snapshots"
+            and real_directory.parent.parent.name.startswith("models--")):
+        # Not resolved itself: a resolved path lies under it only where REPO/blobs is a directory, not a link.
+        roots.append(real_directory.parent.parent / "blobs")
+    if not any(real.is_relative_to(root) for root in roots):
+        where = "its links loop" if real is None else f"it links to {real}"
+        raise BloomJaxError(f"{index_name} names {entry!r} for tensor {tensor!r}: a shard must be a file inside "
+                            f"the checkpoint directory ({where})")
+    return path
 
 
 class SafetensorsFile:

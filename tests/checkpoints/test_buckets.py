@@ -1,10 +1,13 @@
 """Checkpoints in a bucket (a real GCS server: tests/helpers/gcs.py): `convert`, `save_pretrained` and `export`
 write gs:// URLs; `from_pretrained` restores them onto a mesh, each device its shards; what a killed or failed
-write leaves never loads; a missing bucket, a denied write and a server that keeps failing are one line."""
+write leaves never loads; a missing bucket, a denied write, a server that keeps failing and an index that names a
+file outside its directory are one line."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from commands import error_line, run_cli
 from faults import cli, kill, stopped
 from flax.traverse_util import flatten_dict
 from gcs import Rule, requests_to
+from opened import OPENED
 from reference import assert_parity
 
 from bloom_jax import BloomJaxError, from_pretrained, save_pretrained, storage
@@ -89,6 +93,48 @@ def test_a_hugging_face_directory_in_a_bucket_loads_and_converts_through_a_local
     assert {p.name: p.stat().st_mtime_ns for p in mirrored.iterdir()} == fetched
     _, converted = from_pretrained(storage.join(bucket, "converted"))
     np.testing.assert_array_equal(np.asarray(converted["ln_f"]["bias"]), np.asarray(tiny.params["ln_f"]["bias"]))
+
+
+def test_an_index_in_a_bucket_naming_a_file_outside_is_one_line_and_reaches_nothing_outside(tiny, gcs, bucket,
+                                                                                             tmp_path, monkeypatch):
+    # The mirror fetches the files the directory lists (never the index's names), then reads the index as a local
+    # one: whether an entry leaves the directory in the bucket or the mirror's, it is refused before any file
+    # outside is read, fetched or written. Secrets (copies of a real shard) wait beside both.
+    monkeypatch.setenv("BLOOM_JAX_CACHE", str(tmp_path / "cache"))
+    url = storage.join(bucket, "hf")
+    mirrored = tmp_path / "cache" / "buckets" / url.split("://", 1)[1]
+    saved = tmp_path / "saved"
+    tiny.checkpoint.torch_model.save_pretrained(saved, max_shard_size="300KB")  # two shards and their index
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    tensor, shard = next(iter(index["weight_map"].items()))
+    for path in saved.iterdir():
+        storage.write_bytes(storage.join(url, path.name), path.read_bytes())
+    storage.write_bytes(storage.join(bucket, "secret.safetensors"), (saved / shard).read_bytes())
+    mirrored.parent.mkdir(parents=True)
+    shutil.copy(saved / shard, mirrored.parent / "secret.safetensors")
+    for k, entry in enumerate(["../secret.safetensors", "sub/../../secret.safetensors", f"{bucket}/secret.safetensors",
+                               str(mirrored.parent / "secret.safetensors"), "..\\secret.safetensors"]):
+        index["weight_map"][tensor] = entry
+        storage.write_bytes(storage.join(url, "model.safetensors.index.json"), json.dumps(index).encode())
+        in_bucket, requests = storage.find(bucket), len(gcs.proxy.seen)
+        expected = (f"model.safetensors.index.json names {entry!r} for tensor {tensor!r}: a shard must be a file "
+                    "inside the checkpoint directory")
+        with OPENED as opened:
+            if k == 0:  # the library as the command: the same line
+                with pytest.raises(BloomJaxError) as raised:
+                    from_pretrained(url)
+                assert str(raised.value) == expected
+            code, out, err = run_cli("convert", url, storage.join(bucket, "converted"))  # after its fetching log
+            assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1] == (
+                f"bloom-jax: error: {expected}"), err
+        assert [path for path in opened if "secret" in path] == [], entry
+        assert any(path.startswith(str(mirrored)) for path in opened), entry  # the recording is live
+        assert [path for _, path, _ in gcs.proxy.seen[requests:] if "secret" in path] == [], entry
+        assert storage.find(bucket) == in_bucket, entry  # nothing written in the bucket
+        outside = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.is_relative_to(mirrored)]
+        assert outside == [mirrored.parent / "secret.safetensors"], entry  # the mirror wrote in its directory only
+        assert sorted(p.name for p in mirrored.iterdir() if not p.name.startswith(".")) == sorted(
+            p.name for p in saved.iterdir()), entry
 
 
 @pytest.mark.slow  # a child process, killed, and three commands after it
