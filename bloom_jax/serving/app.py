@@ -124,8 +124,9 @@ def _parse_json(body: bytes) -> dict:
         parsed = json.loads(body)
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-        raise ApiError(400, f"the request body is not valid JSON: {one_line(e)}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an integer past Python's 4300 digits
+        why = "an integer has over 4300 digits" if "digits" in str(e) else one_line(e)
+        raise ApiError(400, f"the request body is not valid JSON: {why}") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return parsed

@@ -26,10 +26,9 @@ import pytest
 from served import CHUNK, KEY, MAX_LENGTH, SLOTS, TEMPLATE, VOCAB, greedy, prompts, run, served_checkpoint
 
 from bloom_jax.generate import Generator
-from bloom_jax.serving import batch as device
 from bloom_jax.serving.app import Server, ServerThread
 from bloom_jax.chat import ChatTemplate
-from bloom_jax.serving.engine import Engine, Finished, PromptScored, Request, SamplingParams, Token, _find_stop, _held
+from bloom_jax.serving.engine import Engine, Finished, Request, SamplingParams, Token, _find_stop, _held
 
 httpx = pytest.importorskip("httpx")
 
