@@ -308,8 +308,7 @@ class BloomForCausalLM(nn.Module):
                 raise ValueError("segment_ids are for packed rows without a cache")
             mask_bs = mask_bs * (segment_ids > 0).astype(mask_bs.dtype)
 
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
-                      weights=self.weight_format, kernels=kernels, name="word_embeddings", **kw)
+        embed = self.word_embeddings(name="word_embeddings")
         x_bsd = LayerNorm(cfg.layer_norm_epsilon, name="word_embeddings_layernorm", **kw)(embed(ids_bs))
 
         # The dense ALiBi bias and visibility are built once here, for every layer, only for the reference.
@@ -337,6 +336,14 @@ class BloomForCausalLM(nn.Module):
         logits_bsv = nn.with_logical_constraint(
             logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
         return logits_bsv if cache is None else (logits_bsv, cache)
+
+    def word_embeddings(self, **where) -> Embed:
+        """The word embedding, which is also the tied LM head (`Embed.attend`), in this model's dtypes, weight
+        format and kernels; `where`: its `name` inside the model, or `parent=None` for one of its own."""
+        cfg = self.config
+        return Embed(cfg.vocab_size, cfg.hidden_size, nn.initializers.normal(cfg.initializer_range),
+                     dtype=self.dtype, param_dtype=self.param_dtype, weights=self.weight_format,
+                     kernels=self.resolved_kernels, **where)
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -412,6 +419,15 @@ def abstract_params(model: BloomForCausalLM) -> Any:
         return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
+def tied_head(model: BloomForCausalLM, params: Any, hidden_bsd: jax.Array) -> jax.Array:
+    """Logits float32 [b, s, v] of final hidden states [b, s, d] (`model.apply(..., return_hidden=True)`), through
+    the model's own tied head: its `Embed.attend` over `params["word_embeddings"]`, in the model's weight format
+    (float, or decode weights in bfloat16 or int8 with their scale), as `BloomForCausalLM.__call__` computes them.
+    For scoring positions a block at a time instead of materialising [b, s, v] for a whole sequence."""
+    logits_bsv = model.word_embeddings(parent=None).apply({"params": params["word_embeddings"]}, hidden_bsd, method=Embed.attend)
+    return nn.with_logical_constraint(logits_bsv, ("activation_batch", "activation_length", "activation_vocab"))
+
+
 def param_logical_axes(model: BloomForCausalLM) -> Any:
     """The logical axis names of every parameter, a pytree of `PartitionSpec`s."""
     return nn.get_partition_spec(abstract_params(model))
@@ -451,5 +467,5 @@ def make_model(config: BloomConfig, dtype: Dtype = jnp.float32, param_dtype: Dty
 __all__: Sequence[str] = (
     "BloomForCausalLM", "Block", "Embed", "Attention", "Mlp", "Linear", "LayerNorm", "bloom_gelu",
     "abstract_params", "param_logical_axes", "count_params", "init_params", "make_model", "stack_layers",
-    "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "forward_flops",
+    "unstack_layers", "REMAT_POLICIES", "ACT_BSD", "forward_flops", "tied_head",
 )

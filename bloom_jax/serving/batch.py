@@ -24,7 +24,7 @@ from jax import lax
 from bloom_jax import speculative
 from bloom_jax.cache import KVCache
 from bloom_jax.kernels import Kernels
-from bloom_jax.model import BloomForCausalLM
+from bloom_jax.model import BloomForCausalLM, tied_head
 from bloom_jax.sampling import Features, RowSampling, choose, mark_seen, seen_tokens
 from bloom_jax.speculative import Speculation
 
@@ -72,15 +72,54 @@ def prefill_chunk(model: BloomForCausalLM, params, cache: KVCache, ids_bc: jax.A
     """Runs the next chunk of left-padded prompts (ids and mask [b, c]) into a prefill cache. Returns the cache,
     the logits of the chunk's last position float32 [b, v], and, with `prompt_logprobs`, the log-probability of
     each next prompt token (`next_ids_bc`: the ids one position on) float32 [b, c] and the best alternatives
-    (ids and log-probabilities [b, c, TOP_LOGPROBS]), else Nones."""
-    logits_bcv, cache = model.apply({"params": params}, ids_bc, attention_mask=mask_bc, cache=cache,
-                                    last_only=not prompt_logprobs)
+    (ids and log-probabilities [b, c, TOP_LOGPROBS]), else Nones. The scores are made `SCORE_TOKENS` tokens at a
+    time (`score_positions`), so that their memory grows with neither the rows nor the chunk."""
     if not prompt_logprobs:
-        return cache, logits_bcv[:, -1], None, None, None
-    logprobs_bcv = jax.nn.log_softmax(logits_bcv.astype(jnp.float32), axis=-1)
-    next_bc = jnp.take_along_axis(logprobs_bcv, next_ids_bc[..., None], axis=-1)[..., 0]
-    top_lp, top_ids = lax.top_k(logprobs_bcv, TOP_LOGPROBS)
-    return cache, logits_bcv[:, -1], next_bc, top_ids, top_lp
+        logits_b1v, cache = model.apply({"params": params}, ids_bc, attention_mask=mask_bc, cache=cache,
+                                        last_only=True)
+        return cache, logits_b1v[:, -1], None, None, None
+    hidden_bcd, cache = model.apply({"params": params}, ids_bc, attention_mask=mask_bc, cache=cache,
+                                    return_hidden=True)
+    # The last position's logits as the unscored chunk makes them (its head over [b, 1, d]): the first token, greedy
+    # or sampled, is the same whether the prompt is scored or not.
+    last_bv = tied_head(model, params, hidden_bcd[:, -1:])[:, 0]
+    return (cache, last_bv, *score_positions(model, params, hidden_bcd, next_ids_bc))
+
+
+# Prompt tokens scored at a time (rows x positions of a block): the head's logits, their log_softmax and top_k live
+# for SCORE_TOKENS x v at once (128 MB for BLOOM's 250,880 tokens in float32), not for the whole chunk (0.5 GB a
+# row at 512). A block reads the whole embedding table, so a block of few tokens is bound by that read on an
+# accelerator (bloom-7b1's table is 2 GB: 2.5 ms on a v5e, where 128 tokens' head takes 1.3 ms of compute).
+SCORE_TOKENS = 128
+
+
+def score_positions(model: BloomForCausalLM, params, hidden_bcd: jax.Array, next_ids_bc: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The log-probability of each next token (`next_ids_bc` [b, c]) under the model's distribution at each
+    position of final hidden states [b, c, d] (the tied head's `log_softmax`), float32 [b, c], and the
+    `TOP_LOGPROBS` best tokens (ids int32 and log-probabilities float32 [b, c, TOP_LOGPROBS]); computed in blocks
+    of SCORE_TOKENS // b positions (at least 1; `lax.map`, the last block padded), so the float32 temporaries of
+    one block, about SCORE_TOKENS x v, are the peak whatever b and c."""
+    b, c, d = hidden_bcd.shape
+    block = max(1, min(SCORE_TOKENS // b, c))
+    blocks = -(-c // block)
+    pad = blocks * block - c  # zero hidden states: finite logits (all 0), scored and dropped
+    hidden_nbkd = jnp.pad(hidden_bcd, ((0, 0), (0, pad), (0, 0))).reshape(b, blocks, block, d).swapaxes(0, 1)
+    next_nbk = jnp.pad(next_ids_bc, ((0, 0), (0, pad))).reshape(b, blocks, block).swapaxes(0, 1)
+
+    def score(block_in):
+        hidden_bkd, next_bk = block_in
+        logprobs_bkv = jax.nn.log_softmax(tied_head(model, params, hidden_bkd).astype(jnp.float32), axis=-1)
+        next_lp_bk = jnp.take_along_axis(logprobs_bkv, next_bk[..., None], axis=-1)[..., 0]
+        top_lp, top_ids = lax.top_k(logprobs_bkv, TOP_LOGPROBS)
+        return next_lp_bk, top_ids, top_lp
+
+    next_nbk, top_ids, top_lp = lax.map(score, (hidden_nbkd, next_nbk))
+
+    def unblock(x_nbk):  # [blocks, b, block, ...] -> [b, c, ...]
+        return x_nbk.swapaxes(0, 1).reshape(b, blocks * block, *x_nbk.shape[3:])[:, :c]
+
+    return unblock(next_nbk), unblock(top_ids), unblock(top_lp)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots", "seen"))
@@ -202,5 +241,6 @@ def speculative_step(model: BloomForCausalLM, params, draft_params, slots: KVCac
     return slots, drafts, seen, RoundChoice(emitted_bk1, count_b, logprob_bk1, top_ids, top_lp)
 
 
-__all__ = ["TOP_LOGPROBS", "Choice", "RoundChoice", "new_prefill_cache", "new_slots", "prefill_chunk", "insert",
-           "first_tokens", "mark_tokens", "decode_step", "new_drafts", "insert_draft", "speculative_step"]
+__all__ = ["TOP_LOGPROBS", "SCORE_TOKENS", "Choice", "RoundChoice", "new_prefill_cache", "new_slots",
+           "prefill_chunk", "score_positions", "insert", "first_tokens", "mark_tokens", "decode_step", "new_drafts",
+           "insert_draft", "speculative_step"]

@@ -94,6 +94,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     failed: bool = False  # the engine sent it `Failed` (or its callback raised): nothing more comes
+    finished: int = 0  # choices the engine has sent `Finished`
 
     def cancel(self) -> None:
         """Frees the request's slots at the engine's next turn (its client went away)."""
@@ -424,6 +425,7 @@ class Engine:
         """Hands a request an event (none after its `Failed`); a callback that raises cancels its request."""
         if request.failed and not isinstance(event, Failed):
             return
+        request.finished += isinstance(event, Finished)
         try:
             request.on_event(event)
         except Exception:
@@ -432,8 +434,9 @@ class Engine:
             request.cancel()
 
     def _fail(self, request: Request, message: str, kind: str) -> None:
-        """Ends a request with `Failed` (once): out of the queue, its slots freed."""
-        if request.failed:
+        """Ends a request with `Failed` (once, and not after all its choices have finished): out of the queue, its
+        slots freed."""
+        if request.failed or request.finished >= request.n:
             return
         request.failed = True
         with self._lock:
