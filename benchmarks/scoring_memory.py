@@ -5,7 +5,7 @@ For rows of a `--chunk`-token chunk (the engine's default prefill chunk, 512) in
 the temporaries (scratch beyond arguments and outputs) of:
 - unscored: the chunk without prompt scores (the head over the last position only), the floor;
 - before: the scores as `prefill_chunk` made them before `SCORE_TOKENS`: the float32 logits of every position
-  [b, c, v], their `log_softmax` and `top_k` over the whole chunk;
+  [b, c, v], their `log_softmax` and `top_k` over the whole chunk (one block of every token);
 - after: today's `prefill_chunk`, the head, `log_softmax` and `top_k` over `SCORE_TOKENS` tokens (rows x positions)
   at a time.
 
@@ -19,7 +19,6 @@ decode step). Nothing here needs a TPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -31,23 +30,12 @@ from common import DOCS_FLAG, log, markdown_table, published  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
 
 from bloom_jax.config import load_config  # noqa: E402
 from bloom_jax.kernels import Kernels  # noqa: E402
 from bloom_jax.model import abstract_params, make_model  # noqa: E402
 from bloom_jax.plan import _OUT_OF_HBM, tpu_compiler_available, tpu_devices  # noqa: E402
 from bloom_jax.serving import batch as device  # noqa: E402
-
-
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
-def scored_before(model, params, cache, ids_bc, mask_bc, next_ids_bc):
-    """`prefill_chunk(..., prompt_logprobs=True)` as it was before the scores were made in blocks of positions."""
-    logits_bcv, cache = model.apply({"params": params}, ids_bc, attention_mask=mask_bc, cache=cache)
-    logprobs_bcv = jax.nn.log_softmax(logits_bcv.astype(jnp.float32), axis=-1)
-    next_bc = jnp.take_along_axis(logprobs_bcv, next_ids_bc[..., None], axis=-1)[..., 0]
-    top_lp, top_ids = lax.top_k(logprobs_bcv, device.TOP_LOGPROBS)
-    return cache, logits_bcv[:, -1], next_bc, top_ids, top_lp
 
 
 def temporaries(lowered) -> tuple[int, bool]:
@@ -76,7 +64,8 @@ def measure(config, platform: str, rows: int, chunk: int, target=None) -> dict[s
     ids = placed(jax.ShapeDtypeStruct((rows, chunk), jnp.int32))
     programs = {
         "unscored": device.prefill_chunk.lower(model, params, cache, ids, ids, ids, False),
-        "before": scored_before.lower(model, params, cache, ids, ids, ids),
+        # One block of the whole chunk: its logits [b, c, v], their log_softmax and top_k at once, as before.
+        "before": device.prefill_chunk.lower(model, params, cache, ids, ids, ids, True, rows * chunk),
         "after": device.prefill_chunk.lower(model, params, cache, ids, ids, ids, True),
     }
     out = {}

@@ -90,6 +90,9 @@ class _Run:
             self.cancel()
             raise ApiError(503, str(e), type="server_error", code="engine_stopped",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except BaseException:  # a request the engine refuses (a bug in the checks): none of the others runs
+            self.cancel()
+            raise
 
     def cancel(self) -> None:
         for request in self.requests:

@@ -66,14 +66,15 @@ def new_slots(model: BloomForCausalLM, slots: int, length: int) -> tuple[KVCache
     return cache, jnp.zeros((slots, model.config.vocab_size), jnp.bool_)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prompt_logprobs"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("model", "prompt_logprobs", "score_tokens"), donate_argnames=("cache",))
 def prefill_chunk(model: BloomForCausalLM, params, cache: KVCache, ids_bc: jax.Array, mask_bc: jax.Array,
-                  next_ids_bc: jax.Array, prompt_logprobs: bool):
+                  next_ids_bc: jax.Array, prompt_logprobs: bool, score_tokens: int | None = None):
     """Runs the next chunk of left-padded prompts (ids and mask [b, c]) into a prefill cache. Returns the cache,
     the logits of the chunk's last position float32 [b, v], and, with `prompt_logprobs`, the log-probability of
     each next prompt token (`next_ids_bc`: the ids one position on) float32 [b, c] and the best alternatives
-    (ids and log-probabilities [b, c, TOP_LOGPROBS]), else Nones. The scores are made `SCORE_TOKENS` tokens at a
-    time (`score_positions`), so that their memory grows with neither the rows nor the chunk."""
+    (ids and log-probabilities [b, c, TOP_LOGPROBS]), else Nones. The scores are made `score_tokens` (default
+    `SCORE_TOKENS`) tokens at a time (`score_positions`), so that their memory grows with neither the rows nor the
+    chunk."""
     if not prompt_logprobs:
         logits_b1v, cache = model.apply({"params": params}, ids_bc, attention_mask=mask_bc, cache=cache,
                                         last_only=True)
@@ -83,7 +84,7 @@ def prefill_chunk(model: BloomForCausalLM, params, cache: KVCache, ids_bc: jax.A
     # The last position's logits as the unscored chunk makes them (its head over [b, 1, d]): the first token, greedy
     # or sampled, is the same whether the prompt is scored or not.
     last_bv = tied_head(model, params, hidden_bcd[:, -1:])[:, 0]
-    return (cache, last_bv, *score_positions(model, params, hidden_bcd, next_ids_bc))
+    return (cache, last_bv, *score_positions(model, params, hidden_bcd, next_ids_bc, score_tokens))
 
 
 # Prompt tokens scored at a time (rows x positions of a block): the head's logits, their log_softmax and top_k live
@@ -93,15 +94,15 @@ def prefill_chunk(model: BloomForCausalLM, params, cache: KVCache, ids_bc: jax.A
 SCORE_TOKENS = 128
 
 
-def score_positions(model: BloomForCausalLM, params, hidden_bcd: jax.Array, next_ids_bc: jax.Array
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def score_positions(model: BloomForCausalLM, params, hidden_bcd: jax.Array, next_ids_bc: jax.Array,
+                    tokens: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The log-probability of each next token (`next_ids_bc` [b, c]) under the model's distribution at each
     position of final hidden states [b, c, d] (the tied head's `log_softmax`), float32 [b, c], and the
     `TOP_LOGPROBS` best tokens (ids int32 and log-probabilities float32 [b, c, TOP_LOGPROBS]); computed in blocks
-    of SCORE_TOKENS // b positions (at least 1; `lax.map`, the last block padded), so the float32 temporaries of
-    one block, about SCORE_TOKENS x v, are the peak whatever b and c."""
+    of `tokens` // b positions (at least 1; default `SCORE_TOKENS`; `lax.map`, the last block padded), so the
+    float32 temporaries of one block, about `tokens` x v, are the peak whatever b and c."""
     b, c, d = hidden_bcd.shape
-    block = max(1, min(SCORE_TOKENS // b, c))
+    block = max(1, min((tokens or SCORE_TOKENS) // b, c))
     blocks = -(-c // block)
     pad = blocks * block - c  # zero hidden states: finite logits (all 0), scored and dropped
     hidden_nbkd = jnp.pad(hidden_bcd, ((0, 0), (0, pad), (0, 0))).reshape(b, blocks, block, d).swapaxes(0, 1)

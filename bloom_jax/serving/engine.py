@@ -104,7 +104,7 @@ class Request:
         """Raises ValueError for a request the engine cannot run: an empty prompt or ids out of the vocabulary, a
         prompt and budget beyond `max_length`, n beyond the slots, settings out of range."""
         ids = self.prompt_ids
-        if not ids or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        if not ids or not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab_size for t in ids):
             raise ValueError(f"a prompt must be 1 or more token ids in [0, {vocab_size})")
         if not 0 <= self.max_tokens or len(ids) + self.max_tokens > max_length:
             raise ValueError(f"{len(ids)} prompt tokens and {self.max_tokens} new ones are beyond {max_length}")

@@ -32,6 +32,8 @@ from bloom_jax.serving.engine import Engine, Finished, Request, SamplingParams, 
 
 httpx = pytest.importorskip("httpx")
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return served_checkpoint(tmp_path_factory.mktemp("serve"))
