@@ -593,18 +593,18 @@ class Engine:
                     self._insert_draft(prefill.draft_cache, prefill.ids_bs, row, slot, length)
                 seqs.append(seq)
                 rows.append(row)
-        if not seqs:
-            return
-        self._row_sampling(seqs)  # a request whose settings cannot be read fails here, its slots freed
-        kept = [(seq, row) for seq, row in zip(seqs, rows) if self._running.get(seq.slot) is seq]
-        if not kept:
-            return
-        seqs, rows = (list(x) for x in zip(*kept))
-        # Padded to a bucket by repeating the last choice: a compiled shape per bucket, not per count.
-        padded = [*seqs, *[seqs[-1]] * (bucket(len(seqs), 1) - len(seqs))]
+        while True:  # again without a request whose settings could not be read (it failed, its slots freed)
+            kept = [(seq, row) for seq, row in zip(seqs, rows) if self._running.get(seq.slot) is seq]
+            if not kept:
+                return
+            seqs, rows = (list(x) for x in zip(*kept))
+            # Padded to a bucket by repeating the last choice: a compiled shape per bucket, not per count.
+            padded = [*seqs, *[seqs[-1]] * (bucket(len(seqs), 1) - len(seqs))]
+            sampling, features, read = self._row_sampling(padded)
+            if None not in read:
+                break
         rows += [rows[-1]] * (len(padded) - len(seqs))
         slots = np.asarray([s.slot for s in padded], np.int32)
-        sampling, features, _ = self._row_sampling(padded)
         with self._device_call(prefill.requests, "the first tokens"), self._context(len(padded)):
             choice = device.first_tokens(self.model.resolved_kernels, prefill.last_logits, np.asarray(rows),
                                          self._seen, slots, sampling, features, _wants_top_logprobs(padded))
@@ -687,8 +687,9 @@ class Engine:
             if seq is not None:
                 try:
                     p = seq.request.sampling
-                    row = (float(p.temperature), _int32(p.top_k), float(p.top_p), float(p.repetition_penalty),
-                           np.asarray(seq.key_data, np.uint32).reshape(2), _int32(seq.made))
+                    # np.int32 raises for a setting an int32 cannot hold: the request's fault, it fails alone.
+                    row = (float(p.temperature), np.int32(p.top_k), float(p.top_p), float(p.repetition_penalty),
+                           np.asarray(seq.key_data, np.uint32).reshape(2), np.int32(seq.made))
                 except Exception as e:
                     self._request_failed(seq.request, e)
                     seq = None
@@ -780,13 +781,6 @@ class _StepFailed(Exception):
 
 class _EngineFailure(Exception):
     """The engine cannot go on."""
-
-
-def _int32(value: int) -> int:
-    """`value` if an int32 holds it (a setting that does not is the request's fault: it fails alone)."""
-    if not -2**31 <= value < 2**31:
-        raise OverflowError(f"{value} does not fit an int32")
-    return int(value)
 
 
 def _wants_top_logprobs(seqs: Sequence[_Sequence | None]) -> bool:
